@@ -1,0 +1,32 @@
+# One entry point for people and CI. Needs only python3 (3.11+) on the PATH.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test check lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: install  ## run the jobs against the simulator and a local PostgreSQL
+	$(BIN)/ingest_admin demo
+
+test: install  ## the test suite, against a real PostgreSQL
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff format --check options cli tests benchmarks
+	$(BIN)/ruff check options cli tests benchmarks
+	$(BIN)/mypy
+
+check: lint test  ## what CI runs
+
+bench: install  ## the contracts benchmark (see README)
+	$(BIN)/python benchmarks/bench_contracts.py
+
+clean:
+	rm -rf $(VENV) .local

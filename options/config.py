@@ -1,0 +1,331 @@
+"""Settings: one frozen object built from the environment and a ``.env`` file.
+
+This is the only module that reads environment variables. Every variable, its default and its
+meaning is listed in ``.env.example`` and the README; an invalid value raises :class:`ConfigError`
+naming the variable and the accepted form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
+
+from options.errors import ConfigError
+from options.tickers import validate_underlying
+
+DEFAULT_BASE_URL = "https://api.massive.com"
+DEFAULT_ENV_FILE = Path(".env")
+CONTRACT_TYPES = ("call", "put")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
+_RATE_FORM = "N/s or N/min (for example 100/s, or 5/min on the free plan), or off"
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or a log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        """Return the secret value, for the one place that must send it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the jobs may be told, validated once."""
+
+    database_url: Secret | None = None
+    api_key: Secret | None = None
+    base_url: str = DEFAULT_BASE_URL
+    underlyings: tuple[str, ...] = ()
+    contract_types: tuple[str, ...] | None = None
+    max_days_to_expiration: int | None = None
+    strike_band_percent: float | None = None
+    db_pool_size: int = 10
+    underlying_concurrency: int = 8
+    http_concurrency: int = 16
+    rate_limit: tuple[float, float] | None = (100.0, 1.0)
+    http_timeout: float = 30.0
+    http_max_retries: int = 6
+    max_pages: int = 10_000
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str], *, env_file: Path | None = None
+    ) -> Settings:
+        """Build settings from ``environ`` over the values of a ``.env`` file.
+
+        Variables set in the environment win over the file, as systemd's ``EnvironmentFile=``
+        and a shell's exported variables do.
+
+        Args:
+            environ: the process environment (``os.environ`` from the CLI).
+            env_file: the ``.env`` to read; ``None`` reads ``./.env`` if it exists. A file named
+                explicitly must exist.
+
+        Raises:
+            ConfigError: a variable or a line of the file is invalid.
+        """
+        if env_file is None:
+            values = read_env_file(DEFAULT_ENV_FILE) if DEFAULT_ENV_FILE.is_file() else {}
+        else:
+            values = read_env_file(env_file)
+        merged = {**values, **{k: v for k, v in environ.items()}}
+        return cls._from_mapping(merged)
+
+    @classmethod
+    def _from_mapping(cls, env: Mapping[str, str]) -> Settings:
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            if value is None or value.strip() == "":
+                return None
+            return value.strip()
+
+        api_key = get("POLYGON_API_KEY") or get("MASSIVE_API_KEY")
+        return cls(
+            database_url=_parse_database_url(get("DATABASE_URL")),
+            api_key=Secret(api_key) if api_key else None,
+            base_url=_parse_base_url(get("POLYGON_BASE_URL")),
+            underlyings=parse_underlyings(get("UNDERLYINGS") or "", variable="UNDERLYINGS"),
+            contract_types=_parse_contract_types(get("CONTRACT_TYPES")),
+            max_days_to_expiration=_parse_int(
+                "MAX_DAYS_TO_EXPIRATION", get("MAX_DAYS_TO_EXPIRATION"), None, minimum=0
+            ),
+            strike_band_percent=_parse_float(
+                "STRIKE_BAND_PERCENT", get("STRIKE_BAND_PERCENT"), None, minimum=0.0
+            ),
+            db_pool_size=_parse_int("DB_POOL_SIZE", get("DB_POOL_SIZE"), 10, minimum=2, maximum=90),
+            underlying_concurrency=_parse_int(
+                "UNDERLYING_CONCURRENCY", get("UNDERLYING_CONCURRENCY"), 8, minimum=1, maximum=256
+            ),
+            http_concurrency=_parse_int(
+                "HTTP_CONCURRENCY", get("HTTP_CONCURRENCY"), 16, minimum=1, maximum=256
+            ),
+            rate_limit=_parse_rate_limit(get("POLYGON_RATE_LIMIT")),
+            http_timeout=_parse_float("HTTP_TIMEOUT", get("HTTP_TIMEOUT"), 30.0, minimum=0.1),
+            http_max_retries=_parse_int(
+                "HTTP_MAX_RETRIES", get("HTTP_MAX_RETRIES"), 6, minimum=0, maximum=20
+            ),
+            max_pages=_parse_int(
+                "MAX_PAGES_PER_QUERY", get("MAX_PAGES_PER_QUERY"), 10_000, minimum=1
+            ),
+            log_level=_parse_choice("LOG_LEVEL", (get("LOG_LEVEL") or "INFO").upper(), LOG_LEVELS),
+        )
+
+    def with_underlyings(self, tickers: tuple[str, ...] | list[str]) -> Settings:
+        """Return a copy whose underlyings are ``tickers`` (the CLI's ``--underlying``)."""
+        validated = tuple(dict.fromkeys(validate_underlying(t) for t in tickers))
+        return dataclasses.replace(self, underlyings=validated)
+
+    def require_database_url(self) -> str:
+        """Return the database URL, or raise ConfigError when it is not set."""
+        if self.database_url is None:
+            raise ConfigError(
+                "DATABASE_URL is not set: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME "
+                "(or run `make demo` for a local database)",
+                variable="DATABASE_URL",
+            )
+        return self.database_url.get()
+
+    def require_api_key(self) -> str:
+        """Return the API key, or raise ConfigError when it is not set."""
+        if self.api_key is None:
+            raise ConfigError(
+                "POLYGON_API_KEY is not set: expected the API key of your Polygon/Massive account "
+                "(MASSIVE_API_KEY is accepted too)",
+                variable="POLYGON_API_KEY",
+            )
+        return self.api_key.get()
+
+    def require_underlyings(self) -> tuple[str, ...]:
+        """Return the underlyings to sync, or raise ConfigError when there are none."""
+        if not self.underlyings:
+            raise ConfigError(
+                "no underlyings to sync: set UNDERLYINGS (comma-separated, e.g. AAPL,SPY,I:SPX) "
+                "or pass --underlying/-u TICKER",
+                variable="UNDERLYINGS",
+            )
+        return self.underlyings
+
+    def database_location(self) -> str:
+        """Return the database URL without user or password, for log lines."""
+        if self.database_url is None:
+            return "(not set)"
+        return redact_url(self.database_url.get())
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Read a ``.env`` file, refusing lines python-dotenv cannot parse.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a line is malformed (the message
+            names the file and the line number, never the line's content, which may hold a key).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"env file {path} does not exist: pass an existing file to --env-file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"env file {path} cannot be read ({type(exc).__name__}): expected a UTF-8 text file") from None
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            # the binding's text starts with the blank lines before it
+            source = binding.original.string
+            line = binding.original.line + source[: len(source) - len(source.lstrip())].count("\n")
+            raise ConfigError(
+                f"env file {path} line {line} cannot be parsed: expected "
+                "NAME=value (quote values with spaces; comments start with #)"
+            )
+    values = dotenv_values(stream=io.StringIO(text), interpolate=True)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def parse_underlyings(raw: str, *, variable: str) -> tuple[str, ...]:
+    """Split a comma-separated list of underlyings, validate each, drop duplicates.
+
+    Raises:
+        ConfigError: naming ``variable`` and the accepted ticker form.
+    """
+    tickers: list[str] = []
+    for part in raw.split(","):
+        if not part.strip():
+            continue
+        try:
+            tickers.append(validate_underlying(part))
+        except ConfigError as exc:
+            raise ConfigError(f"{variable}: {exc}", variable=variable) from None
+    return tuple(dict.fromkeys(tickers))
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any user and password removed."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _parse_database_url(raw: str | None) -> Secret | None:
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("postgresql", "postgres") or not (parts.hostname or parts.query):
+        raise ConfigError(
+            "DATABASE_URL is invalid: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME",
+            variable="DATABASE_URL",
+        )
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(
+            "DATABASE_URL has an invalid port: expected postgresql://USER@HOST:PORT/DBNAME",
+            variable="DATABASE_URL",
+        ) from None
+    return Secret(raw)
+
+
+def _parse_base_url(raw: str | None) -> str:
+    if raw is None:
+        return DEFAULT_BASE_URL
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"POLYGON_BASE_URL={redact_url(raw)!r} is invalid: expected http(s)://HOST[:PORT]",
+            variable="POLYGON_BASE_URL",
+        )
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError(
+            "POLYGON_BASE_URL must not carry credentials, a query or a fragment: "
+            "expected http(s)://HOST[:PORT] (the key goes in POLYGON_API_KEY)",
+            variable="POLYGON_BASE_URL",
+        )
+    return raw.rstrip("/")
+
+
+def _parse_contract_types(raw: str | None) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    types = tuple(dict.fromkeys(t.strip().lower() for t in raw.split(",") if t.strip()))
+    if not types or any(t not in CONTRACT_TYPES for t in types):
+        raise ConfigError(
+            f"CONTRACT_TYPES={raw!r} is invalid: expected call, put or call,put",
+            variable="CONTRACT_TYPES",
+        )
+    return None if set(types) == set(CONTRACT_TYPES) else types
+
+
+def _parse_int(
+    name: str, raw: str | None, default: int | None, *, minimum: int, maximum: int | None = None
+) -> int:
+    if raw is None:
+        return default  # type: ignore[return-value]
+    accepted = f"a whole number >= {minimum}" + (f" and <= {maximum}" if maximum else "")
+    if not re.fullmatch(r"[+-]?\d+", raw):
+        raise ConfigError(f"{name}={raw!r} is invalid: expected {accepted}", variable=name)
+    value = int(raw)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ConfigError(f"{name}={raw!r} is out of range: expected {accepted}", variable=name)
+    return value
+
+
+def _parse_float(name: str, raw: str | None, default: float | None, *, minimum: float) -> float:
+    if raw is None:
+        return default  # type: ignore[return-value]
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(
+            f"{name}={raw!r} is invalid: expected a number >= {minimum:g}", variable=name
+        )
+    return value
+
+
+def _parse_rate_limit(raw: str | None) -> tuple[float, float] | None:
+    if raw is None:
+        return (100.0, 1.0)
+    if raw.lower() in ("off", "none", "unlimited"):
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*/\s*([a-z]+)", raw.lower())
+    if not match or match.group(2) not in _RATE_UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(
+            f"POLYGON_RATE_LIMIT={raw!r} is invalid: expected {_RATE_FORM}",
+            variable="POLYGON_RATE_LIMIT",
+        )
+    return (float(match.group(1)), _RATE_UNITS[match.group(2)])
+
+
+def _parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    if raw not in choices:
+        raise ConfigError(
+            f"{name}={raw!r} is invalid: expected one of {', '.join(choices)}", variable=name
+        )
+    return raw

@@ -1,0 +1,338 @@
+"""The ``ingest_options`` pipeline: list every active contract of each underlying and upsert it.
+
+Extract (the contracts endpoint, page by page), normalize (:mod:`options.normalize`), load (one
+bulk upsert per page). Each underlying is synced in one transaction: its pages are upserted as
+they arrive and, once its listing has been read to the end, the contracts of that underlying
+that the listing no longer shows are marked inactive. A listing that fails part-way rolls back,
+so a failed underlying keeps its contracts exactly as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import asyncpg
+from opentelemetry import trace
+
+from options.config import Settings
+from options.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
+from options.errors import ApiError, DatabaseError
+from options.normalize import CONTRACT_COLUMNS, ContractRow, normalize_contracts
+from options.polygon import PolygonClient
+from options.runs import RunStats
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+MARKET_TZ = ZoneInfo("America/New_York")
+
+UPSERT_CONTRACTS = f"""
+INSERT INTO option_contracts AS c ({", ".join(CONTRACT_COLUMNS)}, active, first_seen_at, last_seen_at)
+SELECT t.ticker, t.underlying_ticker, t.contract_type, t.exercise_style, t.expiration_date,
+       t.strike_price, t.shares_per_contract, t.primary_exchange, t.cfi, t.correction,
+       t.additional_underlyings::jsonb, true, $12, $12
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::date[], $6::numeric[],
+            $7::numeric[], $8::text[], $9::text[], $10::integer[], $11::text[])
+     AS t({", ".join(CONTRACT_COLUMNS)})
+ON CONFLICT (ticker) DO UPDATE SET
+    {", ".join(f"{col} = EXCLUDED.{col}" for col in CONTRACT_COLUMNS[1:])},
+    active = true,
+    last_seen_at = EXCLUDED.last_seen_at
+"""
+
+# Contracts of the underlying that this sync did not see, within the part of the chain the
+# listing covered (the filters), plus any that have already expired.
+DEACTIVATE_CONTRACTS = """
+UPDATE option_contracts SET active = false
+WHERE underlying_ticker = $1 AND active AND last_seen_at < $2
+  AND (expiration_date < $3
+       OR ($4 AND ($5::text[] IS NULL OR contract_type = ANY($5))
+              AND ($6::date IS NULL OR expiration_date <= $6)
+              AND ($7::numeric IS NULL OR strike_price >= $7)
+              AND ($8::numeric IS NULL OR strike_price <= $8)))
+"""
+
+
+@dataclass(frozen=True)
+class ListingScope:
+    """The part of an underlying's chain one listing covers: its API filters, as bounds."""
+
+    contract_type: str | None = None
+    max_expiration: dt.date | None = None
+    min_strike: Decimal | None = None
+    max_strike: Decimal | None = None
+
+    def api_params(self) -> dict[str, str]:
+        """The query parameters that push these bounds down to the API."""
+        params = {}
+        if self.contract_type:
+            params["contract_type"] = self.contract_type
+        if self.max_expiration:
+            params["expiration_date.lte"] = self.max_expiration.isoformat()
+        if self.min_strike is not None:
+            params["strike_price.gte"] = str(self.min_strike)
+        if self.max_strike is not None:
+            params["strike_price.lte"] = str(self.max_strike)
+        return params
+
+
+@dataclass
+class UnderlyingResult:
+    """What one underlying's sync did."""
+
+    underlying: str
+    fetched: int = 0
+    written: int = 0
+    rejected: int = 0
+    deactivated: int = 0
+    error: str | None = None
+
+
+def market_today() -> dt.date:
+    """Today's date in New York, the calendar option expirations follow."""
+    return dt.datetime.now(MARKET_TZ).date()
+
+
+def contract_underlying(underlying: str) -> str:
+    """The ``underlying_ticker`` contracts carry: index options list ``SPX`` for ``I:SPX``."""
+    return underlying.removeprefix("I:")
+
+
+async def listing_scope(
+    settings: Settings, client: PolygonClient, underlying: str, *, today: dt.date
+) -> ListingScope:
+    """Turn the configured filters into the bounds of one underlying's listing.
+
+    The strike band needs the underlying's price; the previous close is used.
+
+    Raises:
+        ApiError: the price could not be fetched, or the API has none for this ticker.
+    """
+    contract_type = settings.contract_types[0] if settings.contract_types else None
+    max_expiration = None
+    if settings.max_days_to_expiration is not None:
+        max_expiration = today + dt.timedelta(days=settings.max_days_to_expiration)
+    min_strike = max_strike = None
+    if settings.strike_band_percent is not None:
+        spot = await client.previous_close(underlying)
+        if spot is None:
+            raise ApiError(
+                f"{underlying}: no previous close to centre STRIKE_BAND_PERCENT on",
+                underlying=underlying,
+            )
+        band = Decimal(str(settings.strike_band_percent)) / 100
+        price = Decimal(str(spot))
+        min_strike = (price * (1 - band)).quantize(Decimal("0.001"))
+        max_strike = (price * (1 + band)).quantize(Decimal("0.001"))
+    return ListingScope(contract_type, max_expiration, min_strike, max_strike)
+
+
+async def sync_contracts(
+    settings: Settings,
+    client: PolygonClient,
+    pool: asyncpg.Pool | None,
+    stats: RunStats,
+    *,
+    seen_at: dt.datetime,
+) -> list[UnderlyingResult]:
+    """Sync the contracts of every configured underlying, several side by side.
+
+    Args:
+        settings: underlyings, filters and concurrency.
+        client: the API client.
+        pool: the database pool; ``None`` for a dry run, which fetches and counts only.
+        stats: the run's counts, updated as underlyings finish.
+        seen_at: the run's timestamp, written to ``last_seen_at`` of every contract seen.
+
+    Returns:
+        One result per underlying, in the configured order.
+
+    Raises:
+        DatabaseError: PostgreSQL failed; the run stops (API errors only fail their underlying).
+    """
+    underlyings = settings.require_underlyings()
+    stats.underlyings_requested = len(underlyings)
+    today = market_today()
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for underlying in underlyings:
+        queue.put_nowait(underlying)
+    results: dict[str, UnderlyingResult] = {}
+    workers = min(settings.underlying_concurrency, len(underlyings))
+    if pool is not None:
+        # one connection stays with the run ledger; the others serve the transactions
+        workers = max(1, min(workers, pool.get_max_size() - 1))
+
+    async def worker() -> None:
+        while not queue.empty():
+            underlying = queue.get_nowait()
+            result = UnderlyingResult(underlying)
+            results[underlying] = result
+            try:
+                await sync_underlying(
+                    settings, client, pool, underlying, result, seen_at=seen_at, today=today
+                )
+            except ApiError as exc:
+                result.error = str(exc)
+                stats.underlyings_failed += 1
+                stats.failures.append(f"{underlying}: {exc}")
+                logger.error("Underlying %s failed, its contracts are left untouched: %s",
+                             underlying, exc)
+            else:
+                stats.underlyings_succeeded += 1
+            finally:
+                stats.rows_fetched += result.fetched
+                stats.rows_rejected += result.rejected
+                stats.rows_written += result.written
+                stats.contracts_deactivated += result.deactivated
+                stats.api_requests = client.requests_sent
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(workers):
+            group.create_task(worker())
+    logger.info(
+        "Total contracts processed: %d (%d stored, %d rejected, %d deactivated) "
+        "across %d underlyings, %d failed",
+        stats.rows_fetched,
+        stats.rows_written,
+        stats.rows_rejected,
+        stats.contracts_deactivated,
+        len(underlyings),
+        stats.underlyings_failed,
+    )
+    return [results[u] for u in underlyings]
+
+
+async def sync_underlying(
+    settings: Settings,
+    client: PolygonClient,
+    pool: asyncpg.Pool | None,
+    underlying: str,
+    result: UnderlyingResult,
+    *,
+    seen_at: dt.datetime,
+    today: dt.date,
+) -> None:
+    """List one underlying's contracts and store them in one transaction.
+
+    Raises:
+        ApiError: the listing failed; nothing of this underlying was changed.
+        DatabaseError: PostgreSQL failed.
+    """
+    with tracer.start_as_current_span("contracts.sync_underlying") as span:
+        span.set_attribute("polygon.underlying", underlying)
+        scope = await listing_scope(settings, client, underlying, today=today)
+        conn: asyncpg.Connection | None = None
+        transaction = None
+        try:
+            async for page in client.list_contracts(
+                contract_underlying(underlying), scope.api_params()
+            ):
+                rows, rejects = normalize_contracts(page.results, underlying=underlying)
+                offset = result.fetched
+                result.fetched += len(page.results)
+                if rejects:
+                    result.rejected += len(rejects)
+                    logger.warning("%s: rejected %d contracts, first: %s",
+                                   underlying, len(rejects), rejects[0])
+                logger.info("Retrieved batch at offset %d for %s: %d contracts (page %d)",
+                            offset, underlying, len(page.results), page.number)
+                if pool is None or not rows:
+                    continue
+                if conn is None:
+                    conn = await pool.acquire(timeout=ACQUIRE_TIMEOUT)
+                    transaction = conn.transaction()
+                    await transaction.start()
+                result.written += await upsert_contracts(conn, rows, seen_at=seen_at)
+            if pool is None:
+                return
+            if conn is None:
+                conn = await pool.acquire(timeout=ACQUIRE_TIMEOUT)
+                transaction = conn.transaction()
+                await transaction.start()
+            result.deactivated = await deactivate_unseen(
+                conn, underlying, scope, seen_at=seen_at, today=today,
+                listing_empty=result.fetched == 0,
+            )
+            assert transaction is not None
+            await transaction.commit()
+            transaction = None
+        except DB_ERRORS as exc:
+            raise DatabaseError(f"{underlying}: {describe_db_error(exc)}") from exc
+        finally:
+            if conn is not None:
+                if transaction is not None:
+                    result.written = result.deactivated = 0
+                    await _rollback_quietly(transaction)
+                await pool.release(conn)  # type: ignore[union-attr]
+        span.set_attribute("contracts.fetched", result.fetched)
+
+
+async def upsert_contracts(
+    conn: asyncpg.Connection, rows: list[ContractRow], *, seen_at: dt.datetime
+) -> int:
+    """Insert or update ``rows`` in one statement; returns how many rows it wrote."""
+    columns = list(zip(*rows, strict=True))
+    status = await conn.execute(UPSERT_CONTRACTS, *columns, seen_at)
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def deactivate_unseen(
+    conn: asyncpg.Connection,
+    underlying: str,
+    scope: ListingScope,
+    *,
+    seen_at: dt.datetime,
+    today: dt.date,
+    listing_empty: bool,
+) -> int:
+    """Mark inactive the contracts of ``underlying`` within ``scope`` that this sync did not see.
+
+    A complete listing with no contracts at all is not trusted to mean that every contract
+    vanished (a plan change or an API fault looks the same); then only contracts whose
+    expiration date has passed are deactivated.
+
+    Returns:
+        The number of contracts deactivated.
+    """
+    if listing_empty:
+        active = await conn.fetchval(
+            "SELECT count(*) FROM option_contracts WHERE underlying_ticker = $1 AND active "
+            "AND expiration_date >= $2",
+            contract_underlying(underlying),
+            today,
+        )
+        if active:
+            logger.warning(
+                "%s: the API listed no contracts while %d unexpired ones are active; "
+                "only expired contracts are deactivated",
+                underlying,
+                active,
+            )
+    status = await conn.execute(
+        DEACTIVATE_CONTRACTS,
+        contract_underlying(underlying),
+        seen_at,
+        today,
+        not listing_empty,
+        [scope.contract_type] if scope.contract_type else None,
+        scope.max_expiration,
+        scope.min_strike,
+        scope.max_strike,
+    )
+    count = int(status.rsplit(" ", 1)[1])
+    if count:
+        logger.info("%s: %d contracts no longer listed, marked inactive", underlying, count)
+    return count
+
+
+async def _rollback_quietly(transaction: asyncpg.transaction.Transaction) -> None:
+    try:
+        await transaction.rollback()
+    except DB_ERRORS as exc:
+        logger.warning("Rollback failed: %s", describe_db_error(exc))
+

@@ -1,0 +1,130 @@
+"""The project's exception tree and exit codes.
+
+Every error the jobs raise on purpose derives from :class:`OptionsError`; the CLI turns it into
+one line on stderr and the exit code it carries::
+
+    OptionsError                      exit 1
+    ├── ConfigError                   exit 2  bad setting, ticker, option or .env file
+    ├── ApiError                      exit 1  the Polygon API said no, or said nonsense
+    │   ├── TransientApiError                 retried: timeouts, dropped connections, 429, 5xx,
+    │   │   ├── RateLimitedError              429, with the server's Retry-After if it sent one
+    │   │   └── PayloadError                  a body that is not valid JSON (truncated page)
+    │   └── PermanentApiError                 not retried: 4xx other than 429
+    │       ├── AuthError                     401 unknown key, 403 plan does not include the data
+    │       ├── PageShapeError                a 200 page without a ``results`` list
+    │       └── PaginationError               a ``next_url`` that loops or never ends
+    ├── DatabaseError                 exit 1  PostgreSQL refused or went away
+    ├── AlreadyRunningError           exit 4  another copy of the job holds the run lock
+    └── RunInterrupted                exit 5  a signal or the deadline stopped the run
+
+A run that stores some underlyings and fails others is not an exception: it ends ``partial`` and
+exits with :attr:`ExitCode.PARTIAL`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes, the same for every job (documented in the README)."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    PARTIAL = 3
+    ALREADY_RUNNING = 4
+    INTERRUPTED = 5
+
+
+class OptionsError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+
+class ConfigError(OptionsError):
+    """A setting, ticker, command-line option or ``.env`` line is invalid.
+
+    The message names what was wrong and the accepted form.
+    """
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, message: str, *, variable: str | None = None) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+class ApiError(OptionsError):
+    """The Polygon API answered with an error or with something unusable.
+
+    Attributes:
+        endpoint: the request path (never the query string, which could carry a cursor).
+        status: the HTTP status, or ``None`` when no response arrived.
+        request_id: the API's ``request_id``, when the body had one.
+        underlying: the underlying being fetched, when the caller knows it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str | None = None,
+        status: int | None = None,
+        request_id: str | None = None,
+        underlying: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.status = status
+        self.request_id = request_id
+        self.underlying = underlying
+
+
+class TransientApiError(ApiError):
+    """An error worth retrying: timeout, dropped connection, HTTP 429 or 5xx."""
+
+
+class RateLimitedError(TransientApiError):
+    """HTTP 429. ``retry_after`` holds the server's Retry-After in seconds, if given."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **context: object) -> None:
+        super().__init__(message, **context)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class PayloadError(TransientApiError):
+    """A response body that is not valid JSON, as a truncated page is."""
+
+
+class PermanentApiError(ApiError):
+    """An error that retrying will not fix: a 4xx other than 429."""
+
+
+class AuthError(PermanentApiError):
+    """HTTP 401 (unknown key) or 403 (the plan does not include this data)."""
+
+
+class PageShapeError(PermanentApiError):
+    """A page that parsed but has no ``results`` list: never taken for an empty page."""
+
+
+class PaginationError(PermanentApiError):
+    """Pagination that cannot be trusted: a repeated cursor or more pages than the cap."""
+
+
+class DatabaseError(OptionsError):
+    """PostgreSQL refused a statement or the connection was lost."""
+
+
+class AlreadyRunningError(OptionsError):
+    """Another copy of the same job holds its run lock."""
+
+    exit_code = ExitCode.ALREADY_RUNNING
+
+
+class RunInterrupted(OptionsError):
+    """The run was stopped by a signal or by its deadline."""
+
+    exit_code = ExitCode.INTERRUPTED

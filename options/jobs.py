@@ -1,0 +1,85 @@
+"""Wiring shared by the jobs: open the API client and the pool, migrate, run under the ledger.
+
+The CLI calls one function per job; each returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from options.config import Settings
+from options.contracts import sync_contracts
+from options.db import apply_migrations, create_pool
+from options.errors import ExitCode
+from options.polygon import PolygonClient
+from options.runs import STATUS_EXIT_CODES, RunStats, recorded_run
+
+logger = logging.getLogger(__name__)
+
+POOL_CLOSE_TIMEOUT = 10.0
+
+
+def open_client(settings: Settings) -> PolygonClient:
+    """The one API client of a job, configured from the settings (use it with ``async with``)."""
+    return PolygonClient(
+        base_url=settings.base_url,
+        api_key=settings.require_api_key(),
+        timeout=settings.http_timeout,
+        max_retries=settings.http_max_retries,
+        rate_limit=settings.rate_limit,
+        concurrency=settings.http_concurrency,
+        max_pages=settings.max_pages,
+    )
+
+
+@asynccontextmanager
+async def open_database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """The job's pool, with the schema migrated; closed on the way out."""
+    pool = await create_pool(settings.require_database_url(), max_size=settings.db_pool_size)
+    try:
+        await apply_migrations(pool)
+        yield pool
+    finally:
+        try:
+            await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT)
+        except (TimeoutError, asyncio.CancelledError):
+            pool.terminate()
+
+
+async def migrate(settings: Settings) -> list[str]:
+    """Apply pending migrations (``ingest_admin migrate``); returns the names applied."""
+    pool = await create_pool(settings.require_database_url(), max_size=2)
+    try:
+        return await apply_migrations(pool)
+    finally:
+        await pool.close()
+
+
+async def run_options_job(settings: Settings, *, dry_run: bool = False) -> ExitCode:
+    """``ingest_options``: sync the contracts of every configured underlying."""
+    settings.require_underlyings()
+    settings.require_api_key()
+    if dry_run:
+        stats = RunStats()
+        async with open_client(settings) as client:
+            results = await sync_contracts(
+                settings, client, None, stats, seen_at=dt.datetime.now(dt.UTC)
+            )
+        for result in results:
+            outcome = f"failed: {result.error}" if result.error else "complete"
+            logger.info("Dry run: %s lists %d contracts (%s)", result.underlying, result.fetched,
+                        outcome)
+        return STATUS_EXIT_CODES[stats.status()]
+    settings.require_database_url()
+    logger.info("Syncing contracts of %d underlyings into %s", len(settings.underlyings),
+                settings.database_location())
+    async with open_client(settings) as client, open_database(settings) as pool:
+        async with recorded_run(pool, "options") as run:
+            await sync_contracts(settings, client, pool, run.stats, seen_at=run.started_at)
+        return STATUS_EXIT_CODES[run.status]

@@ -1,0 +1,128 @@
+"""Shared fixtures: a real PostgreSQL (one throwaway database per test) and the simulator."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from options.config import Secret, Settings
+from options.db import apply_migrations
+from options.localdb import start_local_postgres
+from options.simulator import RunningSimulator, SimulatorConfig, create_app, start_server
+
+FIXTURES_DIR = Path(__file__).resolve().parents[2] / "shared" / "polygon-fixtures"
+SIM_KEY = "test-key"
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` pointing at database ``name``."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """TEST_DATABASE_URL when set, otherwise a throwaway local cluster (the demo's code path)."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    server = start_local_postgres(tmp_path_factory.mktemp("pg") / "data")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+async def template_database(server_url: str) -> AsyncIterator[str]:
+    """A migrated database that each test's database is cloned from."""
+    name = f"t_template_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        pool = await asyncpg.create_pool(with_database(server_url, name), min_size=1, max_size=2)
+        try:
+            await apply_migrations(pool)
+        finally:
+            await pool.close()
+        yield name
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def database_url(server_url: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh migrated database for one test, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_database}")
+        yield with_database(server_url, name)
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool on the test's database."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+def simulator() -> Callable[..., AbstractAsyncContextManager[RunningSimulator]]:
+    """Start an in-process simulator: ``async with simulator(underlyings=..., ...) as sim``."""
+
+    @asynccontextmanager
+    async def start(**config: object) -> AsyncIterator[RunningSimulator]:
+        config.setdefault("api_key", SIM_KEY)
+        running = await start_server(create_app(SimulatorConfig(**config)))  # type: ignore[arg-type]
+        try:
+            yield running
+        finally:
+            await running.close()
+
+    return start
+
+
+@pytest.fixture
+def make_settings(database_url: str) -> Callable[..., Settings]:
+    """Settings for a job against ``base_url``, fast to fail: few retries, no rate limit."""
+
+    def make(base_url: str, underlyings: tuple[str, ...], **overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "database_url": Secret(database_url),
+            "api_key": Secret(SIM_KEY),
+            "base_url": base_url,
+            "underlyings": underlyings,
+            "rate_limit": None,
+            "http_max_retries": 1,
+            "http_timeout": 10.0,
+            "db_pool_size": 6,
+            "underlying_concurrency": 4,
+        }
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    """The recorded API responses in ../shared; tests using them skip when it is absent."""
+    if not FIXTURES_DIR.is_dir():
+        pytest.skip("recorded fixtures not present (../shared/polygon-fixtures)")
+    return FIXTURES_DIR

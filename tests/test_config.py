@@ -1,0 +1,197 @@
+"""Settings, .env files, ticker validation and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from options.config import Secret, Settings, read_env_file
+from options.errors import ConfigError, ExitCode
+from options.tickers import validate_option_ticker, validate_underlying
+
+BIN = Path(sys.executable).parent
+
+
+def test_defaults_sync_everything() -> None:
+    """With nothing set, no filter is on and the limits are the documented defaults."""
+    settings = Settings.from_env({}, env_file=None)
+    assert settings.contract_types is None
+    assert settings.max_days_to_expiration is None
+    assert settings.strike_band_percent is None
+    assert settings.base_url == "https://api.massive.com"
+    assert settings.db_pool_size == 10
+    assert settings.rate_limit == (100.0, 1.0)
+
+
+def test_values_are_parsed() -> None:
+    """Every variable is read, normalized and typed."""
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://u:pw@db.example:5433/opts",
+            "MASSIVE_API_KEY": "k1",
+            "POLYGON_BASE_URL": "http://127.0.0.1:8080/",
+            "UNDERLYINGS": "aapl, BRK.B,I:SPX,AAPL",
+            "CONTRACT_TYPES": "put",
+            "MAX_DAYS_TO_EXPIRATION": "45",
+            "STRIKE_BAND_PERCENT": "12.5",
+            "POLYGON_RATE_LIMIT": "5/min",
+            "DB_POOL_SIZE": "20",
+            "LOG_LEVEL": "debug",
+        },
+        env_file=None,
+    )
+    assert settings.underlyings == ("AAPL", "BRK.B", "I:SPX")
+    assert settings.api_key == Secret("k1")
+    assert settings.base_url == "http://127.0.0.1:8080"
+    assert settings.contract_types == ("put",)
+    assert settings.max_days_to_expiration == 45
+    assert settings.strike_band_percent == 12.5
+    assert settings.rate_limit == (5.0, 60.0)
+    assert settings.db_pool_size == 20
+    assert settings.log_level == "DEBUG"
+    assert settings.database_location() == "postgresql://db.example:5433/opts"
+
+
+def test_polygon_key_wins_over_massive_key() -> None:
+    """POLYGON_API_KEY is used when both names are set."""
+    settings = Settings.from_env({"POLYGON_API_KEY": "p", "MASSIVE_API_KEY": "m"}, env_file=None)
+    assert settings.require_api_key() == "p"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepted"),
+    [
+        ("DATABASE_URL", "mysql://x/y", "postgresql://"),
+        ("DATABASE_URL", "postgresql://h:notaport/db", "PORT"),
+        ("POLYGON_BASE_URL", "ftp://x", "http(s)://"),
+        ("POLYGON_BASE_URL", "https://api.massive.com/?apiKey=1", "credentials"),
+        ("UNDERLYINGS", "AAPL,../x", "BRK.B"),
+        ("CONTRACT_TYPES", "calls", "call, put"),
+        ("MAX_DAYS_TO_EXPIRATION", "-1", "whole number"),
+        ("MAX_DAYS_TO_EXPIRATION", "ten", "whole number"),
+        ("STRIKE_BAND_PERCENT", "nan", "number >= 0"),
+        ("DB_POOL_SIZE", "300", "<= 90"),
+        ("HTTP_TIMEOUT", "0", "number >= 0.1"),
+        ("POLYGON_RATE_LIMIT", "5/hour", "N/s or N/min"),
+        ("LOG_LEVEL", "loud", "DEBUG"),
+    ],
+    ids=lambda v: v if len(str(v)) < 20 else None,
+)
+def test_invalid_value_names_variable_and_form(variable: str, value: str, accepted: str) -> None:
+    """An invalid value raises ConfigError naming the variable and the accepted form."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({variable: value}, env_file=None)
+    message = str(caught.value)
+    assert variable in message
+    assert accepted in message
+    assert "\n" not in message
+    assert caught.value.exit_code == ExitCode.USAGE
+
+
+def test_secrets_never_show() -> None:
+    """Neither the API key nor the database password appears in repr or str of the settings."""
+    settings = Settings.from_env(
+        {"POLYGON_API_KEY": "sekret-key", "DATABASE_URL": "postgresql://u:hunter2@h/db"},
+        env_file=None,
+    )
+    for text in (repr(settings), str(settings), settings.database_location()):
+        assert "sekret-key" not in text
+        assert "hunter2" not in text
+
+
+def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
+    """Values come from the .env file, and the process environment overrides them."""
+    env = tmp_path / "job.env"
+    env.write_text("# settings\nUNDERLYINGS=AAPL,SPY\nDB_POOL_SIZE='12'\nLOG_LEVEL=INFO\n")
+    settings = Settings.from_env({"LOG_LEVEL": "ERROR"}, env_file=env)
+    assert settings.underlyings == ("AAPL", "SPY")
+    assert settings.db_pool_size == 12
+    assert settings.log_level == "ERROR"
+
+
+def test_broken_env_file_names_the_line(tmp_path: Path) -> None:
+    """A line python-dotenv cannot parse is an error naming the file and line, not a skip."""
+    env = tmp_path / ".env"
+    env.write_text("UNDERLYINGS=AAPL\n\nPOLYGON_API_KEY 'abc def'\n")
+    with pytest.raises(ConfigError, match=r"line 3 cannot be parsed") as caught:
+        read_env_file(env)
+    assert "abc def" not in str(caught.value)
+
+
+def test_missing_explicit_env_file_is_an_error(tmp_path: Path) -> None:
+    """--env-file naming a file that does not exist is an error, not an empty configuration."""
+    with pytest.raises(ConfigError, match="does not exist"):
+        Settings.from_env({}, env_file=tmp_path / "nope.env")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("AAPL", "AAPL"), ("brk.b", "BRK.B"), ("I:SPX", "I:SPX"), (" spy ", "SPY"), ("X", "X")],
+)
+def test_valid_underlyings(raw: str, expected: str) -> None:
+    """Stock, class-share and index tickers are accepted and upper-cased."""
+    assert validate_underlying(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["../x", "AAPL/..", "", "A B", "AAPL?x=1", "%2e%2e", "I:", "O:AAPL230616C00150000", "A..B",
+     "TOOLONGTICKER1"],
+)
+def test_invalid_underlyings(raw: str) -> None:
+    """Anything that could change a URL's path or query is refused before any request."""
+    with pytest.raises(ConfigError, match="expected"):
+        validate_underlying(raw)
+
+
+def test_option_ticker_validation() -> None:
+    """Option tickers follow O:<root><YYMMDD><C|P><8-digit strike>."""
+    assert validate_option_ticker("o:aapl230616c00150000") == "O:AAPL230616C00150000"
+    with pytest.raises(ConfigError):
+        validate_option_ticker("O:AAPL/../C00150000")
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("UNDERLYINGS", "DATABASE_URL")}
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], env={**clean, **env}, cwd=cwd, capture_output=True,
+        text=True, timeout=60, check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (("ingest_options",), {"UNDERLYINGS": "AAPL/.."}, "UNDERLYINGS"),
+        (("ingest_options", "-u", "../x"), {}, "invalid underlying ticker"),
+        (("ingest_options",), {"POLYGON_RATE_LIMIT": "fast"}, "POLYGON_RATE_LIMIT"),
+        (("ingest_options",), {"POLYGON_API_KEY": "k"}, "no underlyings"),
+        (("ingest_options", "-u", "AAPL"), {"POLYGON_API_KEY": "k"}, "DATABASE_URL is not set"),
+        (("ingest_options", "-u", "AAPL"), {}, "POLYGON_API_KEY is not set"),
+    ],
+    ids=["bad-env-ticker", "bad-cli-ticker", "bad-rate", "no-underlyings", "no-db", "no-key"],
+)
+def test_cli_reports_one_line_and_exits_2(
+    args: tuple[str, ...], env: dict[str, str], needle: str, tmp_path: Path
+) -> None:
+    """A bad setting ends the command with exit 2 and one line on stderr naming the problem."""
+    result = run_cli(*args, env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert needle in lines[0]
+
+
+def test_cli_reads_env_file_option(tmp_path: Path) -> None:
+    """--env-file is read instead of ./.env; a malformed one exits 2 naming the line."""
+    (tmp_path / ".env").write_text("UNDERLYINGS=AAPL\n")
+    broken = tmp_path / "broken.env"
+    broken.write_text("UNDERLYINGS=AAPL\nthis is not a setting\n")
+    result = run_cli("ingest_options", "--env-file", str(broken), env={}, cwd=tmp_path)
+    assert result.returncode == ExitCode.USAGE
+    assert "line 2" in result.stderr

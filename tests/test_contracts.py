@@ -1,0 +1,237 @@
+"""ingest_options end to end: the simulator or the recorded fixtures in, real PostgreSQL out."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from options.errors import AlreadyRunningError, ExitCode
+from options.jobs import run_options_job
+from options.runs import JOB_LOCK_KEYS
+from options.simulator import create_fixture_app, start_server
+
+FIXTURE_PAGES = (
+    "v3/reference/options/contracts.json",
+    "v3/reference/options/contracts&cursor=YXA9JTdCJTIySUQlMjIlM0ElMjIy.json",
+)
+
+
+async def contracts_by_ticker(pool: asyncpg.Pool) -> dict[str, dict[str, object]]:
+    rows = await pool.fetch("SELECT * FROM option_contracts ORDER BY ticker")
+    return {row["ticker"]: dict(row) for row in rows}
+
+
+async def last_run(pool: asyncpg.Pool) -> asyncpg.Record:
+    return await pool.fetchrow("SELECT * FROM ingest_runs ORDER BY id DESC LIMIT 1")
+
+
+async def test_fixture_contracts_land_exactly(fixtures_dir: Path, pool, make_settings) -> None:
+    """Every field of the 20 recorded contracts of underlying A is stored as the API sent it."""
+    expected = []
+    for name in FIXTURE_PAGES:
+        expected += json.loads((fixtures_dir / name).read_text())["results"]
+    async with await start_server(create_fixture_app(fixtures_dir)) as api:
+        code = await run_options_job(make_settings(api.base_url, ("A",)))
+    assert code == ExitCode.OK
+    stored = await contracts_by_ticker(pool)
+    assert len(expected) == 20
+    assert sorted(stored) == sorted(c["ticker"] for c in expected)
+    for contract in expected:
+        row = stored[contract["ticker"]]
+        for field, value in contract.items():
+            if field == "additional_underlyings":
+                assert json.loads(row[field]) == value
+            elif field == "expiration_date":
+                assert row[field] == dt.date.fromisoformat(value)
+            elif field in ("strike_price", "shares_per_contract"):
+                assert row[field] == Decimal(str(value)), field
+            else:
+                assert row[field] == value, field
+        assert row["active"] is True
+        assert row["first_seen_at"] == row["last_seen_at"]
+        absent = {"additional_underlyings", "correction"} - contract.keys()
+        assert all(row[field] is None for field in absent)
+
+
+async def test_second_run_changes_only_last_seen_at(fixtures_dir: Path, pool, make_settings) -> None:
+    """Syncing the same listing twice changes nothing but last_seen_at."""
+    async with await start_server(create_fixture_app(fixtures_dir)) as api:
+        settings = make_settings(api.base_url, ("A",))
+        assert await run_options_job(settings) == ExitCode.OK
+        first = await contracts_by_ticker(pool)
+        assert await run_options_job(settings) == ExitCode.OK
+        second = await contracts_by_ticker(pool)
+    assert first.keys() == second.keys()
+    for ticker, before in first.items():
+        after = second[ticker]
+        assert after["last_seen_at"] > before["last_seen_at"]
+        assert {k: v for k, v in after.items() if k != "last_seen_at"} == {
+            k: v for k, v in before.items() if k != "last_seen_at"
+        }
+    runs = await pool.fetch("SELECT status, rows_written FROM ingest_runs ORDER BY id")
+    assert [(r["status"], r["rows_written"]) for r in runs] == [("succeeded", 20)] * 2
+
+
+async def test_failed_underlying_is_untouched_and_run_is_partial(
+    simulator, pool, make_settings
+) -> None:
+    """An underlying whose listing breaks part-way keeps its rows; the others sync; exit 3."""
+    names = ("AAA", "BBB", "CCC")
+    async with simulator(underlyings=names, contracts_per_underlying=2500) as api:
+        assert await run_options_job(make_settings(api.base_url, names)) == ExitCode.OK
+    before = await contracts_by_ticker(pool)
+    assert len(before) == 7500
+    async with simulator(
+        underlyings=names, contracts_per_underlying=2500, broken_pages={"BBB": 2}
+    ) as api:
+        code = await run_options_job(make_settings(api.base_url, names))
+    assert code == ExitCode.PARTIAL
+    after = await contracts_by_ticker(pool)
+    assert after.keys() == before.keys()
+    for ticker, row in after.items():
+        if row["underlying_ticker"] == "BBB":
+            assert row == before[ticker]
+        else:
+            assert row["last_seen_at"] > before[ticker]["last_seen_at"]
+    assert all(row["active"] for row in after.values())
+    run = await last_run(pool)
+    assert run["status"] == "partial"
+    assert (run["underlyings_succeeded"], run["underlyings_failed"]) == (2, 1)
+    assert run["rows_written"] == 5000
+    assert "BBB" in run["error"]
+
+
+async def test_every_underlying_failing_ends_failed(simulator, pool, make_settings) -> None:
+    """When no underlying syncs, the run is failed and exits 1."""
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=10,
+                         broken_pages={"AAA": 1}) as api:
+        code = await run_options_job(make_settings(api.base_url, ("AAA",)))
+    assert code == ExitCode.FAILED
+    assert (await last_run(pool))["status"] == "failed"
+
+
+async def insert_contract(
+    pool: asyncpg.Pool, ticker: str, underlying: str, contract_type: str, expiration: dt.date,
+    strike: str = "100",
+) -> None:
+    await pool.execute(
+        """
+        INSERT INTO option_contracts (ticker, underlying_ticker, contract_type, expiration_date,
+                                      strike_price, active, first_seen_at, last_seen_at)
+        VALUES ($1, $2, $3, $4, $5::numeric, true, now() - interval '2 days',
+                now() - interval '1 day')
+        """,
+        ticker, underlying, contract_type, expiration, strike,
+    )
+
+
+async def active_map(pool: asyncpg.Pool, tickers: list[str]) -> dict[str, bool]:
+    rows = await pool.fetch(
+        "SELECT ticker, active FROM option_contracts WHERE ticker = ANY($1)", tickers
+    )
+    return {row["ticker"]: row["active"] for row in rows}
+
+
+async def test_vanished_contracts_are_deactivated_only_in_scope(
+    simulator, pool, make_settings
+) -> None:
+    """Only unseen contracts of a completely listed underlying, within the filters, go inactive."""
+    future = dt.date.today() + dt.timedelta(days=400)
+    past = dt.date.today() - dt.timedelta(days=3)
+    await insert_contract(pool, "O:AAA991231C00001000", "AAA", "call", future)
+    await insert_contract(pool, "O:AAA991231P00001000", "AAA", "put", future)
+    await insert_contract(pool, "O:AAA201231P00001000", "AAA", "put", past)
+    await insert_contract(pool, "O:ZZZ991231C00001000", "ZZZ", "call", future)
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=50) as api:
+        settings = make_settings(api.base_url, ("AAA",), contract_types=("call",))
+        assert await run_options_job(settings) == ExitCode.OK
+    assert await active_map(pool, ["O:AAA991231C00001000", "O:AAA991231P00001000",
+                                   "O:AAA201231P00001000", "O:ZZZ991231C00001000"]) == {
+        "O:AAA991231C00001000": False,  # a call, in scope, not listed
+        "O:AAA991231P00001000": True,  # a put: outside the listing's scope
+        "O:AAA201231P00001000": False,  # expired: inactive whatever the scope
+        "O:ZZZ991231C00001000": True,  # another underlying
+    }
+    assert (await last_run(pool))["contracts_deactivated"] == 2
+
+
+async def test_max_days_to_expiration_scopes_deactivation(simulator, pool, make_settings) -> None:
+    """With MAX_DAYS_TO_EXPIRATION, contracts expiring after the window stay active."""
+    await insert_contract(pool, "O:AAA991231C00001000", "AAA", "call",
+                          dt.date.today() + dt.timedelta(days=400))
+    await insert_contract(pool, "O:AAA991231C00002000", "AAA", "call",
+                          dt.date.today() + dt.timedelta(days=5))
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=50) as api:
+        settings = make_settings(api.base_url, ("AAA",), max_days_to_expiration=30)
+        assert await run_options_job(settings) == ExitCode.OK
+    assert await active_map(pool, ["O:AAA991231C00001000", "O:AAA991231C00002000"]) == {
+        "O:AAA991231C00001000": True,
+        "O:AAA991231C00002000": False,
+    }
+
+
+async def test_empty_listing_deactivates_only_expired(simulator, pool, make_settings) -> None:
+    """A complete but empty listing is not trusted: only already-expired contracts go inactive."""
+    await insert_contract(pool, "O:NOPE991231C00001000", "NOPE", "call",
+                          dt.date.today() + dt.timedelta(days=30))
+    await insert_contract(pool, "O:NOPE201231C00001000", "NOPE", "call",
+                          dt.date.today() - dt.timedelta(days=1))
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
+        assert await run_options_job(make_settings(api.base_url, ("NOPE",))) == ExitCode.OK
+    assert await active_map(pool, ["O:NOPE991231C00001000", "O:NOPE201231C00001000"]) == {
+        "O:NOPE991231C00001000": True,
+        "O:NOPE201231C00001000": False,
+    }
+
+
+async def test_strike_band_is_pushed_down_and_scopes_deactivation(
+    simulator, pool, make_settings
+) -> None:
+    """STRIKE_BAND_PERCENT lists only strikes near the previous close and deactivates only there."""
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=400) as api:
+        full = make_settings(api.base_url, ("AAA",))
+        assert await run_options_job(full) == ExitCode.OK
+        all_rows = await contracts_by_ticker(pool)
+        await insert_contract(pool, "O:AAA991231C99999000", "AAA", "call",
+                              dt.date.today() + dt.timedelta(days=30), strike="99999")
+        banded = make_settings(api.base_url, ("AAA",), strike_band_percent=5.0)
+        assert await run_options_job(banded) == ExitCode.OK
+    run = await last_run(pool)
+    assert 0 < run["rows_fetched"] < len(all_rows)
+    assert run["contracts_deactivated"] == 0
+    assert (await active_map(pool, ["O:AAA991231C99999000"]))["O:AAA991231C99999000"] is True
+
+
+async def test_dry_run_writes_nothing(simulator, pool, make_settings) -> None:
+    """--dry-run fetches every page but writes no contract and no run row."""
+    async with simulator(underlyings=("AAA", "BBB"), contracts_per_underlying=1500) as api:
+        code = await run_options_job(make_settings(api.base_url, ("AAA", "BBB")), dry_run=True)
+    assert code == ExitCode.OK
+    assert await pool.fetchval("SELECT count(*) FROM option_contracts") == 0
+    assert await pool.fetchval("SELECT count(*) FROM ingest_runs") == 0
+
+
+async def test_second_copy_is_refused(simulator, pool, make_settings) -> None:
+    """While another copy holds the job lock, a new run refuses to start (exit 4)."""
+    async with pool.acquire() as holder:
+        await holder.execute("SELECT pg_advisory_lock($1)", JOB_LOCK_KEYS["options"])
+        async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
+            with pytest.raises(AlreadyRunningError) as caught:
+                await run_options_job(make_settings(api.base_url, ("AAA",)))
+        await holder.execute("SELECT pg_advisory_unlock($1)", JOB_LOCK_KEYS["options"])
+    assert caught.value.exit_code == ExitCode.ALREADY_RUNNING
+    assert await pool.fetchval("SELECT count(*) FROM ingest_runs") == 0
+
+
+async def test_run_left_running_is_closed_as_interrupted(simulator, pool, make_settings) -> None:
+    """A run row left 'running' by a killed process is closed 'interrupted' by the next run."""
+    await pool.execute("INSERT INTO ingest_runs (job, started_at) VALUES ('options', now())")
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
+        assert await run_options_job(make_settings(api.base_url, ("AAA",))) == ExitCode.OK
+    statuses = await pool.fetch("SELECT status FROM ingest_runs ORDER BY id")
+    assert [r["status"] for r in statuses] == ["interrupted", "succeeded"]
