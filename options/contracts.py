@@ -177,6 +177,7 @@ async def sync_contracts(
                     settings, client, pool, underlying, result, seen_at=seen_at, today=today
                 )
             except ApiError as exc:
+                exc.underlying = exc.underlying or underlying
                 result.error = str(exc)
                 stats.underlyings_failed += 1
                 stats.failures.append(f"{underlying}: {exc}")

@@ -9,7 +9,7 @@ one line on stderr and the exit code it carries::
     │   ├── TransientApiError                 retried: timeouts, dropped connections, 429, 5xx,
     │   │   ├── RateLimitedError              429, with the server's Retry-After if it sent one
     │   │   └── PayloadError                  a body that is not valid JSON (truncated page)
-    │   └── PermanentApiError                 not retried: 4xx other than 429
+    │   └── PermanentApiError                 not retried: 4xx other than 429, redirects
     │       ├── AuthError                     401 unknown key, 403 plan does not include the data
     │       ├── PageShapeError                a 200 page without a ``results`` list
     │       └── PaginationError               a ``next_url`` that loops or never ends
@@ -89,8 +89,19 @@ class TransientApiError(ApiError):
 class RateLimitedError(TransientApiError):
     """HTTP 429. ``retry_after`` holds the server's Retry-After in seconds, if given."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **context: object) -> None:
-        super().__init__(message, **context)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        endpoint: str | None = None,
+        status: int | None = None,
+        request_id: str | None = None,
+        underlying: str | None = None,
+    ) -> None:
+        super().__init__(
+            message, endpoint=endpoint, status=status, request_id=request_id, underlying=underlying
+        )
         self.retry_after = retry_after
 
 
@@ -99,7 +110,8 @@ class PayloadError(TransientApiError):
 
 
 class PermanentApiError(ApiError):
-    """An error that retrying will not fix: a 4xx other than 429."""
+    """An error that retrying will not fix: a 4xx other than 429, a redirect, or a 200 whose
+    content cannot be trusted."""
 
 
 class AuthError(PermanentApiError):
