@@ -85,7 +85,8 @@ def bench(dsn: str, underlyings: int, contracts: int) -> None:
             stored = asyncio.run(stored_contracts(dsn))
             print(
                 f"{underlyings:>5} x {contracts:<5} {label:<10} exit {code}  "
-                f"{stored:>9,} contracts in {seconds:6.2f} s = {stored / seconds:>9,.0f} contracts/s  "
+                f"{stored:>9,} contracts in {seconds:6.2f} s = "
+                f"{stored / seconds:>9,.0f} contracts/s  "
                 f"{requests:>6,} API requests  peak RSS {peak_mb} MB",
                 flush=True,
             )
@@ -93,8 +94,11 @@ def bench(dsn: str, underlyings: int, contracts: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100x1000,1000x1000",
-                        help="comma-separated UNDERLYINGSxCONTRACTS (default: %(default)s)")
+    parser.add_argument(
+        "--sizes",
+        default="100x1000,1000x1000",
+        help="comma-separated UNDERLYINGSxCONTRACTS (default: %(default)s)",
+    )
     args = parser.parse_args()
     sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]
     dsn = os.environ.get("BENCH_DATABASE_URL")

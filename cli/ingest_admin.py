@@ -34,21 +34,57 @@ def migrate(env_file: Path | None) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--underlyings", "count", default=5, show_default=True, type=click.IntRange(1),
-              help="How many simulated underlyings.")
-@click.option("--contracts", default=2000, show_default=True, type=click.IntRange(1),
-              help="Contracts per underlying.")
-@click.option("--api-key", default="sim-key", show_default=True,
-              help="The key clients must send; empty to accept any.")
+@click.option(
+    "--underlyings",
+    "count",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1),
+    help="How many simulated underlyings.",
+)
+@click.option(
+    "--contracts",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Contracts per underlying.",
+)
+@click.option(
+    "--api-key",
+    default="sim-key",
+    show_default=True,
+    help="The key clients must send; empty to accept any.",
+)
 @click.option("--latency", default=0.0, type=click.FloatRange(0), help="Seconds per response.")
-@click.option("--error-rate", default=0.0, type=click.FloatRange(0, 1),
-              help="Fraction of requests answered 5xx.")
-@click.option("--rate-limit", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="Requests/second before answering 429.")
-@click.option("--truncate-rate", default=0.0, type=click.FloatRange(0, 1),
-              help="Fraction of list pages cut short.")
-def simulate(host: str, port: int, count: int, contracts: int, api_key: str, latency: float,
-             error_rate: float, rate_limit: float | None, truncate_rate: float) -> None:
+@click.option(
+    "--error-rate",
+    default=0.0,
+    type=click.FloatRange(0, 1),
+    help="Fraction of requests answered 5xx.",
+)
+@click.option(
+    "--rate-limit",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Requests/second before answering 429.",
+)
+@click.option(
+    "--truncate-rate",
+    default=0.0,
+    type=click.FloatRange(0, 1),
+    help="Fraction of list pages cut short.",
+)
+def simulate(
+    host: str,
+    port: int,
+    count: int,
+    contracts: int,
+    api_key: str,
+    latency: float,
+    error_rate: float,
+    rate_limit: float | None,
+    truncate_rate: float,
+) -> None:
     """Serve a Polygon-compatible simulated API (for trials, tests and benchmarks)."""
     from options.simulator import SimulatorConfig, make_universe_names, serve_forever
 
@@ -62,15 +98,23 @@ def simulate(host: str, port: int, count: int, contracts: int, api_key: str, lat
         requests_per_second=rate_limit,
         truncate_rate=truncate_rate,
     )
-    serve_forever(config, host=host, port=port,
-                  on_ready=lambda url: click.echo(f"simulator listening on {url}", err=True))
+    serve_forever(
+        config,
+        host=host,
+        port=port,
+        on_ready=lambda url: click.echo(f"simulator listening on {url}", err=True),
+    )
 
 
 @main.command()
 @env_file_option
-@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
-              default=Path(".local/pgdata"), show_default=True,
-              help="Where the local PostgreSQL keeps its data when DATABASE_URL is not set.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path(".local/pgdata"),
+    show_default=True,
+    help="Where the local PostgreSQL keeps its data when DATABASE_URL is not set.",
+)
 def demo(env_file: Path | None, data_dir: Path) -> None:
     """Run the jobs against the simulator and show what landed.
 

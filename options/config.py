@@ -75,9 +75,7 @@ class Settings:
     log_level: str = "INFO"
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str], *, env_file: Path | None = None
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str], *, env_file: Path | None = None) -> Settings:
         """Build settings from ``environ`` over the values of a ``.env`` file.
 
         Variables set in the environment win over the file, as systemd's ``EnvironmentFile=``
@@ -189,9 +187,13 @@ def read_env_file(path: Path) -> dict[str, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"env file {path} does not exist: pass an existing file to --env-file") from None
+        raise ConfigError(
+            f"env file {path} does not exist: pass an existing file to --env-file"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"env file {path} cannot be read ({type(exc).__name__}): expected a UTF-8 text file") from None
+        raise ConfigError(
+            f"env file {path} cannot be read ({type(exc).__name__}): expected a UTF-8 text file"
+        ) from None
     for binding in parse_stream(io.StringIO(text)):
         if binding.error:
             # the binding's text starts with the blank lines before it

@@ -32,7 +32,8 @@ tracer = trace.get_tracer(__name__)
 MARKET_TZ = ZoneInfo("America/New_York")
 
 UPSERT_CONTRACTS = f"""
-INSERT INTO option_contracts AS c ({", ".join(CONTRACT_COLUMNS)}, active, first_seen_at, last_seen_at)
+INSERT INTO option_contracts AS c
+    ({", ".join(CONTRACT_COLUMNS)}, active, first_seen_at, last_seen_at)
 SELECT t.ticker, t.underlying_ticker, t.contract_type, t.exercise_style, t.expiration_date,
        t.strike_price, t.shares_per_contract, t.primary_exchange, t.cfi, t.correction,
        t.additional_underlyings::jsonb, true, $12, $12
@@ -181,8 +182,9 @@ async def sync_contracts(
                 result.error = str(exc)
                 stats.underlyings_failed += 1
                 stats.failures.append(f"{underlying}: {exc}")
-                logger.error("Underlying %s failed, its contracts are left untouched: %s",
-                             underlying, exc)
+                logger.error(
+                    "Underlying %s failed, its contracts are left untouched: %s", underlying, exc
+                )
             else:
                 stats.underlyings_succeeded += 1
             finally:
@@ -238,10 +240,16 @@ async def sync_underlying(
                 result.fetched += len(page.results)
                 if rejects:
                     result.rejected += len(rejects)
-                    logger.warning("%s: rejected %d contracts, first: %s",
-                                   underlying, len(rejects), rejects[0])
-                logger.info("Retrieved batch at offset %d for %s: %d contracts (page %d)",
-                            offset, underlying, len(page.results), page.number)
+                    logger.warning(
+                        "%s: rejected %d contracts, first: %s", underlying, len(rejects), rejects[0]
+                    )
+                logger.info(
+                    "Retrieved batch at offset %d for %s: %d contracts (page %d)",
+                    offset,
+                    underlying,
+                    len(page.results),
+                    page.number,
+                )
                 if pool is None or not rows:
                     continue
                 if conn is None:
@@ -256,7 +264,11 @@ async def sync_underlying(
                 transaction = conn.transaction()
                 await transaction.start()
             result.deactivated = await deactivate_unseen(
-                conn, underlying, scope, seen_at=seen_at, today=today,
+                conn,
+                underlying,
+                scope,
+                seen_at=seen_at,
+                today=today,
                 listing_empty=result.fetched == 0,
             )
             assert transaction is not None
@@ -336,4 +348,3 @@ async def _rollback_quietly(transaction: asyncpg.transaction.Transaction) -> Non
         await transaction.rollback()
     except DB_ERRORS as exc:
         logger.warning("Rollback failed: %s", describe_db_error(exc))
-

@@ -43,8 +43,10 @@ def run_demo(settings: Settings, *, data_dir: Path) -> int:
             api_key=SIMULATOR_KEY,
         )
         with SimulatorProcess(config) as simulator:
-            print(f"Simulated Polygon API at {simulator.base_url}: "
-                  f"{len(DEMO_UNDERLYINGS)} underlyings x {DEMO_CONTRACTS_PER_UNDERLYING} contracts")
+            print(
+                f"Simulated Polygon API at {simulator.base_url}: "
+                f"{len(DEMO_UNDERLYINGS)} underlyings x {DEMO_CONTRACTS_PER_UNDERLYING} contracts"
+            )
             env = {
                 **os.environ,
                 "DATABASE_URL": dsn,
@@ -52,7 +54,7 @@ def run_demo(settings: Settings, *, data_dir: Path) -> int:
                 "POLYGON_API_KEY": SIMULATOR_KEY,
                 "UNDERLYINGS": ",".join(DEMO_UNDERLYINGS),
                 "POLYGON_RATE_LIMIT": "off",
-                "LOG_LEVEL": "WARNING",
+                "LOG_LEVEL": "INFO",
             }
             code = _run_job("ingest_options", env)
             if code:
@@ -77,31 +79,37 @@ async def _print_summary(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         print("\nContracts per underlying (option_contracts):")
-        _print_table(await conn.fetch(
-            """
+        _print_table(
+            await conn.fetch(
+                """
             SELECT underlying_ticker, count(*) FILTER (WHERE active) AS active,
                    count(*) FILTER (WHERE NOT active) AS inactive,
                    min(expiration_date) AS first_expiration, max(expiration_date) AS last_expiration
             FROM option_contracts GROUP BY underlying_ticker ORDER BY underlying_ticker
             """
-        ))
+            )
+        )
         print("\nA few contracts:")
-        _print_table(await conn.fetch(
-            """
+        _print_table(
+            await conn.fetch(
+                """
             SELECT ticker, contract_type, exercise_style, expiration_date, strike_price,
                    shares_per_contract, last_seen_at
             FROM option_contracts ORDER BY ticker LIMIT 5
             """
-        ))
+            )
+        )
         print("\nLatest runs (ingest_runs):")
-        _print_table(await conn.fetch(
-            """
+        _print_table(
+            await conn.fetch(
+                """
             SELECT id, job, status, underlyings_succeeded AS ok, underlyings_failed AS failed,
                    rows_written, contracts_deactivated AS deactivated, api_requests,
                    round(extract(epoch FROM finished_at - started_at)::numeric, 2) AS seconds
             FROM ingest_runs ORDER BY id DESC LIMIT 5
             """
-        ))
+            )
+        )
     finally:
         await conn.close()
 
@@ -113,9 +121,8 @@ def _print_table(rows: Sequence[asyncpg.Record]) -> None:
     headers = list(rows[0].keys())
     cells = [[_cell(value) for value in row.values()] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    print("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-    for row in cells:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    for line in [headers, *cells]:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 
 
 def _cell(value: Any) -> str:

@@ -73,12 +73,16 @@ async def run_options_job(settings: Settings, *, dry_run: bool = False) -> ExitC
             )
         for result in results:
             outcome = f"failed: {result.error}" if result.error else "complete"
-            logger.info("Dry run: %s lists %d contracts (%s)", result.underlying, result.fetched,
-                        outcome)
+            logger.info(
+                "Dry run: %s lists %d contracts (%s)", result.underlying, result.fetched, outcome
+            )
         return STATUS_EXIT_CODES[stats.status()]
     settings.require_database_url()
-    logger.info("Syncing contracts of %d underlyings into %s", len(settings.underlyings),
-                settings.database_location())
+    logger.info(
+        "Syncing contracts of %d underlyings into %s",
+        len(settings.underlyings),
+        settings.database_location(),
+    )
     async with open_client(settings) as client, open_database(settings) as pool:
         async with recorded_run(pool, "options") as run:
             await sync_contracts(settings, client, pool, run.stats, seen_at=run.started_at)

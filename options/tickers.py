@@ -12,7 +12,10 @@ from options.errors import ConfigError
 
 UNDERLYING_PATTERN = re.compile(r"(?:I:)?[A-Z][A-Z0-9]{0,9}(?:\.[A-Z0-9]{1,3})?")
 OPTION_TICKER_PATTERN = re.compile(r"O:[A-Z][A-Z0-9]{0,9}\d{6}[CP]\d{8}")
-UNDERLYING_FORM = "letters and digits starting with a letter, up to 10, an optional class suffix such as BRK.B, or an index such as I:SPX"
+UNDERLYING_FORM = (
+    "up to 10 letters and digits starting with a letter, an optional class suffix "
+    "such as BRK.B, or an index such as I:SPX"
+)
 OPTION_TICKER_FORM = "O:<root><YYMMDD><C|P><strike x 1000 as 8 digits>, e.g. O:AAPL230616C00150000"
 
 

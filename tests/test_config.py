@@ -139,8 +139,18 @@ def test_valid_underlyings(raw: str, expected: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["../x", "AAPL/..", "", "A B", "AAPL?x=1", "%2e%2e", "I:", "O:AAPL230616C00150000", "A..B",
-     "TOOLONGTICKER1"],
+    [
+        "../x",
+        "AAPL/..",
+        "",
+        "A B",
+        "AAPL?x=1",
+        "%2e%2e",
+        "I:",
+        "O:AAPL230616C00150000",
+        "A..B",
+        "TOOLONGTICKER1",
+    ],
 )
 def test_invalid_underlyings(raw: str) -> None:
     """Anything that could change a URL's path or query is refused before any request."""
@@ -158,8 +168,13 @@ def test_option_ticker_validation() -> None:
 def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("UNDERLYINGS", "DATABASE_URL")}
     return subprocess.run(
-        [str(BIN / args[0]), *args[1:]], env={**clean, **env}, cwd=cwd, capture_output=True,
-        text=True, timeout=60, check=False,
+        [str(BIN / args[0]), *args[1:]],
+        env={**clean, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 

@@ -58,7 +58,9 @@ async def test_fixture_contracts_land_exactly(fixtures_dir: Path, pool, make_set
         assert all(row[field] is None for field in absent)
 
 
-async def test_second_run_changes_only_last_seen_at(fixtures_dir: Path, pool, make_settings) -> None:
+async def test_second_run_changes_only_last_seen_at(
+    fixtures_dir: Path, pool, make_settings
+) -> None:
     """Syncing the same listing twice changes nothing but last_seen_at."""
     async with await start_server(create_fixture_app(fixtures_dir)) as api:
         settings = make_settings(api.base_url, ("A",))
@@ -108,15 +110,20 @@ async def test_failed_underlying_is_untouched_and_run_is_partial(
 
 async def test_every_underlying_failing_ends_failed(simulator, pool, make_settings) -> None:
     """When no underlying syncs, the run is failed and exits 1."""
-    async with simulator(underlyings=("AAA",), contracts_per_underlying=10,
-                         broken_pages={"AAA": 1}) as api:
+    async with simulator(
+        underlyings=("AAA",), contracts_per_underlying=10, broken_pages={"AAA": 1}
+    ) as api:
         code = await run_options_job(make_settings(api.base_url, ("AAA",)))
     assert code == ExitCode.FAILED
     assert (await last_run(pool))["status"] == "failed"
 
 
 async def insert_contract(
-    pool: asyncpg.Pool, ticker: str, underlying: str, contract_type: str, expiration: dt.date,
+    pool: asyncpg.Pool,
+    ticker: str,
+    underlying: str,
+    contract_type: str,
+    expiration: dt.date,
     strike: str = "100",
 ) -> None:
     await pool.execute(
@@ -126,7 +133,11 @@ async def insert_contract(
         VALUES ($1, $2, $3, $4, $5::numeric, true, now() - interval '2 days',
                 now() - interval '1 day')
         """,
-        ticker, underlying, contract_type, expiration, strike,
+        ticker,
+        underlying,
+        contract_type,
+        expiration,
+        strike,
     )
 
 
@@ -150,8 +161,15 @@ async def test_vanished_contracts_are_deactivated_only_in_scope(
     async with simulator(underlyings=("AAA",), contracts_per_underlying=50) as api:
         settings = make_settings(api.base_url, ("AAA",), contract_types=("call",))
         assert await run_options_job(settings) == ExitCode.OK
-    assert await active_map(pool, ["O:AAA991231C00001000", "O:AAA991231P00001000",
-                                   "O:AAA201231P00001000", "O:ZZZ991231C00001000"]) == {
+    assert await active_map(
+        pool,
+        [
+            "O:AAA991231C00001000",
+            "O:AAA991231P00001000",
+            "O:AAA201231P00001000",
+            "O:ZZZ991231C00001000",
+        ],
+    ) == {
         "O:AAA991231C00001000": False,  # a call, in scope, not listed
         "O:AAA991231P00001000": True,  # a put: outside the listing's scope
         "O:AAA201231P00001000": False,  # expired: inactive whatever the scope
@@ -162,10 +180,12 @@ async def test_vanished_contracts_are_deactivated_only_in_scope(
 
 async def test_max_days_to_expiration_scopes_deactivation(simulator, pool, make_settings) -> None:
     """With MAX_DAYS_TO_EXPIRATION, contracts expiring after the window stay active."""
-    await insert_contract(pool, "O:AAA991231C00001000", "AAA", "call",
-                          dt.date.today() + dt.timedelta(days=400))
-    await insert_contract(pool, "O:AAA991231C00002000", "AAA", "call",
-                          dt.date.today() + dt.timedelta(days=5))
+    await insert_contract(
+        pool, "O:AAA991231C00001000", "AAA", "call", dt.date.today() + dt.timedelta(days=400)
+    )
+    await insert_contract(
+        pool, "O:AAA991231C00002000", "AAA", "call", dt.date.today() + dt.timedelta(days=5)
+    )
     async with simulator(underlyings=("AAA",), contracts_per_underlying=50) as api:
         settings = make_settings(api.base_url, ("AAA",), max_days_to_expiration=30)
         assert await run_options_job(settings) == ExitCode.OK
@@ -177,10 +197,12 @@ async def test_max_days_to_expiration_scopes_deactivation(simulator, pool, make_
 
 async def test_empty_listing_deactivates_only_expired(simulator, pool, make_settings) -> None:
     """A complete but empty listing is not trusted: only already-expired contracts go inactive."""
-    await insert_contract(pool, "O:NOPE991231C00001000", "NOPE", "call",
-                          dt.date.today() + dt.timedelta(days=30))
-    await insert_contract(pool, "O:NOPE201231C00001000", "NOPE", "call",
-                          dt.date.today() - dt.timedelta(days=1))
+    await insert_contract(
+        pool, "O:NOPE991231C00001000", "NOPE", "call", dt.date.today() + dt.timedelta(days=30)
+    )
+    await insert_contract(
+        pool, "O:NOPE201231C00001000", "NOPE", "call", dt.date.today() - dt.timedelta(days=1)
+    )
     async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
         assert await run_options_job(make_settings(api.base_url, ("NOPE",))) == ExitCode.OK
     assert await active_map(pool, ["O:NOPE991231C00001000", "O:NOPE201231C00001000"]) == {
@@ -197,8 +219,14 @@ async def test_strike_band_is_pushed_down_and_scopes_deactivation(
         full = make_settings(api.base_url, ("AAA",))
         assert await run_options_job(full) == ExitCode.OK
         all_rows = await contracts_by_ticker(pool)
-        await insert_contract(pool, "O:AAA991231C99999000", "AAA", "call",
-                              dt.date.today() + dt.timedelta(days=30), strike="99999")
+        await insert_contract(
+            pool,
+            "O:AAA991231C99999000",
+            "AAA",
+            "call",
+            dt.date.today() + dt.timedelta(days=30),
+            strike="99999",
+        )
         banded = make_settings(api.base_url, ("AAA",), strike_band_percent=5.0)
         assert await run_options_job(banded) == ExitCode.OK
     run = await last_run(pool)
