@@ -15,10 +15,11 @@ import click
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from options.config import Settings
+from options.config import Settings, parse_duration
 from options.errors import ExitCode, OptionsError
 
 F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger("cli")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -69,19 +70,61 @@ def fail(exc: OptionsError) -> NoReturn:
     sys.exit(int(exc.exit_code))
 
 
-def run(main: Callable[[], Awaitable[int]]) -> NoReturn:
-    """Run ``main`` on a fresh event loop and exit with the code it returns.
+def deadline_option(func: F) -> F:
+    """``--deadline DURATION``: stop starting new work after DURATION, flush, exit 5."""
+    return click.option(
+        "--deadline",
+        metavar="DURATION",
+        default=None,
+        help="Stop starting new work after DURATION (540s, 9m, 1h30m), store what was "
+        "fetched, record the run interrupted and exit 5.",
+    )(func)
 
-    SIGINT and SIGTERM cancel the job, which records itself ``interrupted`` (exit 5).
+
+def parse_deadline(raw: str | None) -> float | None:
+    """The ``--deadline`` in seconds; exit 2 with one line when it is malformed."""
+    if raw is None:
+        return None
+    try:
+        return parse_duration(raw)
+    except OptionsError as exc:
+        fail(exc)
+
+
+def run(
+    main: Callable[[asyncio.Event], Awaitable[int]], *, deadline: float | None = None
+) -> NoReturn:
+    """Run ``main(stop)`` on a fresh event loop and exit with the code it returns.
+
+    The first SIGINT or SIGTERM, or the deadline, sets ``stop``: the job stops starting new
+    work, stores what it fetched and records the run ``interrupted`` (exit 5). A second signal
+    cancels at once.
     """
 
     async def with_signals() -> int:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        stop = asyncio.Event()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if stop.is_set():
+                task.cancel()
+                return
+            logger.warning("%s received: finishing what was fetched, then stopping", sig.name)
+            stop.set()
+
+        def on_deadline() -> None:
+            logger.warning(
+                "Deadline of %gs reached: finishing what was fetched, then stopping", deadline
+            )
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        return await main()
+            loop.add_signal_handler(sig, on_signal, sig)
+        if deadline is not None:
+            loop.call_later(deadline, on_deadline)
+        return await main(stop)
 
     try:
         code = asyncio.run(with_signals())

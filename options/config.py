@@ -72,6 +72,7 @@ class Settings:
     http_timeout: float = 30.0
     http_max_retries: int = 6
     max_pages: int = 10_000
+    snapshot_retain_days: int | None = None
     log_level: str = "INFO"
 
     @classmethod
@@ -131,6 +132,9 @@ class Settings:
             ),
             max_pages=_parse_int(
                 "MAX_PAGES_PER_QUERY", get("MAX_PAGES_PER_QUERY"), 10_000, minimum=1
+            ),
+            snapshot_retain_days=_parse_int(
+                "SNAPSHOT_RETAIN_DAYS", get("SNAPSHOT_RETAIN_DAYS"), None, minimum=1
             ),
             log_level=_parse_choice("LOG_LEVEL", (get("LOG_LEVEL") or "INFO").upper(), LOG_LEVELS),
         )
@@ -222,6 +226,30 @@ def parse_underlyings(raw: str, *, variable: str) -> tuple[str, ...]:
         except ConfigError as exc:
             raise ConfigError(f"{variable}: {exc}", variable=variable) from None
     return tuple(dict.fromkeys(tickers))
+
+
+def parse_duration(raw: str, *, name: str = "--deadline") -> float:
+    """Parse a duration such as ``540s``, ``9m``, ``1h30m`` or ``90`` (seconds) into seconds.
+
+    Raises:
+        ConfigError: naming ``name`` and the accepted form.
+    """
+    text = raw.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
+        if not match or not any(match.groups()):
+            seconds = 0.0
+        else:
+            hours, minutes, secs = (int(g or 0) for g in match.groups())
+            seconds = float(hours * 3600 + minutes * 60 + secs)
+    if seconds <= 0:
+        raise ConfigError(
+            f"{name} {raw!r} is invalid: expected a duration such as 540s, 9m, 1h30m or 90",
+            variable=name,
+        )
+    return seconds
 
 
 def redact_url(url: str) -> str:

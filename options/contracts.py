@@ -24,14 +24,14 @@ from options.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
 from options.errors import ApiError, DatabaseError
 from options.normalize import CONTRACT_COLUMNS, ContractRow, normalize_contracts
 from options.polygon import PolygonClient
-from options.runs import RunStats
+from options.runs import RunStats, until_stopped
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 MARKET_TZ = ZoneInfo("America/New_York")
 
-UPSERT_CONTRACTS = f"""
+INSERT_CONTRACTS = f"""
 INSERT INTO option_contracts AS c
     ({", ".join(CONTRACT_COLUMNS)}, active, first_seen_at, last_seen_at)
 SELECT t.ticker, t.underlying_ticker, t.contract_type, t.exercise_style, t.expiration_date,
@@ -40,11 +40,17 @@ SELECT t.ticker, t.underlying_ticker, t.contract_type, t.exercise_style, t.expir
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::date[], $6::numeric[],
             $7::numeric[], $8::text[], $9::text[], $10::integer[], $11::text[])
      AS t({", ".join(CONTRACT_COLUMNS)})
+"""
+
+UPSERT_CONTRACTS = f"""{INSERT_CONTRACTS}
 ON CONFLICT (ticker) DO UPDATE SET
     {", ".join(f"{col} = EXCLUDED.{col}" for col in CONTRACT_COLUMNS[1:])},
     active = true,
     last_seen_at = EXCLUDED.last_seen_at
 """
+
+# Contracts first met in a snapshot: the daily sync owns them from then on.
+UPSERT_NEW_CONTRACTS = f"{INSERT_CONTRACTS}\nON CONFLICT (ticker) DO NOTHING\n"
 
 # Contracts of the underlying that this sync did not see, within the part of the chain the
 # listing covered (the filters), plus any that have already expired.
@@ -140,6 +146,7 @@ async def sync_contracts(
     stats: RunStats,
     *,
     seen_at: dt.datetime,
+    stop: asyncio.Event | None = None,
 ) -> list[UnderlyingResult]:
     """Sync the contracts of every configured underlying, several side by side.
 
@@ -149,13 +156,16 @@ async def sync_contracts(
         pool: the database pool; ``None`` for a dry run, which fetches and counts only.
         stats: the run's counts, updated as underlyings finish.
         seen_at: the run's timestamp, written to ``last_seen_at`` of every contract seen.
+        stop: when set (signal, deadline), underlyings in progress roll back and the run stops.
 
     Returns:
         One result per underlying, in the configured order.
 
     Raises:
         DatabaseError: PostgreSQL failed; the run stops (API errors only fail their underlying).
+        RunInterrupted: ``stop`` was set first.
     """
+    stop = stop or asyncio.Event()
     underlyings = settings.require_underlyings()
     stats.underlyings_requested = len(underlyings)
     today = market_today()
@@ -194,9 +204,19 @@ async def sync_contracts(
                 stats.contracts_deactivated += result.deactivated
                 stats.api_requests = client.requests_sent
 
-    async with asyncio.TaskGroup() as group:
-        for _ in range(workers):
-            group.create_task(worker())
+    async def run_workers() -> None:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(workers):
+                group.create_task(worker())
+
+    try:
+        await until_stopped(run_workers(), stop)
+    finally:
+        _log_totals(stats, len(underlyings))
+    return [results[u] for u in underlyings if u in results]
+
+
+def _log_totals(stats: RunStats, underlyings: int) -> None:
     logger.info(
         "Total contracts processed: %d (%d stored, %d rejected, %d deactivated) "
         "across %d underlyings, %d failed",
@@ -204,10 +224,9 @@ async def sync_contracts(
         stats.rows_written,
         stats.rows_rejected,
         stats.contracts_deactivated,
-        len(underlyings),
+        underlyings,
         stats.underlyings_failed,
     )
-    return [results[u] for u in underlyings]
 
 
 async def sync_underlying(

@@ -16,9 +16,15 @@ import asyncpg
 from options.config import Settings
 from options.contracts import sync_contracts
 from options.db import apply_migrations, create_pool
-from options.errors import ExitCode
+from options.errors import ConfigError, ExitCode
 from options.polygon import PolygonClient
 from options.runs import STATUS_EXIT_CODES, RunStats, recorded_run
+from options.snapshots import (
+    SnapshotRun,
+    drop_old_partitions,
+    ensure_partitions,
+    select_underlyings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +67,21 @@ async def migrate(settings: Settings) -> list[str]:
         await pool.close()
 
 
-async def run_options_job(settings: Settings, *, dry_run: bool = False) -> ExitCode:
-    """``ingest_options``: sync the contracts of every configured underlying."""
+async def run_options_job(
+    settings: Settings, *, dry_run: bool = False, stop: asyncio.Event | None = None
+) -> ExitCode:
+    """``ingest_options``: sync the contracts of every configured underlying.
+
+    ``stop`` (set by a signal or the deadline) rolls back the underlyings in progress and ends
+    the run ``interrupted``.
+    """
     settings.require_underlyings()
     settings.require_api_key()
     if dry_run:
         stats = RunStats()
         async with open_client(settings) as client:
             results = await sync_contracts(
-                settings, client, None, stats, seen_at=dt.datetime.now(dt.UTC)
+                settings, client, None, stats, seen_at=dt.datetime.now(dt.UTC), stop=stop
             )
         for result in results:
             outcome = f"failed: {result.error}" if result.error else "complete"
@@ -85,5 +97,54 @@ async def run_options_job(settings: Settings, *, dry_run: bool = False) -> ExitC
     )
     async with open_client(settings) as client, open_database(settings) as pool:
         async with recorded_run(pool, "options") as run:
-            await sync_contracts(settings, client, pool, run.stats, seen_at=run.started_at)
+            await sync_contracts(
+                settings, client, pool, run.stats, seen_at=run.started_at, stop=stop
+            )
+        return STATUS_EXIT_CODES[run.status]
+
+
+async def run_snapshots_job(
+    settings: Settings,
+    *,
+    explicit_underlyings: bool = False,
+    retain_days: int | None = None,
+    stop: asyncio.Event | None = None,
+) -> ExitCode:
+    """``ingest_snapshots``: store one snapshot of every active contract, under one timestamp.
+
+    Args:
+        settings: the job's settings.
+        explicit_underlyings: ``settings.underlyings`` came from ``--underlying``: snapshot
+            exactly those, instead of those plus every underlying with active contracts.
+        retain_days: drop daily partitions older than this many days (``None``: keep all).
+        stop: set by a signal or the deadline: fetched rows are flushed, the run is
+            ``interrupted``.
+    """
+    settings.require_api_key()
+    settings.require_database_url()
+    stop = stop or asyncio.Event()
+    async with open_client(settings) as client, open_database(settings) as pool:
+        underlyings = await select_underlyings(settings, pool, explicit=explicit_underlyings)
+        if not underlyings:
+            raise ConfigError(
+                "no underlyings to snapshot: set UNDERLYINGS, pass --underlying/-u, or run "
+                "ingest_options first",
+                variable="UNDERLYINGS",
+            )
+        logger.info(
+            "Snapshotting %d underlyings into %s", len(underlyings), settings.database_location()
+        )
+        async with recorded_run(pool, "snapshots") as run:
+            captured_at = run.started_at
+            await pool.execute(
+                "UPDATE ingest_runs SET captured_at = $2 WHERE id = $1", run.id, captured_at
+            )
+            partition = await ensure_partitions(pool, captured_at)
+            snapshot = SnapshotRun(
+                settings, client, pool, run, captured_at=captured_at, partition=partition
+            )
+            await snapshot.execute(underlyings, stop)
+            retain = retain_days if retain_days is not None else settings.snapshot_retain_days
+            if retain is not None:
+                await drop_old_partitions(pool, retain_days=retain, now=captured_at)
         return STATUS_EXIT_CODES[run.status]

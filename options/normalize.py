@@ -138,3 +138,159 @@ def _date(raw: dict[str, Any], key: str) -> dt.date | None:
         except ValueError:
             pass
     raise Rejected(f"{raw.get('ticker')}: {key} is {value!r}, not a YYYY-MM-DD date")
+
+
+SNAPSHOT_COLUMNS = (
+    "ticker",
+    "underlying_ticker",
+    "captured_at",
+    "bid",
+    "bid_size",
+    "ask",
+    "ask_size",
+    "midpoint",
+    "quote_updated_at",
+    "last_price",
+    "last_size",
+    "last_trade_at",
+    "day_open",
+    "day_high",
+    "day_low",
+    "day_close",
+    "day_volume",
+    "day_vwap",
+    "day_change",
+    "day_change_percent",
+    "day_previous_close",
+    "implied_volatility",
+    "delta",
+    "gamma",
+    "theta",
+    "vega",
+    "open_interest",
+    "break_even_price",
+    "underlying_price",
+    "fmv",
+)
+
+SnapshotRow = tuple[Any, ...]
+_EMPTY: dict[str, Any] = {}
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND = dt.timedelta(microseconds=1)
+
+
+def normalize_snapshot(raw: Any, *, underlying: str, captured_at: dt.datetime) -> SnapshotRow:
+    """Build an ``option_snapshots`` row from one ``/v3/snapshot/options/{underlying}`` result.
+
+    Every market-data field may be missing (deep in-the-money contracts have no greeks, plans
+    without quotes have no ``last_quote``, ``day`` is ``{}`` before the first trade): a missing
+    field is NULL, never zero. Nanosecond timestamps become microsecond ``datetime``s.
+
+    Args:
+        raw: the result object as parsed from JSON.
+        underlying: the ``underlying_ticker`` to store (as ``option_contracts`` has it).
+        captured_at: the run's one timestamp.
+
+    Raises:
+        Rejected: no ``details.ticker``, or a field of the wrong type.
+    """
+    if type(raw) is not dict:
+        raise Rejected(f"result is a {type(raw).__name__}, not an object")
+    details = _section(raw, "details")
+    ticker = details.get("ticker")
+    if type(ticker) is not str or not ticker.startswith("O:"):
+        raise Rejected(f"details.ticker {ticker!r} is not an option ticker")
+    quote = _section(raw, "last_quote")
+    trade = _section(raw, "last_trade")
+    day = _section(raw, "day")
+    greeks = _section(raw, "greeks")
+    asset = _section(raw, "underlying_asset")
+    spot = asset.get("price")
+    if spot is None:
+        spot = asset.get("value")
+    try:
+        return (
+            ticker,
+            underlying,
+            captured_at,
+            _f(quote.get("bid")),
+            _i(quote.get("bid_size")),
+            _f(quote.get("ask")),
+            _i(quote.get("ask_size")),
+            _f(quote.get("midpoint")),
+            _ns(quote.get("last_updated")),
+            _f(trade.get("price")),
+            _i(trade.get("size")),
+            _ns(trade.get("sip_timestamp")),
+            _f(day.get("open")),
+            _f(day.get("high")),
+            _f(day.get("low")),
+            _f(day.get("close")),
+            _i(day.get("volume")),
+            _f(day.get("vwap")),
+            _f(day.get("change")),
+            _f(day.get("change_percent")),
+            _f(day.get("previous_close")),
+            _f(raw.get("implied_volatility")),
+            _f(greeks.get("delta")),
+            _f(greeks.get("gamma")),
+            _f(greeks.get("theta")),
+            _f(greeks.get("vega")),
+            _i(raw.get("open_interest")),
+            _f(raw.get("break_even_price")),
+            _f(spot),
+            _f(raw.get("fmv")),
+        )
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise Rejected(f"{ticker}: {exc}") from None
+
+
+def snapshot_contract(raw: dict[str, Any], *, underlying: str) -> ContractRow:
+    """Build an ``option_contracts`` row from a snapshot's ``details``, for a contract the daily
+    sync has not seen yet.
+
+    Raises:
+        Rejected: the details do not make a valid contract row.
+    """
+    details = dict(_section(raw, "details"))
+    details.setdefault("underlying_ticker", underlying)
+    return normalize_contract(details, underlying=underlying)
+
+
+def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key)
+    if value is None:
+        return _EMPTY
+    if type(value) is not dict:
+        raise Rejected(f"{key} is a {type(value).__name__}, not an object")
+    return value
+
+
+def _f(value: Any) -> float | None:
+    # type() rather than isinstance(): bool is an int, and must not pass as a price
+    kind = type(value)
+    if kind is float or value is None:
+        return value
+    if kind is int:
+        return float(value)
+    raise TypeError(f"{value!r} is not a number")
+
+
+def _i(value: Any) -> int | None:
+    kind = type(value)
+    if kind is int or value is None:
+        return value
+    if kind is float and value.is_integer():
+        return int(value)
+    raise TypeError(f"{value!r} is not a whole number")
+
+
+def _ns(value: Any) -> dt.datetime | None:
+    # 0 is how an unset timestamp arrives; it is unknown, not 1970
+    if value is None or value == 0:
+        return None
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is not int or value < 0:
+        raise TypeError(f"{value!r} is not a nanosecond timestamp")
+    return _EPOCH + (value // 1000) * _MICROSECOND

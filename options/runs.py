@@ -10,17 +10,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 import asyncpg
 
 from options.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
-from options.errors import AlreadyRunningError, DatabaseError, ExitCode, OptionsError
+from options.errors import (
+    AlreadyRunningError,
+    DatabaseError,
+    ExitCode,
+    OptionsError,
+    RunInterrupted,
+)
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 JOB_LOCK_KEYS = {"options": 0x6F7074686973_10, "snapshots": 0x6F7074686973_11}
 MAX_ERROR_TEXT = 4000
@@ -92,7 +101,10 @@ async def recorded_run(pool: asyncpg.Pool, job: str) -> AsyncIterator[Run]:
             try:
                 yield run
             except asyncio.CancelledError:
-                await _close_run(conn, run, "interrupted", "interrupted by a signal or deadline")
+                await _close_run(conn, run, "interrupted", "cancelled by a second signal")
+                raise
+            except RunInterrupted as exc:
+                await _close_run(conn, run, "interrupted", str(exc))
                 raise
             except OptionsError as exc:
                 await _close_run(conn, run, "failed", str(exc))
@@ -109,6 +121,26 @@ async def recorded_run(pool: asyncpg.Pool, job: str) -> AsyncIterator[Run]:
         raise DatabaseError(f"run ledger: {describe_db_error(exc)}") from exc
     finally:
         await pool.release(conn)
+
+
+async def until_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T:
+    """Await ``awaitable``; if ``stop`` is set first, cancel it and raise RunInterrupted.
+
+    ``stop`` is set by SIGINT/SIGTERM or by the ``--deadline``: the job stops starting new work,
+    lets the cancelled work clean up (roll back, flush), and the run is recorded ``interrupted``.
+    """
+    work = asyncio.ensure_future(awaitable)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise RunInterrupted("stopped before the work was done; unfinished underlyings untouched")
+    return work.result()
 
 
 async def _open_run(conn: asyncpg.Connection, job: str) -> Run:

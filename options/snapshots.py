@@ -1,0 +1,480 @@
+"""The ``ingest_snapshots`` pipeline: a snapshot of every active contract, streamed into COPY.
+
+Extract: chains are read with ``/v3/snapshot/options/{underlying}`` at 250 rows a page, many
+underlyings side by side; a large chain is split into independent slices by expiration date so
+its pages do not all wait in line. Normalize: :func:`options.normalize.normalize_snapshot`.
+Load: pages flow through a bounded queue into batched COPYs into the day's partition while other
+pages are still being fetched, so memory is bounded by the queue, not by the universe.
+
+Every underlying gets a ``snapshot_coverage`` row saying how much of its chain was stored and
+whether it was read to the end. A chain that breaks part-way keeps the rows already fetched and
+is marked ``complete = false``; the run then ends ``partial``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from opentelemetry import trace
+
+from options.config import Settings
+from options.contracts import (
+    UPSERT_NEW_CONTRACTS,
+    ListingScope,
+    contract_underlying,
+    listing_scope,
+    market_today,
+)
+from options.db import ACQUIRE_TIMEOUT, DB_ERRORS, bounded_db_connection, describe_db_error
+from options.errors import ApiError, DatabaseError, RunInterrupted
+from options.normalize import (
+    SNAPSHOT_COLUMNS,
+    ContractRow,
+    Rejected,
+    SnapshotRow,
+    normalize_snapshot,
+    snapshot_contract,
+)
+from options.polygon import PolygonClient
+from options.runs import Run
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+SLICE_CONTRACTS = 2_500  # a known chain larger than this (10 pages) is split by expiration
+COPY_BATCH_ROWS = 10_000
+QUEUE_PAGES = 64  # pages waiting for the writer: bounds memory at ~16,000 rows
+WRITERS = 2
+PARTITION_PREFIX = "option_snapshots_p"
+
+
+@dataclass
+class Chain:
+    """One underlying's snapshot in progress: what is known, seen, stored, and how it ended."""
+
+    underlying: str
+    key: str
+    expected: set[str] = field(default_factory=set)
+    known: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)
+    slices: int = 1
+    slices_done: int = 0
+    pages: int = 0
+    stored: int = 0
+    rejected: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Read to the end: every slice's last page had no ``next_url`` and every page parsed."""
+        return not self.errors and self.slices_done == self.slices
+
+    @property
+    def missing(self) -> int:
+        """Active contracts (within the filters) that the API did not return."""
+        return len(self.expected - self.seen)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One independent query of a chain: the whole chain, or a range of expiration dates."""
+
+    chain: Chain
+    scope: ListingScope
+    first_expiration: dt.date | None = None
+    last_expiration: dt.date | None = None
+
+    def api_params(self) -> dict[str, str]:
+        """The chain query's filters: the configured scope, narrowed to this slice's dates."""
+        params = self.scope.api_params()
+        last = self.last_expiration
+        if self.scope.max_expiration is not None:
+            last = (
+                self.scope.max_expiration if last is None else min(last, self.scope.max_expiration)
+            )
+        if self.first_expiration is not None:
+            params["expiration_date.gte"] = self.first_expiration.isoformat()
+        if last is not None:
+            params["expiration_date.lte"] = last.isoformat()
+        return params
+
+
+async def select_underlyings(
+    settings: Settings, pool: asyncpg.Pool, *, explicit: bool
+) -> list[str]:
+    """The underlyings to snapshot.
+
+    ``--underlying`` alone when given (even with no known contracts); otherwise
+    ``UNDERLYINGS`` together with every underlying that has active contracts. An index known
+    as ``SPX`` in ``option_contracts`` is asked for as ``I:SPX`` when configured that way.
+    """
+    if explicit:
+        return list(settings.underlyings)
+    rows = await pool.fetch(
+        "SELECT DISTINCT underlying_ticker FROM option_contracts WHERE active "
+        "ORDER BY underlying_ticker"
+    )
+    chosen = {contract_underlying(u): u for u in settings.underlyings}
+    for row in rows:
+        chosen.setdefault(row["underlying_ticker"], row["underlying_ticker"])
+    return list(chosen.values())
+
+
+def partition_name(day: dt.date) -> str:
+    """The partition of ``option_snapshots`` holding the snapshots captured on ``day`` (UTC)."""
+    return f"{PARTITION_PREFIX}{day:%Y%m%d}"
+
+
+@bounded_db_connection
+async def ensure_partitions(conn: asyncpg.Connection, captured_at: dt.datetime) -> str:
+    """Create the partitions for ``captured_at``'s UTC day and the next; return the first's name."""
+    day = captured_at.astimezone(dt.UTC).date()
+    for offset in (0, 1):
+        start = day + dt.timedelta(days=offset)
+        end = start + dt.timedelta(days=1)
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {partition_name(start)} PARTITION OF option_snapshots "
+            f"FOR VALUES FROM ('{start.isoformat()} 00:00:00+00') "
+            f"TO ('{end.isoformat()} 00:00:00+00')"
+        )
+    return partition_name(day)
+
+
+@bounded_db_connection
+async def drop_old_partitions(
+    conn: asyncpg.Connection, *, retain_days: int, now: dt.datetime
+) -> list[str]:
+    """Drop whole partitions whose day ended more than ``retain_days`` days before ``now``.
+
+    Their ``snapshot_coverage`` rows go with them. Returns the names dropped.
+    """
+    cutoff = now.astimezone(dt.UTC).date() - dt.timedelta(days=retain_days)
+    rows = await conn.fetch(
+        """
+        SELECT c.relname FROM pg_inherits i
+        JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'option_snapshots'::regclass ORDER BY c.relname
+        """
+    )
+    dropped = []
+    for row in rows:
+        name = row["relname"]
+        try:
+            day = dt.datetime.strptime(name.removeprefix(PARTITION_PREFIX), "%Y%m%d").date()
+        except ValueError:
+            continue  # not one of ours: leave it alone
+        if day + dt.timedelta(days=1) <= cutoff:
+            async with conn.transaction():
+                await conn.execute(f"DROP TABLE {name}")
+                await conn.execute(
+                    "DELETE FROM snapshot_coverage WHERE captured_at >= $1 AND captured_at < $2",
+                    dt.datetime.combine(day, dt.time(), dt.UTC),
+                    dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC),
+                )
+            dropped.append(name)
+    if dropped:
+        logger.info("Retention: dropped %d partitions older than %s", len(dropped), cutoff)
+    return dropped
+
+
+class SnapshotRun:
+    """Fetchers, the bounded queue and the COPY writers of one run."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: PolygonClient,
+        pool: asyncpg.Pool,
+        run: Run,
+        *,
+        captured_at: dt.datetime,
+        partition: str,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.pool = pool
+        self.run = run
+        self.captured_at = captured_at
+        self.partition = partition
+        self.today = market_today()
+        self.work: asyncio.Queue[Chain | Slice] = asyncio.Queue()
+        self.pages: asyncio.Queue[tuple[Chain, list[SnapshotRow]] | None] = asyncio.Queue(
+            QUEUE_PAGES
+        )
+        self.chains: list[Chain] = []
+
+    async def execute(self, underlyings: Sequence[str], stop: asyncio.Event) -> list[Chain]:
+        """Snapshot ``underlyings``; on ``stop``, flush what was fetched and raise RunInterrupted.
+
+        Raises:
+            RunInterrupted: ``stop`` was set before every chain was read.
+            DatabaseError: PostgreSQL failed.
+        """
+        self.chains = [Chain(u, contract_underlying(u)) for u in underlyings]
+        for chain in self.chains:
+            self.work.put_nowait(chain)
+        writers = [asyncio.create_task(self._write()) for _ in range(WRITERS)]
+        fetchers = [
+            asyncio.create_task(self._fetch())
+            for _ in range(min(self.settings.underlying_concurrency, len(self.chains)) or 1)
+        ]
+        finished = asyncio.create_task(self.work.join())
+        stopped = asyncio.create_task(stop.wait())
+        watched = {finished, stopped, *fetchers, *writers}
+        try:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            for task in done & {*fetchers, *writers}:
+                task.result()  # a fetcher or writer died: raise its error
+        finally:
+            for task in (*fetchers, finished, stopped):
+                task.cancel()
+            await asyncio.gather(*fetchers, finished, stopped, return_exceptions=True)
+            # whatever was fetched is stored, even when the run is being stopped
+            for _ in writers:
+                await self.pages.put(None)
+            results = await asyncio.gather(*writers, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        await self._record_coverage()
+        if stop.is_set():
+            raise RunInterrupted("stopped before every chain was read; what was fetched is stored")
+        return self.chains
+
+    async def _fetch(self) -> None:
+        while True:
+            item = await self.work.get()
+            try:
+                if isinstance(item, Chain):
+                    await self._plan(item)
+                else:
+                    await self._fetch_slice(item)
+            finally:
+                self.work.task_done()
+
+    async def _plan(self, chain: Chain) -> None:
+        """Learn what the database knows of the chain, then queue its slices."""
+        try:
+            scope = await listing_scope(
+                self.settings, self.client, chain.underlying, today=self.today
+            )
+        except ApiError as exc:
+            self._fail(chain, exc)
+            return
+        rows = await _known_contracts(self.pool, chain.key, self.today)
+        chain.known = {row["ticker"] for row in rows}
+        chain.expected = {row["ticker"] for row in rows if row["active"] and _in_scope(row, scope)}
+        slices = plan_slices(
+            chain, [row["expiration_date"] for row in rows if row["active"]], scope
+        )
+        chain.slices = len(slices)
+        for part in slices:
+            self.work.put_nowait(part)
+
+    async def _fetch_slice(self, part: Slice) -> None:
+        chain = part.chain
+        try:
+            async for page in self.client.chain_snapshot(chain.underlying, part.api_params()):
+                chain.pages += 1
+                await self._accept(chain, page.results)
+        except ApiError as exc:
+            self._fail(chain, exc)
+        else:
+            chain.slices_done += 1
+
+    async def _accept(self, chain: Chain, results: list[Any]) -> None:
+        rows: list[SnapshotRow] = []
+        new_contracts: list[ContractRow] = []
+        for raw in results:
+            try:
+                row = normalize_snapshot(raw, underlying=chain.key, captured_at=self.captured_at)
+                ticker = row[0]
+                if ticker in chain.seen:
+                    continue  # a row repeated across pages must not break the batch's COPY
+                if ticker not in chain.known:
+                    new_contracts.append(snapshot_contract(raw, underlying=chain.key))
+                    chain.known.add(ticker)
+            except Rejected as exc:
+                chain.rejected += 1
+                if chain.rejected == 1:
+                    logger.warning("%s: rejected a snapshot: %s", chain.underlying, exc)
+                continue
+            chain.seen.add(ticker)
+            rows.append(row)
+        self.run.stats.rows_fetched += len(results)
+        if new_contracts:
+            await _add_contracts(self.pool, new_contracts, self.captured_at)
+            logger.info(
+                "%s: %d contracts not yet in option_contracts were added",
+                chain.underlying,
+                len(new_contracts),
+            )
+        if rows:
+            await self.pages.put((chain, rows))
+
+    async def _write(self) -> None:
+        """Take pages off the queue and COPY them in batches into the day's partition."""
+        conn = await self.pool.acquire(timeout=ACQUIRE_TIMEOUT)
+        try:
+            batch: list[SnapshotRow] = []
+            counts: dict[str, tuple[Chain, int]] = {}
+            done = False
+            while not done:
+                item = await self.pages.get()
+                if item is None:
+                    done = True
+                else:
+                    chain, rows = item
+                    batch.extend(rows)
+                    previous = counts.get(chain.key, (chain, 0))[1]
+                    counts[chain.key] = (chain, previous + len(rows))
+                if batch and (done or len(batch) >= COPY_BATCH_ROWS or self.pages.empty()):
+                    await conn.copy_records_to_table(
+                        self.partition, records=batch, columns=SNAPSHOT_COLUMNS
+                    )
+                    for chain, count in counts.values():
+                        chain.stored += count
+                    self.run.stats.rows_written += len(batch)
+                    batch = []
+                    counts = {}
+        except DB_ERRORS as exc:
+            raise DatabaseError(f"storing snapshots: {describe_db_error(exc)}") from exc
+        finally:
+            await self.pool.release(conn)
+
+    def _fail(self, chain: Chain, exc: ApiError) -> None:
+        chain.errors.append(str(exc))
+        logger.error(
+            "%s: chain not read to the end, %d rows kept: %s",
+            chain.underlying,
+            len(chain.seen),
+            exc,
+        )
+
+    async def _record_coverage(self) -> None:
+        stats = self.run.stats
+        stats.underlyings_requested = len(self.chains)
+        stats.underlyings_succeeded = sum(c.complete for c in self.chains)
+        stats.underlyings_failed = len(self.chains) - stats.underlyings_succeeded
+        stats.rows_rejected = sum(c.rejected for c in self.chains)
+        stats.api_requests = self.client.requests_sent
+        stats.failures = [f"{c.underlying}: {'; '.join(c.errors)}" for c in self.chains if c.errors]
+        stats.failures += [
+            f"{c.underlying}: not read to the end"
+            for c in self.chains
+            if not c.errors and not c.complete
+        ]
+        await _write_coverage(self.pool, self.chains, self.captured_at, self.run.id)
+        logger.info(
+            "Stored %d snapshots of %d underlyings (%d complete), %d active contracts missing",
+            stats.rows_written,
+            len(self.chains),
+            stats.underlyings_succeeded,
+            sum(c.missing for c in self.chains),
+        )
+
+
+def plan_slices(chain: Chain, expirations: Sequence[dt.date], scope: ListingScope) -> list[Slice]:
+    """Split a chain into expiration ranges of about SLICE_CONTRACTS known contracts each.
+
+    The ranges tile the whole date line (the first is open below, the last open above), so a
+    contract with an expiration the database has never seen is still inside exactly one slice.
+    """
+    if len(expirations) <= SLICE_CONTRACTS:
+        return [Slice(chain, scope)]
+    counts: dict[dt.date, int] = {}
+    for day in expirations:
+        counts[day] = counts.get(day, 0) + 1
+    bounds: list[dt.date] = []  # last expiration of each slice but the last
+    running = 0
+    for day in sorted(counts):
+        running += counts[day]
+        if running >= SLICE_CONTRACTS:
+            bounds.append(day)
+            running = 0
+    if bounds and bounds[-1] == max(counts):
+        bounds.pop()  # the last slice must not be empty by construction
+    slices = []
+    first: dt.date | None = None
+    for last in bounds:
+        slices.append(Slice(chain, scope, first, last))
+        first = last + dt.timedelta(days=1)
+    slices.append(Slice(chain, scope, first, None))
+    if scope.max_expiration is not None:
+        slices = [
+            s
+            for s in slices
+            if s.first_expiration is None or s.first_expiration <= scope.max_expiration
+        ]
+    return slices
+
+
+def _in_scope(row: asyncpg.Record, scope: ListingScope) -> bool:
+    if scope.contract_type and row["contract_type"] != scope.contract_type:
+        return False
+    expiration = row["expiration_date"]
+    if scope.max_expiration and expiration and expiration > scope.max_expiration:
+        return False
+    strike: Decimal | None = row["strike_price"]
+    if strike is not None:
+        if scope.min_strike is not None and strike < scope.min_strike:
+            return False
+        if scope.max_strike is not None and strike > scope.max_strike:
+            return False
+    return True
+
+
+@bounded_db_connection
+async def _known_contracts(
+    conn: asyncpg.Connection, underlying: str, today: dt.date
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """
+        SELECT ticker, active, contract_type, expiration_date, strike_price
+        FROM option_contracts
+        WHERE underlying_ticker = $1 AND (expiration_date >= $2 OR expiration_date IS NULL)
+        """,
+        underlying,
+        today,
+    )
+
+
+@bounded_db_connection
+async def _add_contracts(
+    conn: asyncpg.Connection, rows: list[ContractRow], seen_at: dt.datetime
+) -> None:
+    await conn.execute(UPSERT_NEW_CONTRACTS, *zip(*rows, strict=True), seen_at)
+
+
+@bounded_db_connection
+async def _write_coverage(
+    conn: asyncpg.Connection, chains: Sequence[Chain], captured_at: dt.datetime, run_id: int
+) -> None:
+    await conn.executemany(
+        """
+        INSERT INTO snapshot_coverage (captured_at, underlying_ticker, run_id, contracts_active,
+            snapshots_stored, contracts_missing, complete, pages, error)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        """,
+        [
+            (
+                captured_at,
+                c.key,
+                run_id,
+                len(c.expected),
+                c.stored,
+                c.missing,
+                c.complete,
+                c.pages,
+                "; ".join(c.errors) or None,
+            )
+            for c in chains
+        ],
+    )

@@ -1,0 +1,326 @@
+"""ingest_snapshots end to end: selection, exact fields, NULLs, partitions, coverage, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime as dt
+import json
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from options.errors import ExitCode, RunInterrupted
+from options.jobs import run_options_job, run_snapshots_job
+from options.normalize import SNAPSHOT_COLUMNS, normalize_snapshot
+from options.simulator import create_fixture_app, start_server
+from options.snapshots import SLICE_CONTRACTS, drop_old_partitions, ensure_partitions
+
+AAPL_CHAIN = "v3/snapshot/options/AAPL.json"
+NS = 1_000_000_000
+
+
+def ns_to_datetime(ns: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=ns // 1000)
+
+
+async def last_run(pool: asyncpg.Pool) -> asyncpg.Record:
+    return await pool.fetchrow("SELECT * FROM ingest_runs ORDER BY id DESC LIMIT 1")
+
+
+async def coverage(pool: asyncpg.Pool) -> dict[str, asyncpg.Record]:
+    rows = await pool.fetch("SELECT * FROM snapshot_coverage ORDER BY underlying_ticker")
+    return {row["underlying_ticker"]: row for row in rows}
+
+
+async def test_fixture_snapshot_lands_exactly(fixtures_dir: Path, pool, make_settings) -> None:
+    """Every field of the recorded AAPL chain snapshot is stored as the API sent it."""
+    raw = json.loads((fixtures_dir / AAPL_CHAIN).read_text())["results"][0]
+    async with await start_server(create_fixture_app(fixtures_dir)) as api:
+        code = await run_snapshots_job(
+            make_settings(api.base_url, ("AAPL",)), explicit_underlyings=True
+        )
+    assert code == ExitCode.OK
+    row = await pool.fetchrow("SELECT * FROM option_snapshots")
+    run = await last_run(pool)
+    quote, trade, day, greeks = raw["last_quote"], raw["last_trade"], raw["day"], raw["greeks"]
+    expected = {
+        "ticker": raw["details"]["ticker"],
+        "underlying_ticker": "AAPL",
+        "captured_at": run["captured_at"],
+        "bid": quote["bid"],
+        "bid_size": quote["bid_size"],
+        "ask": quote["ask"],
+        "ask_size": quote["ask_size"],
+        "midpoint": quote["midpoint"],
+        "quote_updated_at": ns_to_datetime(quote["last_updated"]),
+        "last_price": trade["price"],
+        "last_size": trade["size"],
+        "last_trade_at": ns_to_datetime(trade["sip_timestamp"]),
+        "day_open": day["open"],
+        "day_high": day["high"],
+        "day_low": day["low"],
+        "day_close": day["close"],
+        "day_volume": day["volume"],
+        "day_vwap": day["vwap"],
+        "day_change": day["change"],
+        "day_change_percent": day["change_percent"],
+        "day_previous_close": day["previous_close"],
+        "implied_volatility": raw["implied_volatility"],
+        "delta": greeks["delta"],
+        "gamma": greeks["gamma"],
+        "theta": greeks["theta"],
+        "vega": greeks["vega"],
+        "open_interest": raw["open_interest"],
+        "break_even_price": raw["break_even_price"],
+        "underlying_price": raw["underlying_asset"]["price"],
+        "fmv": raw["fmv"],
+    }
+    assert dict(row) == expected
+    assert set(expected) == set(SNAPSHOT_COLUMNS)
+    assert run["captured_at"] == run["started_at"]
+    contract = await pool.fetchrow("SELECT * FROM option_contracts")
+    assert contract["ticker"] == "O:AAPL230616C00150000"
+    assert contract["underlying_ticker"] == "AAPL"
+    assert contract["strike_price"] == 150
+    assert contract["active"] is True
+    cover = (await coverage(pool))["AAPL"]
+    assert (cover["snapshots_stored"], cover["complete"], cover["pages"]) == (1, True, 1)
+
+
+@pytest.mark.parametrize("section", ["greeks", "last_quote", "last_trade", "day", "fmv"])
+def test_missing_sections_are_null_not_zero(fixtures_dir: Path, section: str) -> None:
+    """A snapshot without greeks, quote, trade, day bar or fmv stores NULLs, never zeros."""
+    raw = copy.deepcopy(json.loads((fixtures_dir / AAPL_CHAIN).read_text())["results"][0])
+    del raw[section]
+    now = dt.datetime.now(dt.UTC)
+    row = dict(
+        zip(
+            SNAPSHOT_COLUMNS,
+            normalize_snapshot(raw, underlying="AAPL", captured_at=now),
+            strict=True,
+        )
+    )
+    nulled = {
+        "greeks": ["delta", "gamma", "theta", "vega"],
+        "last_quote": ["bid", "bid_size", "ask", "ask_size", "midpoint", "quote_updated_at"],
+        "last_trade": ["last_price", "last_size", "last_trade_at"],
+        "day": [
+            "day_open",
+            "day_high",
+            "day_low",
+            "day_close",
+            "day_volume",
+            "day_vwap",
+            "day_change",
+            "day_change_percent",
+            "day_previous_close",
+        ],
+        "fmv": ["fmv"],
+    }[section]
+    assert all(row[column] is None for column in nulled)
+    others = [c for c in SNAPSHOT_COLUMNS if c not in nulled]
+    assert all(row[column] is not None for column in others)
+
+
+async def test_deep_itm_without_greeks_store_nulls(simulator, pool, make_settings) -> None:
+    """Simulated deep in-the-money contracts arrive without greeks and are stored with NULLs."""
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=400) as api:
+        code = await run_snapshots_job(
+            make_settings(api.base_url, ("AAA",)), explicit_underlyings=True
+        )
+    assert code == ExitCode.OK
+    counts = await pool.fetchrow(
+        "SELECT count(*) AS total, count(*) FILTER (WHERE delta IS NULL) AS no_greeks, "
+        "count(*) FILTER (WHERE delta = 0 AND gamma = 0) AS zero_greeks FROM option_snapshots"
+    )
+    assert counts["total"] == 400
+    assert 0 < counts["no_greeks"] < 400
+    assert counts["zero_greeks"] == 0
+
+
+async def seed_contracts(pool: asyncpg.Pool, base_url: str, names, make_settings) -> None:
+    assert await run_options_job(make_settings(base_url, names)) == ExitCode.OK
+
+
+async def test_selection_without_flag_adds_known_underlyings(
+    simulator, pool, make_settings
+) -> None:
+    """Without -u: UNDERLYINGS plus every underlying with active contracts, I:SPX kept as such."""
+    async with simulator(
+        underlyings=("AAA", "BBB", "CCC", "I:SPX"), contracts_per_underlying=60
+    ) as api:
+        await seed_contracts(pool, api.base_url, ("AAA", "BBB", "CCC", "I:SPX"), make_settings)
+        await pool.execute(
+            "UPDATE option_contracts SET active = false WHERE underlying_ticker = 'CCC'"
+        )
+        settings = make_settings(api.base_url, ("I:SPX", "DDD"))
+        assert await run_snapshots_job(settings) == ExitCode.OK
+    assert sorted(await coverage(pool)) == ["AAA", "BBB", "DDD", "SPX"]
+    stored = await pool.fetch(
+        "SELECT underlying_ticker, count(*) FROM option_snapshots GROUP BY 1 ORDER BY 1"
+    )
+    assert [(r[0], r[1]) for r in stored] == [("AAA", 60), ("BBB", 60), ("SPX", 60)]
+
+
+async def test_explicit_underlying_even_when_unknown(simulator, pool, make_settings) -> None:
+    """With -u only those underlyings are snapshotted, even one with no known contracts."""
+    async with simulator(underlyings=("AAA", "BBB"), contracts_per_underlying=30) as api:
+        await seed_contracts(pool, api.base_url, ("AAA",), make_settings)
+        code = await run_snapshots_job(
+            make_settings(api.base_url, ("BBB",)), explicit_underlyings=True
+        )
+    assert code == ExitCode.OK
+    cover = await coverage(pool)
+    assert list(cover) == ["BBB"]
+    assert (cover["BBB"]["contracts_active"], cover["BBB"]["snapshots_stored"]) == (0, 30)
+    # the snapshot's details made the unknown contracts known
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM option_contracts WHERE underlying_ticker = 'BBB' AND active"
+        )
+        == 30
+    )
+
+
+async def test_coverage_counts_missing_active_contracts(simulator, pool, make_settings) -> None:
+    """Active contracts the chain did not return are counted missing; the chain is complete."""
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=300) as api:
+        await seed_contracts(pool, api.base_url, ("AAA",), make_settings)
+        for strike in ("00001000", "00002000"):
+            await pool.execute(
+                "INSERT INTO option_contracts (ticker, underlying_ticker, contract_type, "
+                "expiration_date, active, first_seen_at, last_seen_at) "
+                "VALUES ($1, 'AAA', 'call', $2, true, now(), now())",
+                f"O:AAA991231C{strike}",
+                dt.date.today() + dt.timedelta(days=60),
+            )
+        assert await run_snapshots_job(make_settings(api.base_url, ("AAA",))) == ExitCode.OK
+    cover = (await coverage(pool))["AAA"]
+    assert cover["contracts_active"] == 302
+    assert cover["snapshots_stored"] == 300
+    assert cover["contracts_missing"] == 2
+    assert cover["complete"] is True
+    assert cover["pages"] == 2
+
+
+async def test_chain_failing_on_page_3_keeps_rows_and_is_incomplete(
+    simulator, pool, make_settings
+) -> None:
+    """A chain that breaks on page 3 keeps its first 500 rows, marked incomplete; run partial."""
+    names = ("AAA", "BBB", "CCC")
+    async with simulator(
+        underlyings=names, contracts_per_underlying=1000, broken_pages={"BBB": 3}
+    ) as api:
+        code = await run_snapshots_job(
+            make_settings(api.base_url, names), explicit_underlyings=True
+        )
+    assert code == ExitCode.PARTIAL
+    cover = await coverage(pool)
+    assert {u: (c["snapshots_stored"], c["complete"]) for u, c in cover.items()} == {
+        "AAA": (1000, True),
+        "BBB": (500, False),
+        "CCC": (1000, True),
+    }
+    assert "500" in cover["BBB"]["error"] or "HTTP" in cover["BBB"]["error"]
+    run = await last_run(pool)
+    assert run["status"] == "partial"
+    assert (run["underlyings_succeeded"], run["underlyings_failed"]) == (2, 1)
+    assert run["rows_written"] == 2500
+    assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == 2500
+
+
+async def test_large_chain_is_sliced_and_read_completely(simulator, pool, make_settings) -> None:
+    """A chain larger than the slice size is read as expiration slices, each row exactly once."""
+    size = SLICE_CONTRACTS * 2 + 700
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=size) as api:
+        await seed_contracts(pool, api.base_url, ("AAA",), make_settings)
+        stats_before = await api_requests(api.base_url)
+        assert await run_snapshots_job(make_settings(api.base_url, ("AAA",))) == ExitCode.OK
+        requests = await api_requests(api.base_url) - stats_before
+    cover = (await coverage(pool))["AAA"]
+    assert (cover["snapshots_stored"], cover["contracts_missing"], cover["complete"]) == (
+        size,
+        0,
+        True,
+    )
+    assert await pool.fetchval("SELECT count(DISTINCT ticker) FROM option_snapshots") == size
+    # slices cost at most one extra partial page each
+    assert size / 250 <= requests <= size / 250 + 4
+
+
+async def api_requests(base_url: str) -> int:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/_sim/stats") as r:
+        return int((await r.json())["requests"])
+
+
+async def test_partitions_across_midnight_utc(pool) -> None:
+    """A run just before midnight UTC creates that day's and the next day's partitions."""
+    captured = dt.datetime(2026, 11, 23, 23, 59, 59, tzinfo=dt.UTC)
+    assert await ensure_partitions(pool, captured) == "option_snapshots_p20261123"
+    names = await pool.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'option_snapshots'::regclass ORDER BY 1"
+    )
+    assert [r[0] for r in names] == ["option_snapshots_p20261123", "option_snapshots_p20261124"]
+    for moment in (captured, captured + dt.timedelta(seconds=2)):
+        await pool.execute(
+            "INSERT INTO option_snapshots (ticker, underlying_ticker, captured_at) "
+            "VALUES ('O:AAA261231C00001000', 'AAA', $1)",
+            moment,
+        )
+    rows = await pool.fetch(
+        "SELECT tableoid::regclass::text AS part, captured_at FROM option_snapshots ORDER BY 2"
+    )
+    assert [r["part"] for r in rows] == ["option_snapshots_p20261123", "option_snapshots_p20261124"]
+    # idempotent: a second run on the same day creates nothing new and fails nothing
+    assert await ensure_partitions(pool, captured) == "option_snapshots_p20261123"
+
+
+async def test_retention_drops_only_whole_old_partitions(pool) -> None:
+    """--retain-days drops partitions whose whole day is older than N days, and nothing else."""
+    now = dt.datetime(2026, 11, 23, 15, 0, tzinfo=dt.UTC)
+    for days_ago in (0, 2, 4, 10):
+        await ensure_partitions(pool, now - dt.timedelta(days=days_ago))
+    dropped = await drop_old_partitions(pool, retain_days=3, now=now)
+    assert dropped == [
+        "option_snapshots_p20261113",
+        "option_snapshots_p20261114",
+        "option_snapshots_p20261119",
+    ]
+    left = await pool.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'option_snapshots'::regclass ORDER BY 1"
+    )
+    assert [r[0] for r in left] == [
+        "option_snapshots_p20261120",
+        "option_snapshots_p20261121",
+        "option_snapshots_p20261122",
+        "option_snapshots_p20261123",
+        "option_snapshots_p20261124",
+    ]
+
+
+async def test_stop_flushes_fetched_rows_and_records_interrupted(
+    simulator, pool, make_settings
+) -> None:
+    """A stop (signal or deadline) stores what was fetched, marks chains incomplete, exit 5."""
+    names = tuple(f"U{c}" for c in "ABCDEFGH")
+    stop = asyncio.Event()
+    async with simulator(underlyings=names, contracts_per_underlying=2000, latency=0.05) as api:
+        settings = make_settings(api.base_url, names, underlying_concurrency=2)
+        asyncio.get_running_loop().call_later(0.5, stop.set)
+        with pytest.raises(RunInterrupted) as caught:
+            await run_snapshots_job(settings, explicit_underlyings=True, stop=stop)
+    assert caught.value.exit_code == ExitCode.INTERRUPTED
+    run = await last_run(pool)
+    assert run["status"] == "interrupted"
+    stored = await pool.fetchval("SELECT count(*) FROM option_snapshots")
+    assert 0 < stored < 16000
+    assert run["rows_written"] == stored
+    cover = await coverage(pool)
+    assert sum(c["snapshots_stored"] for c in cover.values()) == stored
+    assert not all(c["complete"] for c in cover.values())
