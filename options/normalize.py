@@ -186,63 +186,106 @@ def normalize_snapshot(raw: Any, *, underlying: str, captured_at: dt.datetime) -
     without quotes have no ``last_quote``, ``day`` is ``{}`` before the first trade): a missing
     field is NULL, never zero. Nanosecond timestamps become microsecond ``datetime``s.
 
+    This is the hot path of the snapshot job, so values are passed on as parsed; the database
+    driver refuses a value of the wrong type, and :func:`check_snapshot_row` then sorts out the
+    rows of that batch one by one.
+
     Args:
         raw: the result object as parsed from JSON.
         underlying: the ``underlying_ticker`` to store (as ``option_contracts`` has it).
         captured_at: the run's one timestamp.
 
     Raises:
-        Rejected: no ``details.ticker``, or a field of the wrong type.
+        Rejected: no ``details.ticker``, a section that is not an object, or a bad timestamp.
     """
-    if type(raw) is not dict:
-        raise Rejected(f"result is a {type(raw).__name__}, not an object")
-    details = _section(raw, "details")
-    ticker = details.get("ticker")
-    if type(ticker) is not str or not ticker.startswith("O:"):
-        raise Rejected(f"details.ticker {ticker!r} is not an option ticker")
-    quote = _section(raw, "last_quote")
-    trade = _section(raw, "last_trade")
-    day = _section(raw, "day")
-    greeks = _section(raw, "greeks")
-    asset = _section(raw, "underlying_asset")
-    spot = asset.get("price")
-    if spot is None:
-        spot = asset.get("value")
     try:
+        get = raw.get
+        details = get("details") or _EMPTY
+        ticker = details.get("ticker")
+        if type(ticker) is not str or not ticker.startswith("O:"):
+            raise Rejected(f"details.ticker {ticker!r} is not an option ticker")
+        quote = get("last_quote") or _EMPTY
+        trade = get("last_trade") or _EMPTY
+        day = get("day") or _EMPTY
+        greeks = get("greeks") or _EMPTY
+        asset = get("underlying_asset") or _EMPTY
+        spot = asset.get("price")
+        quoted = quote.get("last_updated")
+        traded = trade.get("sip_timestamp")
         return (
             ticker,
             underlying,
             captured_at,
-            _f(quote.get("bid")),
-            _i(quote.get("bid_size")),
-            _f(quote.get("ask")),
-            _i(quote.get("ask_size")),
-            _f(quote.get("midpoint")),
-            _ns(quote.get("last_updated")),
-            _f(trade.get("price")),
-            _i(trade.get("size")),
-            _ns(trade.get("sip_timestamp")),
-            _f(day.get("open")),
-            _f(day.get("high")),
-            _f(day.get("low")),
-            _f(day.get("close")),
-            _i(day.get("volume")),
-            _f(day.get("vwap")),
-            _f(day.get("change")),
-            _f(day.get("change_percent")),
-            _f(day.get("previous_close")),
-            _f(raw.get("implied_volatility")),
-            _f(greeks.get("delta")),
-            _f(greeks.get("gamma")),
-            _f(greeks.get("theta")),
-            _f(greeks.get("vega")),
-            _i(raw.get("open_interest")),
-            _f(raw.get("break_even_price")),
-            _f(spot),
-            _f(raw.get("fmv")),
+            quote.get("bid"),
+            quote.get("bid_size"),
+            quote.get("ask"),
+            quote.get("ask_size"),
+            quote.get("midpoint"),
+            _ns(quoted) if quoted else None,
+            trade.get("price"),
+            trade.get("size"),
+            _ns(traded) if traded else None,
+            day.get("open"),
+            day.get("high"),
+            day.get("low"),
+            day.get("close"),
+            day.get("volume"),
+            day.get("vwap"),
+            day.get("change"),
+            day.get("change_percent"),
+            day.get("previous_close"),
+            get("implied_volatility"),
+            greeks.get("delta"),
+            greeks.get("gamma"),
+            greeks.get("theta"),
+            greeks.get("vega"),
+            get("open_interest"),
+            get("break_even_price"),
+            spot if spot is not None else asset.get("value"),
+            get("fmv"),
         )
+    except AttributeError:
+        raise Rejected(f"a section of {_describe(raw)} is not an object") from None
     except (TypeError, ValueError, OverflowError) as exc:
-        raise Rejected(f"{ticker}: {exc}") from None
+        raise Rejected(f"{_describe(raw)}: {exc}") from None
+
+
+_SNAPSHOT_KINDS = tuple(
+    "text"
+    if column in ("ticker", "underlying_ticker")
+    else "time"
+    if column in ("captured_at", "quote_updated_at", "last_trade_at")
+    else "int"
+    if column.endswith(("_size", "_volume", "open_interest"))
+    else "float"
+    for column in SNAPSHOT_COLUMNS
+)
+
+
+def check_snapshot_row(row: SnapshotRow) -> SnapshotRow:
+    """Validate a row from :func:`normalize_snapshot` column by column.
+
+    Whole floats are accepted for integer columns, integers for float columns; a boolean, a
+    string or a fractional count is refused.
+
+    Raises:
+        Rejected: naming the ticker, the column and the value.
+    """
+    checked = list(row)
+    for index, (kind, value) in enumerate(zip(_SNAPSHOT_KINDS, row, strict=True)):
+        if value is None or kind in ("text", "time"):
+            continue
+        try:
+            checked[index] = _f(value) if kind == "float" else _i(value)
+        except TypeError as exc:
+            raise Rejected(f"{row[0]}: {SNAPSHOT_COLUMNS[index]} {exc}") from None
+    return tuple(checked)
+
+
+def _describe(raw: Any) -> str:
+    if isinstance(raw, dict) and isinstance(raw.get("details"), dict):
+        return str(raw["details"].get("ticker"))
+    return f"a {type(raw).__name__} result"
 
 
 def snapshot_contract(raw: dict[str, Any], *, underlying: str) -> ContractRow:
@@ -252,18 +295,12 @@ def snapshot_contract(raw: dict[str, Any], *, underlying: str) -> ContractRow:
     Raises:
         Rejected: the details do not make a valid contract row.
     """
-    details = dict(_section(raw, "details"))
+    details = raw.get("details")
+    if not isinstance(details, dict):
+        raise Rejected("snapshot without a details object")
+    details = dict(details)
     details.setdefault("underlying_ticker", underlying)
     return normalize_contract(details, underlying=underlying)
-
-
-def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
-    value = raw.get(key)
-    if value is None:
-        return _EMPTY
-    if type(value) is not dict:
-        raise Rejected(f"{key} is a {type(value).__name__}, not an object")
-    return value
 
 
 def _f(value: Any) -> float | None:
@@ -292,5 +329,5 @@ def _ns(value: Any) -> dt.datetime | None:
     if type(value) is float and value.is_integer():
         value = int(value)
     if type(value) is not int or value < 0:
-        raise TypeError(f"{value!r} is not a nanosecond timestamp")
+        raise ValueError(f"{value!r} is not a nanosecond timestamp")
     return _EPOCH + (value // 1000) * _MICROSECOND

@@ -39,6 +39,7 @@ from options.normalize import (
     ContractRow,
     Rejected,
     SnapshotRow,
+    check_snapshot_row,
     normalize_snapshot,
     snapshot_contract,
 )
@@ -66,9 +67,12 @@ class Chain:
     seen: set[str] = field(default_factory=set)
     slices: int = 1
     slices_done: int = 0
+    slices_ended: int = 0
     pages: int = 0
     stored: int = 0
     rejected: int = 0
+    active: int = 0
+    missing: int = 0
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -76,10 +80,18 @@ class Chain:
         """Read to the end: every slice's last page had no ``next_url`` and every page parsed."""
         return not self.errors and self.slices_done == self.slices
 
-    @property
-    def missing(self) -> int:
-        """Active contracts (within the filters) that the API did not return."""
-        return len(self.expected - self.seen)
+    def end_slice(self, *, done: bool) -> None:
+        """Count one slice as ended; when the last one ends, keep the counts, free the sets."""
+        self.slices_ended += 1
+        self.slices_done += done
+        if self.slices_ended >= self.slices:
+            self.settle()
+
+    def settle(self) -> None:
+        """Turn the ticker sets into counts, so a finished chain holds no per-contract memory."""
+        self.active = len(self.expected)
+        self.missing = len(self.expected - self.seen)
+        self.expected, self.known, self.seen = set(), set(), set()
 
 
 @dataclass(frozen=True)
@@ -221,9 +233,9 @@ class SnapshotRun:
         for chain in self.chains:
             self.work.put_nowait(chain)
         writers = [asyncio.create_task(self._write()) for _ in range(WRITERS)]
+        # fetchers hold no database connection, so HTTP_CONCURRENCY is their only bound
         fetchers = [
-            asyncio.create_task(self._fetch())
-            for _ in range(min(self.settings.underlying_concurrency, len(self.chains)) or 1)
+            asyncio.create_task(self._fetch()) for _ in range(self.settings.http_concurrency)
         ]
         finished = asyncio.create_task(self.work.join())
         stopped = asyncio.create_task(stop.wait())
@@ -267,6 +279,7 @@ class SnapshotRun:
             )
         except ApiError as exc:
             self._fail(chain, exc)
+            chain.end_slice(done=False)
             return
         rows = await _known_contracts(self.pool, chain.key, self.today)
         chain.known = {row["ticker"] for row in rows}
@@ -286,8 +299,9 @@ class SnapshotRun:
                 await self._accept(chain, page.results)
         except ApiError as exc:
             self._fail(chain, exc)
+            chain.end_slice(done=False)
         else:
-            chain.slices_done += 1
+            chain.end_slice(done=True)
 
     async def _accept(self, chain: Chain, results: list[Any]) -> None:
         rows: list[SnapshotRow] = []
@@ -336,18 +350,41 @@ class SnapshotRun:
                     previous = counts.get(chain.key, (chain, 0))[1]
                     counts[chain.key] = (chain, previous + len(rows))
                 if batch and (done or len(batch) >= COPY_BATCH_ROWS or self.pages.empty()):
-                    await conn.copy_records_to_table(
-                        self.partition, records=batch, columns=SNAPSHOT_COLUMNS
-                    )
-                    for chain, count in counts.values():
-                        chain.stored += count
-                    self.run.stats.rows_written += len(batch)
+                    await self._copy(conn, batch, counts)
                     batch = []
                     counts = {}
         except DB_ERRORS as exc:
             raise DatabaseError(f"storing snapshots: {describe_db_error(exc)}") from exc
         finally:
             await self.pool.release(conn)
+
+    async def _copy(
+        self,
+        conn: asyncpg.Connection,
+        batch: list[SnapshotRow],
+        counts: dict[str, tuple[Chain, int]],
+    ) -> None:
+        """COPY one batch; if a value is refused, check the rows one by one and COPY the good."""
+        try:
+            await conn.copy_records_to_table(
+                self.partition, records=batch, columns=SNAPSHOT_COLUMNS
+            )
+        except (TypeError, ValueError, OverflowError, asyncpg.DataError):
+            # the COPY failed as a whole, so nothing of this batch is stored yet
+            good = []
+            for row in batch:
+                try:
+                    good.append(check_snapshot_row(row))
+                except Rejected as exc:
+                    chain, count = counts[row[1]]
+                    counts[row[1]] = (chain, count - 1)
+                    chain.rejected += 1
+                    logger.warning("%s: rejected a snapshot: %s", chain.underlying, exc)
+            await conn.copy_records_to_table(self.partition, records=good, columns=SNAPSHOT_COLUMNS)
+            batch = good
+        for chain, count in counts.values():
+            chain.stored += count
+        self.run.stats.rows_written += len(batch)
 
     def _fail(self, chain: Chain, exc: ApiError) -> None:
         chain.errors.append(str(exc))
@@ -359,6 +396,9 @@ class SnapshotRun:
         )
 
     async def _record_coverage(self) -> None:
+        for chain in self.chains:
+            if chain.slices_ended < chain.slices:
+                chain.settle()  # stopped part-way: count what was seen so far
         stats = self.run.stats
         stats.underlyings_requested = len(self.chains)
         stats.underlyings_succeeded = sum(c.complete for c in self.chains)
@@ -468,7 +508,7 @@ async def _write_coverage(
                 captured_at,
                 c.key,
                 run_id,
-                len(c.expected),
+                c.active,
                 c.stored,
                 c.missing,
                 c.complete,

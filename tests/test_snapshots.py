@@ -311,7 +311,7 @@ async def test_stop_flushes_fetched_rows_and_records_interrupted(
     names = tuple(f"U{c}" for c in "ABCDEFGH")
     stop = asyncio.Event()
     async with simulator(underlyings=names, contracts_per_underlying=2000, latency=0.05) as api:
-        settings = make_settings(api.base_url, names, underlying_concurrency=2)
+        settings = make_settings(api.base_url, names, http_concurrency=2)
         asyncio.get_running_loop().call_later(0.5, stop.set)
         with pytest.raises(RunInterrupted) as caught:
             await run_snapshots_job(settings, explicit_underlyings=True, stop=stop)

@@ -1,0 +1,231 @@
+"""Benchmark ``ingest_snapshots`` end to end against the simulator, and a baseline.
+
+For each scenario: the contracts are synced first (not timed), then the real ``ingest_snapshots``
+console script runs as a child process; rows/s is rows stored divided by the wall time of that
+whole process (start-up, migrations and the run ledger included). The baseline is written the
+way the official client invites: ``massive.RESTClient.list_snapshot_options_chain(u,
+params={"limit": 250})`` underlying after underlying, each chain inserted with asyncpg
+``executemany``. Needs ``pip install massive==2.9.1`` for the baseline (``make bench`` does it).
+Uses BENCH_DATABASE_URL when set (a database it may drop tables in), else a throwaway local
+PostgreSQL.
+
+    .venv/bin/python benchmarks/bench_snapshots.py [--scenarios 200x1000@20ms,1000x1000@0ms]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from options.localdb import start_local_postgres
+from options.normalize import SNAPSHOT_COLUMNS
+from options.simulator import SimulatorConfig, SimulatorProcess, make_universe_names
+
+BIN = Path(sys.executable).parent
+KEY = "bench-key"
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def run_child(script: str, env: dict[str, str]) -> tuple[float, int, int]:
+    """Run a console script; return (wall seconds, exit code, peak RSS in MB)."""
+    started = time.perf_counter()
+    child = subprocess.Popen([str(BIN / script)], env=env, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    return time.perf_counter() - started, os.waitstatus_to_exitcode(status), usage.ru_maxrss // 1024
+
+
+def api_requests(base_url: str) -> int:
+    with urllib.request.urlopen(f"{base_url}/_sim/stats") as response:
+        return int(json.load(response)["requests"])
+
+
+async def sql(dsn: str, query: str) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query)
+    finally:
+        await conn.close()
+
+
+def ns(value: int | None) -> dt.datetime | None:
+    return None if not value else EPOCH + dt.timedelta(microseconds=value // 1000)
+
+
+def baseline_row(snap: Any, underlying: str, captured_at: dt.datetime) -> tuple[Any, ...]:
+    """One row from a massive OptionContractSnapshot model, the same columns as ours."""
+    quote, trade, day = snap.last_quote, snap.last_trade, snap.day
+    greeks, asset = snap.greeks, snap.underlying_asset
+
+    def get(obj: Any, name: str) -> Any:
+        return getattr(obj, name, None) if obj is not None else None
+
+    return (
+        snap.details.ticker,
+        underlying,
+        captured_at,
+        get(quote, "bid"),
+        get(quote, "bid_size"),
+        get(quote, "ask"),
+        get(quote, "ask_size"),
+        get(quote, "midpoint"),
+        ns(get(quote, "last_updated")),
+        get(trade, "price"),
+        get(trade, "size"),
+        ns(get(trade, "sip_timestamp")),
+        get(day, "open"),
+        get(day, "high"),
+        get(day, "low"),
+        get(day, "close"),
+        get(day, "volume"),
+        get(day, "vwap"),
+        get(day, "change"),
+        get(day, "change_percent"),
+        get(day, "previous_close"),
+        snap.implied_volatility,
+        get(greeks, "delta"),
+        get(greeks, "gamma"),
+        get(greeks, "theta"),
+        get(greeks, "vega"),
+        snap.open_interest,
+        snap.break_even_price,
+        get(asset, "price") if get(asset, "price") is not None else get(asset, "value"),
+        getattr(snap, "fmv", None),  # the models have no fmv field
+    )
+
+
+async def run_baseline(dsn: str, base_url: str, names: tuple[str, ...]) -> tuple[float, int]:
+    """The official client's way: sequential chains, executemany per chain."""
+    from massive import RESTClient
+
+    client = RESTClient(api_key=KEY, base=base_url)
+    conn = await asyncpg.connect(dsn)
+    columns = ", ".join(SNAPSHOT_COLUMNS)
+    placeholders = ", ".join(f"${i}" for i in range(1, len(SNAPSHOT_COLUMNS) + 1))
+    try:
+        await conn.execute("DROP TABLE IF EXISTS baseline_snapshots")
+        await conn.execute(
+            "CREATE TABLE baseline_snapshots (LIKE option_snapshots INCLUDING DEFAULTS, "
+            "PRIMARY KEY (ticker, captured_at))"
+        )
+        insert = f"INSERT INTO baseline_snapshots ({columns}) VALUES ({placeholders})"
+        captured_at = dt.datetime.now(dt.UTC)
+        started = time.perf_counter()
+        stored = 0
+        for underlying in names:
+            rows = [
+                baseline_row(snap, underlying, captured_at)
+                for snap in client.list_snapshot_options_chain(underlying, params={"limit": 250})
+            ]
+            await conn.executemany(insert, rows)
+            stored += len(rows)
+        return time.perf_counter() - started, stored
+    finally:
+        await conn.close()
+
+
+def scenario(dsn: str, underlyings: int, contracts: int, latency_ms: int, baseline: bool) -> None:
+    names = make_universe_names(underlyings)
+    config = SimulatorConfig(
+        underlyings=names,
+        contracts_per_underlying=contracts,
+        api_key=KEY,
+        latency=latency_ms / 1000,
+    )
+    asyncio.run(
+        sql(
+            dsn,
+            "DROP TABLE IF EXISTS option_snapshots, snapshot_coverage, "
+            "option_contracts, ingest_runs, schema_migrations, baseline_snapshots "
+            "CASCADE",
+        )
+    )
+    label = f"{underlyings} x {contracts} @ {latency_ms} ms"
+    with SimulatorProcess(config) as simulator:
+        env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "POLYGON_BASE_URL": simulator.base_url,
+            "POLYGON_API_KEY": KEY,
+            "UNDERLYINGS": ",".join(names),
+            "POLYGON_RATE_LIMIT": "off",
+            "LOG_LEVEL": "WARNING",
+        }
+        _, code, _ = run_child("ingest_options", env)
+        assert code == 0, f"ingest_options exited {code}"
+        env.pop("UNDERLYINGS")  # select the underlyings from option_contracts, as in production
+        before = api_requests(simulator.base_url)
+        seconds, code, peak_mb = run_child("ingest_snapshots", env)
+        requests = api_requests(simulator.base_url) - before
+        stored = asyncio.run(sql(dsn, "SELECT count(*) FROM option_snapshots"))
+        complete = asyncio.run(sql(dsn, "SELECT bool_and(complete) FROM snapshot_coverage"))
+        ideal = underlyings * -(-contracts // 250)
+        ours = stored / seconds
+        print(
+            f"{label:<22} ingest_snapshots exit {code}: {stored:,} rows in {seconds:.2f} s = "
+            f"{ours:,.0f} rows/s, {requests:,} API requests (ideal {ideal:,}), "
+            f"complete={complete}, peak RSS {peak_mb} MB",
+            flush=True,
+        )
+        if baseline:
+            before = api_requests(simulator.base_url)
+            base_seconds, base_stored = asyncio.run(run_baseline(dsn, simulator.base_url, names))
+            base_requests = api_requests(simulator.base_url) - before
+            theirs = base_stored / base_seconds
+            print(
+                f"{label:<22} baseline (massive + executemany): {base_stored:,} rows in "
+                f"{base_seconds:.2f} s = {theirs:,.0f} rows/s, {base_requests:,} API requests; "
+                f"ingest_snapshots is {ours / theirs:.1f}x faster",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--scenarios",
+        default="200x1000@20ms,1000x1000@0ms",
+        help="UNDERLYINGSxCONTRACTS@LATENCYms, comma-separated (%(default)s)",
+    )
+    parser.add_argument(
+        "--baseline-max-rows",
+        type=int,
+        default=300_000,
+        help="run the baseline only for universes up to this size",
+    )
+    args = parser.parse_args()
+    dsn = os.environ.get("BENCH_DATABASE_URL")
+    server = None
+    if not dsn:
+        server = start_local_postgres(Path(tempfile.mkdtemp(prefix="bench-pg-")) / "data")
+        dsn = server.url
+    print(f"ingest_snapshots benchmark on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    try:
+        for spec in args.scenarios.split(","):
+            size, latency = spec.split("@")
+            underlyings, contracts = (int(n) for n in size.split("x"))
+            scenario(
+                dsn,
+                underlyings,
+                contracts,
+                int(latency.removesuffix("ms")),
+                baseline=underlyings * contracts <= args.baseline_max_rows,
+            )
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
