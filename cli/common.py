@@ -17,10 +17,10 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from options.config import Settings, parse_duration
 from options.errors import ExitCode, OptionsError
+from options.logs import LOG_FORMATS, StatusReporter, configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("cli")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def env_file_option(func: F) -> F:
@@ -45,22 +45,36 @@ def underlying_option(func: F) -> F:
     )(func)
 
 
-def load_settings(env_file: Path | None, underlyings: tuple[str, ...] = ()) -> Settings:
+def log_format_option(func: F) -> F:
+    """``--log-format``: auto (journald prefixes under systemd, text on a terminal), text, json."""
+    return click.option(
+        "--log-format",
+        type=click.Choice(LOG_FORMATS),
+        default="auto",
+        show_default=True,
+        help="auto: <N> priority prefixes under systemd's journal, text elsewhere; json: one "
+        "object per line for log shippers.",
+    )(func)
+
+
+def load_settings(
+    env_file: Path | None, underlyings: tuple[str, ...] = (), log_format: str = "auto"
+) -> Settings:
     """Build the settings and configure logging and telemetry; exit 2 on a bad setting."""
     try:
         settings = Settings.from_env(os.environ, env_file=env_file)
         if underlyings:
             settings = settings.with_underlyings(underlyings)
+        configure_logging(settings.log_level, log_format, environ=os.environ)
     except OptionsError as exc:
         fail(exc)
-    configure_logging(settings.log_level)
     trace.set_tracer_provider(TracerProvider())
     return settings
 
 
-def configure_logging(level: str) -> None:
-    """Send log lines to stderr at ``level``."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+def status_reporter() -> StatusReporter:
+    """Progress for ``systemctl status`` (sd_notify STATUS=); does nothing outside systemd."""
+    return StatusReporter(environ=os.environ)
 
 
 def fail(exc: OptionsError) -> NoReturn:

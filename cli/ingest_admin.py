@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import click
 
-from cli.common import configure_logging, env_file_option, fail, load_settings
+from cli.common import env_file_option, fail, load_settings
 from options.errors import OptionsError
+from options.logs import configure_logging
 
 
 @click.group()
@@ -88,7 +90,7 @@ def simulate(
     """Serve a Polygon-compatible simulated API (for trials, tests and benchmarks)."""
     from options.simulator import SimulatorConfig, make_universe_names, serve_forever
 
-    configure_logging("INFO")
+    configure_logging("INFO", environ=os.environ)
     config = SimulatorConfig(
         underlyings=make_universe_names(count),
         contracts_per_underlying=contracts,
@@ -128,3 +130,83 @@ def demo(env_file: Path | None, data_dir: Path) -> None:
         raise SystemExit(run_demo(settings, data_dir=data_dir))
     except OptionsError as exc:
         fail(exc)
+
+
+@main.command("install-units")
+@click.option(
+    "--system",
+    "scope",
+    flag_value="system",
+    default=True,
+    help="System units in /etc/systemd/system, hardened (needs root; the default).",
+)
+@click.option(
+    "--user",
+    "scope",
+    flag_value="user",
+    help="User units in ~/.config/systemd/user (less sandboxing; see the README).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the rendered files, write and run nothing.")
+@env_file_option
+@click.option(
+    "--snapshot-every",
+    type=click.Choice(["5", "10", "15"]),
+    default="10",
+    show_default=True,
+    help="Minutes between snapshots, 09:30 to 16:00 New York time.",
+)
+@click.option(
+    "--user-name",
+    metavar="NAME",
+    default=None,
+    help="Run the system units as this existing user instead of a dynamic one.",
+)
+def install_units(
+    scope: str, dry_run: bool, env_file: Path | None, snapshot_every: str, user_name: str | None
+) -> None:
+    """Render the systemd units for this installation, install them and start the timers."""
+    from options import units
+
+    unit_scope = units.Scope(scope)
+    unit_dir = units.default_unit_dir(unit_scope)
+    try:
+        installation = units.Installation.detect(env_file=env_file)
+        rendered = units.render_units(
+            installation,
+            scope=unit_scope,
+            snapshot_every=int(snapshot_every),
+            user_name=user_name,
+        )
+        if dry_run:
+            click.echo(units.format_units(rendered, unit_dir), nl=False)
+            return
+        written = units.install_units(rendered, scope=unit_scope, unit_dir=unit_dir)
+    except OptionsError as exc:
+        fail(exc)
+    flag = " --user" if unit_scope is units.Scope.USER else ""
+    click.echo(f"installed {len(written)} units in {unit_dir}; timers enabled and started")
+    click.echo(f"next runs: systemctl{flag} list-timers 'ingest_*'")
+    name = units.user_without_linger() if unit_scope is units.Scope.USER else None
+    if name:
+        click.echo(
+            f"warning: the timers stop when you log out: run `loginctl enable-linger {name}`",
+            err=True,
+        )
+
+
+@main.command("uninstall-units")
+@click.option(
+    "--system", "scope", flag_value="system", default=True, help="System units (default)."
+)
+@click.option("--user", "scope", flag_value="user", help="User units.")
+def uninstall_units(scope: str) -> None:
+    """Stop and disable the timers, remove the unit files, reload systemd."""
+    from options import units
+
+    unit_scope = units.Scope(scope)
+    unit_dir = units.default_unit_dir(unit_scope)
+    try:
+        removed = units.uninstall_units(scope=unit_scope, unit_dir=unit_dir)
+    except OptionsError as exc:
+        fail(exc)
+    click.echo(f"removed {len(removed)} units from {unit_dir}" if removed else "nothing installed")

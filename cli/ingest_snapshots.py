@@ -10,8 +10,10 @@ from cli.common import (
     deadline_option,
     env_file_option,
     load_settings,
+    log_format_option,
     parse_deadline,
     run,
+    status_reporter,
     underlying_option,
 )
 from options.jobs import run_snapshots_job
@@ -21,6 +23,13 @@ from options.jobs import run_snapshots_job
 @env_file_option
 @underlying_option
 @deadline_option
+@log_format_option
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Take the snapshot even when the market is closed (weekend, holiday, after an early "
+    "close).",
+)
 @click.option(
     "--retain-days",
     type=click.IntRange(min=1),
@@ -32,21 +41,27 @@ def main(
     env_file: Path | None,
     underlyings: tuple[str, ...],
     deadline: str | None,
+    log_format: str,
+    force: bool,
     retain_days: int | None,
 ) -> None:
     """Store a market snapshot (quote, trade, greeks, IV, open interest) of every active contract.
 
     Underlyings: --underlying when given, otherwise UNDERLYINGS plus every underlying with
-    active contracts in the database.
+    active contracts in the database. Outside market hours (weekends, NYSE holidays, after an
+    early close) it exits 0 at once with a line saying why, unless --force.
     """
     seconds = parse_deadline(deadline)
-    settings = load_settings(env_file, underlyings)
+    settings = load_settings(env_file, underlyings, log_format)
+    progress = status_reporter()
     run(
         lambda stop: run_snapshots_job(
             settings,
             explicit_underlyings=bool(underlyings),
             retain_days=retain_days,
             stop=stop,
+            force=force,
+            progress=progress,
         ),
         deadline=seconds,
     )

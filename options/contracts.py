@@ -22,6 +22,7 @@ from opentelemetry import trace
 from options.config import Settings
 from options.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
 from options.errors import ApiError, DatabaseError
+from options.logs import StatusReporter
 from options.normalize import CONTRACT_COLUMNS, ContractRow, normalize_contracts
 from options.polygon import PolygonClient
 from options.runs import RunStats, until_stopped
@@ -147,6 +148,7 @@ async def sync_contracts(
     *,
     seen_at: dt.datetime,
     stop: asyncio.Event | None = None,
+    progress: StatusReporter | None = None,
 ) -> list[UnderlyingResult]:
     """Sync the contracts of every configured underlying, several side by side.
 
@@ -157,6 +159,7 @@ async def sync_contracts(
         stats: the run's counts, updated as underlyings finish.
         seen_at: the run's timestamp, written to ``last_seen_at`` of every contract seen.
         stop: when set (signal, deadline), underlyings in progress roll back and the run stops.
+        progress: receives a progress line as underlyings finish (``systemctl status``).
 
     Returns:
         One result per underlying, in the configured order.
@@ -203,6 +206,13 @@ async def sync_contracts(
                 stats.rows_written += result.written
                 stats.contracts_deactivated += result.deactivated
                 stats.api_requests = client.requests_sent
+                if progress is not None:
+                    finished = stats.underlyings_succeeded + stats.underlyings_failed
+                    progress.update(
+                        f"{finished}/{len(underlyings)} underlyings, "
+                        f"{stats.rows_written:,} contracts stored, "
+                        f"{stats.underlyings_failed} failed"
+                    )
 
     async def run_workers() -> None:
         async with asyncio.TaskGroup() as group:
@@ -213,6 +223,8 @@ async def sync_contracts(
         await until_stopped(run_workers(), stop)
     finally:
         _log_totals(stats, len(underlyings))
+        if progress is not None:
+            progress.flush()
     return [results[u] for u in underlyings if u in results]
 
 

@@ -54,9 +54,13 @@ def run_demo(settings: Settings, *, data_dir: Path) -> int:
                 "POLYGON_API_KEY": SIMULATOR_KEY,
                 "UNDERLYINGS": ",".join(DEMO_UNDERLYINGS),
                 "POLYGON_RATE_LIMIT": "off",
-                "LOG_LEVEL": "INFO",
+                "LOG_LEVEL": "WARNING",
             }
             code = _run_job("ingest_options", env)
+            if code:
+                return code
+            # --force: the demo runs at any hour; the timer's runs respect market hours
+            code = _run_job("ingest_snapshots", env, "--force")
             if code:
                 return code
         asyncio.run(_print_summary(dsn))
@@ -66,10 +70,10 @@ def run_demo(settings: Settings, *, data_dir: Path) -> int:
             server.stop()
 
 
-def _run_job(name: str, env: dict[str, str]) -> int:
+def _run_job(name: str, env: dict[str, str], *args: str) -> int:
     executable = Path(sys.executable).parent / name
-    print(f"\n$ {name}")
-    completed = subprocess.run([str(executable)], env=env, check=False)
+    print(f"\n$ {' '.join((name, *args))}")
+    completed = subprocess.run([str(executable), *args], env=env, check=False)
     if completed.returncode:
         print(f"{name} exited {completed.returncode}", file=sys.stderr)
     return completed.returncode
@@ -97,6 +101,31 @@ async def _print_summary(dsn: str) -> None:
                    shares_per_contract, last_seen_at
             FROM option_contracts ORDER BY ticker LIMIT 5
             """
+            )
+        )
+        print("\nA few snapshots of the latest run (option_snapshots):")
+        _print_table(
+            await conn.fetch(
+                """
+                SELECT ticker, bid, ask, last_price, round(implied_volatility::numeric, 4) AS iv,
+                       round(delta::numeric, 4) AS delta, open_interest, underlying_price,
+                       captured_at
+                FROM option_snapshots
+                WHERE captured_at = (SELECT max(captured_at) FROM option_snapshots)
+                ORDER BY delta IS NULL, ticker LIMIT 6
+                """
+            )
+        )
+        print("\nCoverage of the latest snapshot (snapshot_coverage):")
+        _print_table(
+            await conn.fetch(
+                """
+                SELECT underlying_ticker, contracts_active, snapshots_stored, contracts_missing,
+                       complete, pages
+                FROM snapshot_coverage
+                WHERE captured_at = (SELECT max(captured_at) FROM snapshot_coverage)
+                ORDER BY underlying_ticker
+                """
             )
         )
         print("\nLatest runs (ingest_runs):")

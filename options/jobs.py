@@ -17,6 +17,8 @@ from options.config import Settings
 from options.contracts import sync_contracts
 from options.db import apply_migrations, create_pool
 from options.errors import ConfigError, ExitCode
+from options.logs import StatusReporter
+from options.market import market_session
 from options.polygon import PolygonClient
 from options.runs import STATUS_EXIT_CODES, RunStats, recorded_run
 from options.snapshots import (
@@ -68,7 +70,11 @@ async def migrate(settings: Settings) -> list[str]:
 
 
 async def run_options_job(
-    settings: Settings, *, dry_run: bool = False, stop: asyncio.Event | None = None
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    stop: asyncio.Event | None = None,
+    progress: StatusReporter | None = None,
 ) -> ExitCode:
     """``ingest_options``: sync the contracts of every configured underlying.
 
@@ -81,7 +87,13 @@ async def run_options_job(
         stats = RunStats()
         async with open_client(settings) as client:
             results = await sync_contracts(
-                settings, client, None, stats, seen_at=dt.datetime.now(dt.UTC), stop=stop
+                settings,
+                client,
+                None,
+                stats,
+                seen_at=dt.datetime.now(dt.UTC),
+                stop=stop,
+                progress=progress,
             )
         for result in results:
             outcome = f"failed: {result.error}" if result.error else "complete"
@@ -98,7 +110,13 @@ async def run_options_job(
     async with open_client(settings) as client, open_database(settings) as pool:
         async with recorded_run(pool, "options") as run:
             await sync_contracts(
-                settings, client, pool, run.stats, seen_at=run.started_at, stop=stop
+                settings,
+                client,
+                pool,
+                run.stats,
+                seen_at=run.started_at,
+                stop=stop,
+                progress=progress,
             )
         return STATUS_EXIT_CODES[run.status]
 
@@ -109,6 +127,9 @@ async def run_snapshots_job(
     explicit_underlyings: bool = False,
     retain_days: int | None = None,
     stop: asyncio.Event | None = None,
+    force: bool = False,
+    progress: StatusReporter | None = None,
+    now: dt.datetime | None = None,
 ) -> ExitCode:
     """``ingest_snapshots``: store one snapshot of every active contract, under one timestamp.
 
@@ -119,11 +140,36 @@ async def run_snapshots_job(
         retain_days: drop daily partitions older than this many days (``None``: keep all).
         stop: set by a signal or the deadline: fetched rows are flushed, the run is
             ``interrupted``.
+        force: snapshot even when the market is closed.
+        now: the moment the market-hours decision is made for (``None``: the clock).
+        progress: where progress lines go (``systemctl status``).
     """
     settings.require_api_key()
     settings.require_database_url()
     stop = stop or asyncio.Event()
-    async with open_client(settings) as client, open_database(settings) as pool:
+    async with open_client(settings) as client:
+        session = await market_session(client, now)
+        if not session.calendar_ok:
+            logger.warning("%s", session.reason)
+        if not session.open:
+            if not force:
+                logger.info(
+                    "Market closed, no snapshot taken: %s (--force to take one)", session.reason
+                )
+                return ExitCode.OK
+            logger.info("Market closed (%s); taking the snapshot anyway (--force)", session.reason)
+        return await _snapshot(settings, client, explicit_underlyings, retain_days, stop, progress)
+
+
+async def _snapshot(
+    settings: Settings,
+    client: PolygonClient,
+    explicit_underlyings: bool,
+    retain_days: int | None,
+    stop: asyncio.Event,
+    progress: StatusReporter | None,
+) -> ExitCode:
+    async with open_database(settings) as pool:
         underlyings = await select_underlyings(settings, pool, explicit=explicit_underlyings)
         if not underlyings:
             raise ConfigError(
@@ -141,7 +187,13 @@ async def run_snapshots_job(
             )
             partition = await ensure_partitions(pool, captured_at)
             snapshot = SnapshotRun(
-                settings, client, pool, run, captured_at=captured_at, partition=partition
+                settings,
+                client,
+                pool,
+                run,
+                captured_at=captured_at,
+                partition=partition,
+                progress=progress,
             )
             await snapshot.execute(underlyings, stop)
             retain = retain_days if retain_days is not None else settings.snapshot_retain_days

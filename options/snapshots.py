@@ -34,6 +34,7 @@ from options.contracts import (
 )
 from options.db import ACQUIRE_TIMEOUT, DB_ERRORS, bounded_db_connection, describe_db_error
 from options.errors import ApiError, DatabaseError, RunInterrupted
+from options.logs import StatusReporter
 from options.normalize import (
     SNAPSHOT_COLUMNS,
     ContractRow,
@@ -208,6 +209,7 @@ class SnapshotRun:
         *,
         captured_at: dt.datetime,
         partition: str,
+        progress: StatusReporter | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -221,6 +223,7 @@ class SnapshotRun:
             QUEUE_PAGES
         )
         self.chains: list[Chain] = []
+        self.progress = progress
 
     async def execute(self, underlyings: Sequence[str], stop: asyncio.Event) -> list[Chain]:
         """Snapshot ``underlyings``; on ``stop``, flush what was fetched and raise RunInterrupted.
@@ -256,6 +259,8 @@ class SnapshotRun:
             if isinstance(result, BaseException):
                 raise result
         await self._record_coverage()
+        if self.progress is not None:
+            self.progress.flush()
         if stop.is_set():
             raise RunInterrupted("stopped before every chain was read; what was fetched is stored")
         return self.chains
@@ -385,6 +390,12 @@ class SnapshotRun:
         for chain, count in counts.values():
             chain.stored += count
         self.run.stats.rows_written += len(batch)
+        if self.progress is not None:
+            settled = sum(c.slices_ended >= c.slices for c in self.chains)
+            self.progress.update(
+                f"{settled}/{len(self.chains)} chains read, "
+                f"{self.run.stats.rows_written:,} snapshots stored"
+            )
 
     def _fail(self, chain: Chain, exc: ApiError) -> None:
         chain.errors.append(str(exc))

@@ -39,7 +39,7 @@ async def test_fixture_snapshot_lands_exactly(fixtures_dir: Path, pool, make_set
     raw = json.loads((fixtures_dir / AAPL_CHAIN).read_text())["results"][0]
     async with await start_server(create_fixture_app(fixtures_dir)) as api:
         code = await run_snapshots_job(
-            make_settings(api.base_url, ("AAPL",)), explicit_underlyings=True
+            make_settings(api.base_url, ("AAPL",)), explicit_underlyings=True, force=True
         )
     assert code == ExitCode.OK
     row = await pool.fetchrow("SELECT * FROM option_snapshots")
@@ -128,7 +128,7 @@ async def test_deep_itm_without_greeks_store_nulls(simulator, pool, make_setting
     """Simulated deep in-the-money contracts arrive without greeks and are stored with NULLs."""
     async with simulator(underlyings=("AAA",), contracts_per_underlying=400) as api:
         code = await run_snapshots_job(
-            make_settings(api.base_url, ("AAA",)), explicit_underlyings=True
+            make_settings(api.base_url, ("AAA",)), explicit_underlyings=True, force=True
         )
     assert code == ExitCode.OK
     counts = await pool.fetchrow(
@@ -156,7 +156,7 @@ async def test_selection_without_flag_adds_known_underlyings(
             "UPDATE option_contracts SET active = false WHERE underlying_ticker = 'CCC'"
         )
         settings = make_settings(api.base_url, ("I:SPX", "DDD"))
-        assert await run_snapshots_job(settings) == ExitCode.OK
+        assert await run_snapshots_job(settings, force=True) == ExitCode.OK
     assert sorted(await coverage(pool)) == ["AAA", "BBB", "DDD", "SPX"]
     stored = await pool.fetch(
         "SELECT underlying_ticker, count(*) FROM option_snapshots GROUP BY 1 ORDER BY 1"
@@ -169,7 +169,7 @@ async def test_explicit_underlying_even_when_unknown(simulator, pool, make_setti
     async with simulator(underlyings=("AAA", "BBB"), contracts_per_underlying=30) as api:
         await seed_contracts(pool, api.base_url, ("AAA",), make_settings)
         code = await run_snapshots_job(
-            make_settings(api.base_url, ("BBB",)), explicit_underlyings=True
+            make_settings(api.base_url, ("BBB",)), explicit_underlyings=True, force=True
         )
     assert code == ExitCode.OK
     cover = await coverage(pool)
@@ -196,7 +196,10 @@ async def test_coverage_counts_missing_active_contracts(simulator, pool, make_se
                 f"O:AAA991231C{strike}",
                 dt.date.today() + dt.timedelta(days=60),
             )
-        assert await run_snapshots_job(make_settings(api.base_url, ("AAA",))) == ExitCode.OK
+        assert (
+            await run_snapshots_job(make_settings(api.base_url, ("AAA",)), force=True)
+            == ExitCode.OK
+        )
     cover = (await coverage(pool))["AAA"]
     assert cover["contracts_active"] == 302
     assert cover["snapshots_stored"] == 300
@@ -214,7 +217,7 @@ async def test_chain_failing_on_page_3_keeps_rows_and_is_incomplete(
         underlyings=names, contracts_per_underlying=1000, broken_pages={"BBB": 3}
     ) as api:
         code = await run_snapshots_job(
-            make_settings(api.base_url, names), explicit_underlyings=True
+            make_settings(api.base_url, names), explicit_underlyings=True, force=True
         )
     assert code == ExitCode.PARTIAL
     cover = await coverage(pool)
@@ -237,7 +240,10 @@ async def test_large_chain_is_sliced_and_read_completely(simulator, pool, make_s
     async with simulator(underlyings=("AAA",), contracts_per_underlying=size) as api:
         await seed_contracts(pool, api.base_url, ("AAA",), make_settings)
         stats_before = await api_requests(api.base_url)
-        assert await run_snapshots_job(make_settings(api.base_url, ("AAA",))) == ExitCode.OK
+        assert (
+            await run_snapshots_job(make_settings(api.base_url, ("AAA",)), force=True)
+            == ExitCode.OK
+        )
         requests = await api_requests(api.base_url) - stats_before
     cover = (await coverage(pool))["AAA"]
     assert (cover["snapshots_stored"], cover["contracts_missing"], cover["complete"]) == (
@@ -314,7 +320,7 @@ async def test_stop_flushes_fetched_rows_and_records_interrupted(
         settings = make_settings(api.base_url, names, http_concurrency=2)
         asyncio.get_running_loop().call_later(0.5, stop.set)
         with pytest.raises(RunInterrupted) as caught:
-            await run_snapshots_job(settings, explicit_underlyings=True, stop=stop)
+            await run_snapshots_job(settings, explicit_underlyings=True, stop=stop, force=True)
     assert caught.value.exit_code == ExitCode.INTERRUPTED
     run = await last_run(pool)
     assert run["status"] == "interrupted"
@@ -324,3 +330,28 @@ async def test_stop_flushes_fetched_rows_and_records_interrupted(
     cover = await coverage(pool)
     assert sum(c["snapshots_stored"] for c in cover.values()) == stored
     assert not all(c["complete"] for c in cover.values())
+
+
+SATURDAY = dt.datetime(2026, 11, 28, 15, 0, tzinfo=dt.UTC)
+TUESDAY_MIDDAY = dt.datetime(2026, 11, 24, 16, 0, tzinfo=dt.UTC)  # 11:00 in New York
+
+
+@pytest.mark.parametrize(
+    ("now", "force", "stored"),
+    [(SATURDAY, False, 0), (SATURDAY, True, 20), (TUESDAY_MIDDAY, False, 20)],
+    ids=["closed-skips", "closed-forced", "open-runs"],
+)
+async def test_market_closed_skips_unless_forced(
+    simulator, pool, make_settings, now, force, stored
+) -> None:
+    """When the market is closed the job exits 0 at once, storing nothing, unless --force."""
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=20) as api:
+        code = await run_snapshots_job(
+            make_settings(api.base_url, ("AAA",)),
+            explicit_underlyings=True,
+            force=force,
+            now=now,
+        )
+    assert code == ExitCode.OK
+    assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == stored
+    assert await pool.fetchval("SELECT count(*) FROM ingest_runs") == (1 if stored else 0)
