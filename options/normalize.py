@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import msgspec
 import orjson
 
 CONTRACT_COLUMNS = (
@@ -288,17 +289,163 @@ def _describe(raw: Any) -> str:
     return f"a {type(raw).__name__} result"
 
 
-def snapshot_contract(raw: dict[str, Any], *, underlying: str) -> ContractRow:
+class _Quote(msgspec.Struct):
+    bid: float | None = None
+    bid_size: int | None = None
+    ask: float | None = None
+    ask_size: int | None = None
+    midpoint: float | None = None
+    last_updated: int | None = None
+
+
+class _Trade(msgspec.Struct):
+    price: float | None = None
+    size: int | None = None
+    sip_timestamp: int | None = None
+
+
+class _Day(msgspec.Struct):
+    open: float | None = None
+    high: float | None = None
+    low: float | None = None
+    close: float | None = None
+    volume: int | None = None
+    vwap: float | None = None
+    change: float | None = None
+    change_percent: float | None = None
+    previous_close: float | None = None
+
+
+class _Greeks(msgspec.Struct):
+    delta: float | None = None
+    gamma: float | None = None
+    theta: float | None = None
+    vega: float | None = None
+
+
+class _Asset(msgspec.Struct):
+    price: float | None = None
+    value: float | None = None
+
+
+class SnapshotDetails(msgspec.Struct):
+    """``details`` of a chain snapshot result: enough to make a contract row."""
+
+    ticker: str
+    contract_type: str | None = None
+    exercise_style: str | None = None
+    expiration_date: str | None = None
+    shares_per_contract: float | None = None
+    strike_price: float | None = None
+
+
+class SnapshotResult(msgspec.Struct):
+    """One chain snapshot result with the types the API documents; unknown fields ignored."""
+
+    details: SnapshotDetails
+    last_quote: _Quote | None = None
+    last_trade: _Trade | None = None
+    day: _Day | None = None
+    greeks: _Greeks | None = None
+    underlying_asset: _Asset | None = None
+    implied_volatility: float | None = None
+    open_interest: int | None = None
+    break_even_price: float | None = None
+    fmv: float | None = None
+
+
+class ChainPage(msgspec.Struct):
+    """A ``/v3/snapshot/options/{underlying}`` page, decoded and type-checked in one pass."""
+
+    results: list[SnapshotResult]
+    next_url: str | None = None
+    request_id: str | None = None
+
+
+decode_chain_page = msgspec.json.Decoder(ChainPage).decode
+"""The snapshot job's fast path: bytes to :class:`ChainPage`; raises ValueError on any
+surprise (then the page is parsed as plain JSON and checked row by row)."""
+
+_NO_QUOTE, _NO_TRADE, _NO_DAY, _NO_GREEKS, _NO_ASSET = (
+    _Quote(),
+    _Trade(),
+    _Day(),
+    _Greeks(),
+    _Asset(),
+)
+
+
+def snapshot_row(
+    result: SnapshotResult, *, underlying: str, captured_at: dt.datetime
+) -> SnapshotRow:
+    """Build an ``option_snapshots`` row from a typed result (see :func:`normalize_snapshot`).
+
+    Raises:
+        Rejected: the ticker is not an option ticker, or a timestamp is negative.
+    """
+    ticker = result.details.ticker
+    if not ticker.startswith("O:"):
+        raise Rejected(f"details.ticker {ticker!r} is not an option ticker")
+    quote = result.last_quote or _NO_QUOTE
+    trade = result.last_trade or _NO_TRADE
+    day = result.day or _NO_DAY
+    greeks = result.greeks or _NO_GREEKS
+    asset = result.underlying_asset or _NO_ASSET
+    quoted = quote.last_updated
+    traded = trade.sip_timestamp
+    try:
+        quoted_at = _ns(quoted) if quoted else None
+        traded_at = _ns(traded) if traded else None
+    except ValueError as exc:
+        raise Rejected(f"{ticker}: {exc}") from None
+    return (
+        ticker,
+        underlying,
+        captured_at,
+        quote.bid,
+        quote.bid_size,
+        quote.ask,
+        quote.ask_size,
+        quote.midpoint,
+        quoted_at,
+        trade.price,
+        trade.size,
+        traded_at,
+        day.open,
+        day.high,
+        day.low,
+        day.close,
+        day.volume,
+        day.vwap,
+        day.change,
+        day.change_percent,
+        day.previous_close,
+        result.implied_volatility,
+        greeks.delta,
+        greeks.gamma,
+        greeks.theta,
+        greeks.vega,
+        result.open_interest,
+        result.break_even_price,
+        asset.price if asset.price is not None else asset.value,
+        result.fmv,
+    )
+
+
+def snapshot_contract(raw: dict[str, Any] | SnapshotResult, *, underlying: str) -> ContractRow:
     """Build an ``option_contracts`` row from a snapshot's ``details``, for a contract the daily
     sync has not seen yet.
 
     Raises:
         Rejected: the details do not make a valid contract row.
     """
-    details = raw.get("details")
-    if not isinstance(details, dict):
-        raise Rejected("snapshot without a details object")
-    details = dict(details)
+    if isinstance(raw, SnapshotResult):
+        details: Any = msgspec.structs.asdict(raw.details)
+    else:
+        details = raw.get("details")
+        if not isinstance(details, dict):
+            raise Rejected("snapshot without a details object")
+        details = dict(details)
     details.setdefault("underlying_ticker", underlying)
     return normalize_contract(details, underlying=underlying)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -91,6 +91,12 @@ _MAX_CONNECT_TIMEOUT: Final = 10.0
 _MAX_DETAIL_CHARS: Final = 300
 
 _Query = list[tuple[str, str]]
+
+
+Decoder = Callable[[bytes], Any]
+"""Turns a 2xx body into a typed page, or raises ValueError (see :meth:`PolygonClient.paginate`)."""
+
+_JSON_TYPES = (dict, list, str, int, float, bool, type(None))
 
 
 @dataclass(frozen=True)
@@ -216,12 +222,16 @@ class PolygonClient:
         return self.paginate(CONTRACTS_PATH, query)
 
     def chain_snapshot(
-        self, underlying: str, params: Mapping[str, str | int] | None = None
+        self,
+        underlying: str,
+        params: Mapping[str, str | int] | None = None,
+        *,
+        decoder: Decoder | None = None,
     ) -> AsyncGenerator[Page, None]:
         """Page through the option chain snapshot of one underlying (``I:SPX`` for indices).
 
         Sends ``limit=250`` (the endpoint's maximum; the official client sends none and gets 10);
-        ``params`` adds filters and may override ``limit``.
+        ``params`` adds filters and may override ``limit``. ``decoder``: see :meth:`paginate`.
 
         Raises:
             ConfigError: at call time, before any request, when the ticker is malformed.
@@ -229,7 +239,9 @@ class PolygonClient:
         ticker = validate_underlying(underlying)
         query: dict[str, str | int] = {"limit": CHAIN_PAGE_LIMIT}
         query.update(params or {})
-        return self.paginate(CHAIN_PATH.format(underlying=_quote_segment(ticker)), query)
+        return self.paginate(
+            CHAIN_PATH.format(underlying=_quote_segment(ticker)), query, decoder=decoder
+        )
 
     async def previous_close(self, ticker: str) -> float | None:
         """Return the previous session's close of a stock, index or option ticker.
@@ -305,13 +317,18 @@ class PolygonClient:
         return body
 
     async def paginate(
-        self, path: str, params: Mapping[str, str | int]
+        self, path: str, params: Mapping[str, str | int], *, decoder: Decoder | None = None
     ) -> AsyncGenerator[Page, None]:
         """Yield the pages of one list query, following ``next_url``, as each one is parsed.
 
         The first request is ``path`` with ``params``; each later one is the configured base URL
         plus the path and query of the previous page's ``next_url`` (its host is ignored, so the
         key never leaves the configured host), with no other parameters.
+
+        ``decoder`` is a typed fast path (a ``msgspec`` decoder of the page): its result must
+        have ``results``, ``next_url`` and ``request_id`` attributes. A body it refuses (a field
+        of an unexpected type, a missing ``results``) is parsed the generic way instead, so the
+        rows then arrive as dicts and every shape check below still applies.
 
         Raises:
             PageShapeError: a page without a ``results`` list; never taken for the last page.
@@ -326,7 +343,7 @@ class PolygonClient:
         number = 0
         while True:
             number += 1
-            body, request_id = await self._get(path, query, page=number)
+            body, request_id = await self._get(path, query, page=number, decoder=decoder)
             page, next_url = _parse_page(path, body, number, request_id)
             logger.debug(
                 "Polygon %s page %d: %d rows%s",
@@ -358,7 +375,9 @@ class PolygonClient:
 
     # -- one request, with retries ------------------------------------------------------------
 
-    async def _get(self, path: str, query: _Query, *, page: int | None) -> tuple[Any, str | None]:
+    async def _get(
+        self, path: str, query: _Query, *, page: int | None, decoder: Decoder | None = None
+    ) -> tuple[Any, str | None]:
         """Send one GET with retries and return the decoded JSON body and its request id."""
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientApiError),
@@ -368,9 +387,11 @@ class PolygonClient:
             # The caller gets the last project error itself, not tenacity.RetryError.
             reraise=True,
         )
-        return await retrying(self._attempt, path, query, page)
+        return await retrying(self._attempt, path, query, page, decoder)
 
-    async def _attempt(self, path: str, query: _Query, page: int | None) -> tuple[Any, str | None]:
+    async def _attempt(
+        self, path: str, query: _Query, page: int | None, decoder: Decoder | None
+    ) -> tuple[Any, str | None]:
         """Send one HTTP attempt and classify its outcome."""
         session = self._require_session()
         # The semaphore is taken first so a request waiting for a slot does not spend a rate
@@ -411,6 +432,13 @@ class PolygonClient:
                         endpoint=path,
                         status=status,
                     ) from exc
+                if decoder is not None and 200 <= status < 300:
+                    try:
+                        typed = decoder(raw)
+                    except ValueError:
+                        pass  # msgspec's errors are ValueErrors: take the generic path
+                    else:
+                        return typed, getattr(typed, "request_id", None) or header_request_id
                 return self._classify(
                     path, status, raw, reason, retry_after, header_request_id, page
                 )
@@ -539,6 +567,14 @@ def _parse_page(
     path: str, body: Any, number: int, request_id: str | None
 ) -> tuple[Page, str | None]:
     """Check a list page's shape and return it with its ``next_url``."""
+    if not isinstance(body, _JSON_TYPES):  # a typed page from a decoder: its types are checked
+        page = Page(
+            results=body.results,
+            number=number,
+            request_id=request_id,
+            has_next=body.next_url is not None,
+        )
+        return page, body.next_url
     results = body.get("results") if isinstance(body, dict) else None
     if not isinstance(results, list):
         what = "no results list" if results is None else f"results of type {type(results).__name__}"
@@ -548,6 +584,7 @@ def _parse_page(
             status=200,
             request_id=request_id,
         )
+    assert isinstance(body, dict)
     next_url = body.get("next_url")
     # Only absence or null means "last page": anything else unexpected must stop the walk
     # rather than silently truncate the chain.

@@ -39,10 +39,13 @@ from options.normalize import (
     SNAPSHOT_COLUMNS,
     ContractRow,
     Rejected,
+    SnapshotResult,
     SnapshotRow,
     check_snapshot_row,
+    decode_chain_page,
     normalize_snapshot,
     snapshot_contract,
+    snapshot_row,
 )
 from options.polygon import PolygonClient
 from options.runs import Run
@@ -299,7 +302,9 @@ class SnapshotRun:
     async def _fetch_slice(self, part: Slice) -> None:
         chain = part.chain
         try:
-            async for page in self.client.chain_snapshot(chain.underlying, part.api_params()):
+            async for page in self.client.chain_snapshot(
+                chain.underlying, part.api_params(), decoder=decode_chain_page
+            ):
                 chain.pages += 1
                 await self._accept(chain, page.results)
         except ApiError as exc:
@@ -311,21 +316,26 @@ class SnapshotRun:
     async def _accept(self, chain: Chain, results: list[Any]) -> None:
         rows: list[SnapshotRow] = []
         new_contracts: list[ContractRow] = []
+        seen, known, key, captured_at = chain.seen, chain.known, chain.key, self.captured_at
+        # typed results (the decoder's fast path) or dicts (a page the decoder refused)
+        build = (
+            snapshot_row if results and type(results[0]) is SnapshotResult else normalize_snapshot
+        )
         for raw in results:
             try:
-                row = normalize_snapshot(raw, underlying=chain.key, captured_at=self.captured_at)
+                row = build(raw, underlying=key, captured_at=captured_at)
                 ticker = row[0]
-                if ticker in chain.seen:
+                if ticker in seen:
                     continue  # a row repeated across pages must not break the batch's COPY
-                if ticker not in chain.known:
-                    new_contracts.append(snapshot_contract(raw, underlying=chain.key))
-                    chain.known.add(ticker)
+                if ticker not in known:
+                    new_contracts.append(snapshot_contract(raw, underlying=key))
+                    known.add(ticker)
             except Rejected as exc:
                 chain.rejected += 1
                 if chain.rejected == 1:
                     logger.warning("%s: rejected a snapshot: %s", chain.underlying, exc)
                 continue
-            chain.seen.add(ticker)
+            seen.add(ticker)
             rows.append(row)
         self.run.stats.rows_fetched += len(results)
         if new_contracts:

@@ -355,3 +355,40 @@ async def test_market_closed_skips_unless_forced(
     assert code == ExitCode.OK
     assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == stored
     assert await pool.fetchval("SELECT count(*) FROM ingest_runs") == (1 if stored else 0)
+
+
+async def test_row_with_bad_value_is_rejected_alone(
+    fixtures_dir: Path, pool, make_settings
+) -> None:
+    """A value of the wrong type rejects its row only; the page's other rows are stored."""
+    from aiohttp import web
+
+    template = json.loads((fixtures_dir / AAPL_CHAIN).read_text())["results"][0]
+    results = []
+    for n, (field, value) in enumerate([("bid", 1.25), ("bid", "n/a"), ("volume", 8.0)]):
+        row = copy.deepcopy(template)
+        row["details"]["ticker"] = f"O:AAPL230616C0015{n}000"
+        (row["day"] if field == "volume" else row["last_quote"])[field] = value
+        results.append(row)
+
+    async def chain(request: web.Request) -> web.Response:
+        return web.json_response({"status": "OK", "request_id": "r1", "results": results})
+
+    async def upcoming(request: web.Request) -> web.Response:
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/v3/snapshot/options/AAPL", chain)
+    app.router.add_get("/v1/marketstatus/upcoming", upcoming)
+    async with await start_server(app) as api:
+        code = await run_snapshots_job(
+            make_settings(api.base_url, ("AAPL",)), explicit_underlyings=True, force=True
+        )
+    assert code == ExitCode.OK
+    stored = await pool.fetch("SELECT ticker, bid, day_volume FROM option_snapshots ORDER BY 1")
+    assert [(r["ticker"], r["bid"], r["day_volume"]) for r in stored] == [
+        ("O:AAPL230616C00150000", 1.25, 8),
+        ("O:AAPL230616C00152000", template["last_quote"]["bid"], 8),
+    ]
+    run = await last_run(pool)
+    assert (run["rows_fetched"], run["rows_written"], run["rows_rejected"]) == (3, 2, 1)
