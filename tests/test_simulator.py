@@ -833,3 +833,24 @@ def test_simulator_process() -> None:
     assert len(body["results"]) == 20
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=5)
+
+
+async def test_cached_chain_pages_serve_the_same_rows(http: aiohttp.ClientSession) -> None:
+    """cache_chain_pages serves the rows and pagination live rendering serves, frozen."""
+
+    async def both() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        async with (
+            simulator(contracts_per_underlying=600) as live_url,
+            simulator(contracts_per_underlying=600, cache_chain_pages=True) as cached_url,
+        ):
+            path = "/v3/snapshot/options/AAA"
+            live = await walk(http, live_url + path, limit=250)
+            first = await walk(http, cached_url + path, limit=250)
+            again = await walk(http, cached_url + path, limit=250)
+            return live, first, again
+
+    live, first, again = await in_one_minute(both)
+    assert [len(p["results"]) for p in first] == [250, 250, 100]
+    assert [p["results"] for p in first] == [p["results"] for p in live]
+    assert [p["results"] for p in again] == [p["results"] for p in first]
+    assert all("next_url" in p for p in first[:-1]) and "next_url" not in first[-1]

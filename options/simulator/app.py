@@ -77,6 +77,8 @@ class SimulatorState:
         self.broken_pages = {
             self.universe.resolve(name): page for name, page in config.broken_pages.items()
         }
+        # (underlying, filter, offset, limit) -> (rendered results, more pages follow)
+        self.chain_pages: dict[tuple[Any, ...], tuple[bytes, bool]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -339,6 +341,8 @@ async def _chain_snapshot(request: web.Request) -> web.Response:
     state = request.app[STATE]
     page, flt = _page_state(request, "chain", CHAIN_MAX_LIMIT)
     name = state.universe.resolve(request.match_info["underlying"])
+    if state.config.cache_chain_pages and name is not None:
+        return _cached_chain_page(request, state, page, flt, name)
     body: dict[str, Any] = {"request_id": _request_id(), "results": [], "status": "OK"}
     if name is not None:
         _check_broken(state, name, page["n"])
@@ -354,6 +358,35 @@ async def _chain_snapshot(request: web.Request) -> web.Response:
         if stop < len(positions):
             body["next_url"] = _next_url(request, page, underlying=0, offset=stop)
     return _list_response(state, orjson.dumps(body))
+
+
+def _cached_chain_page(
+    request: web.Request,
+    state: SimulatorState,
+    page: dict[str, Any],
+    flt: ContractFilter,
+    name: str,
+) -> web.Response:
+    _check_broken(state, name, page["n"])
+    key = (name, orjson.dumps(page["f"], option=orjson.OPT_SORT_KEYS), page["o"], page["l"])
+    cached = state.chain_pages.get(key)
+    if cached is None:
+        chain = state.universe.chain(name)
+        positions = chain.select(flt)
+        start, stop = page["o"], page["o"] + page["l"]
+        rows = snapshot_rows(
+            chain,
+            positions[start:stop],
+            _minute(),
+            deep_itm_without_greeks=state.config.deep_itm_without_greeks,
+        )
+        cached = (orjson.dumps(rows)[1:-1], stop < len(positions))
+        state.chain_pages[key] = cached
+    results, more = cached
+    next_url = (
+        _next_url(request, page, underlying=0, offset=page["o"] + page["l"]) if more else None
+    )
+    return _list_response(state, _list_body([results] if results else [], _request_id(), next_url))
 
 
 async def _option_snapshot(request: web.Request) -> web.Response:

@@ -33,6 +33,10 @@ class SimulatorConfig:
         broken_pages: underlying -> 1-based page number that always answers 500.
         seed: seed of the universe and of every random knob.
         as_of: the "today" the universe is built around; ``None`` is today's UTC date.
+        cache_chain_pages: render each chain-snapshot page once and serve the same rows again
+            (prices then stop drifting): for benchmarks, where the simulator stands in for a
+            remote server whose CPU is not on the benchmarked machine. About 1 KB of memory
+            per contract.
     """
 
     underlyings: tuple[str, ...] = ("AAA", "BBB", "CCC", "DDD", "EEE")
@@ -46,6 +50,7 @@ class SimulatorConfig:
     broken_pages: Mapping[str, int] = field(default_factory=dict)
     seed: int = 0
     as_of: dt.date | None = None
+    cache_chain_pages: bool = False
 
     def __post_init__(self) -> None:
         # Callers pass lists and dicts; freeze them so the config cannot change under the app.
