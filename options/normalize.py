@@ -289,7 +289,7 @@ def _describe(raw: Any) -> str:
     return f"a {type(raw).__name__} result"
 
 
-class _Quote(msgspec.Struct):
+class _Quote(msgspec.Struct, gc=False):
     bid: float | None = None
     bid_size: int | None = None
     ask: float | None = None
@@ -298,13 +298,13 @@ class _Quote(msgspec.Struct):
     last_updated: int | None = None
 
 
-class _Trade(msgspec.Struct):
+class _Trade(msgspec.Struct, gc=False):
     price: float | None = None
     size: int | None = None
     sip_timestamp: int | None = None
 
 
-class _Day(msgspec.Struct):
+class _Day(msgspec.Struct, gc=False):
     open: float | None = None
     high: float | None = None
     low: float | None = None
@@ -316,19 +316,19 @@ class _Day(msgspec.Struct):
     previous_close: float | None = None
 
 
-class _Greeks(msgspec.Struct):
+class _Greeks(msgspec.Struct, gc=False):
     delta: float | None = None
     gamma: float | None = None
     theta: float | None = None
     vega: float | None = None
 
 
-class _Asset(msgspec.Struct):
+class _Asset(msgspec.Struct, gc=False):
     price: float | None = None
     value: float | None = None
 
 
-class SnapshotDetails(msgspec.Struct):
+class SnapshotDetails(msgspec.Struct, gc=False):
     """``details`` of a chain snapshot result: enough to make a contract row."""
 
     ticker: str
@@ -339,7 +339,7 @@ class SnapshotDetails(msgspec.Struct):
     strike_price: float | None = None
 
 
-class SnapshotResult(msgspec.Struct):
+class SnapshotResult(msgspec.Struct, gc=False):
     """One chain snapshot result with the types the API documents; unknown fields ignored."""
 
     details: SnapshotDetails
