@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -32,7 +32,13 @@ from options.contracts import (
     listing_scope,
     market_today,
 )
-from options.db import ACQUIRE_TIMEOUT, DB_ERRORS, bounded_db_connection, describe_db_error
+from options.db import (
+    ACQUIRE_TIMEOUT,
+    DB_ERRORS,
+    bounded_db_connection,
+    bounded_db_connection_gen,
+    describe_db_error,
+)
 from options.errors import ApiError, DatabaseError, RunInterrupted
 from options.logs import StatusReporter
 from options.normalize import (
@@ -133,14 +139,21 @@ async def select_underlyings(
     """
     if explicit:
         return list(settings.underlyings)
-    rows = await pool.fetch(
-        "SELECT DISTINCT underlying_ticker FROM option_contracts WHERE active "
-        "ORDER BY underlying_ticker"
-    )
     chosen = {contract_underlying(u): u for u in settings.underlyings}
-    for row in rows:
-        chosen.setdefault(row["underlying_ticker"], row["underlying_ticker"])
+    async for underlying in active_underlyings(pool):
+        chosen.setdefault(underlying, underlying)
     return list(chosen.values())
+
+
+@bounded_db_connection_gen
+async def active_underlyings(conn: asyncpg.Connection) -> AsyncIterator[str]:
+    """Stream the underlyings that have active contracts, in order (thousands are fine)."""
+    async with conn.transaction():
+        async for row in conn.cursor(
+            "SELECT DISTINCT underlying_ticker FROM option_contracts WHERE active "
+            "ORDER BY underlying_ticker"
+        ):
+            yield row["underlying_ticker"]
 
 
 def partition_name(day: dt.date) -> str:

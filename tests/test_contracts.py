@@ -263,3 +263,39 @@ async def test_run_left_running_is_closed_as_interrupted(simulator, pool, make_s
         assert await run_options_job(make_settings(api.base_url, ("AAA",))) == ExitCode.OK
     statuses = await pool.fetch("SELECT status FROM ingest_runs ORDER BY id")
     assert [r["status"] for r in statuses] == ["interrupted", "succeeded"]
+
+
+async def test_cli_exit_code_and_log_lines_of_a_partial_run(
+    simulator, database_url: str, tmp_path: Path
+) -> None:
+    """The ingest_options process exits 3 on a partial run and logs its progress and totals."""
+    import asyncio
+    import os
+    import sys
+
+    async with simulator(
+        underlyings=("AAA", "BBB"), contracts_per_underlying=1500, broken_pages={"BBB": 2}
+    ) as api:
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "POLYGON_BASE_URL": api.base_url,
+            "POLYGON_API_KEY": "test-key",
+            "UNDERLYINGS": "AAA,BBB",
+            "HTTP_MAX_RETRIES": "0",
+            "LOG_LEVEL": "INFO",
+        }
+        child = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "ingest_options"),
+            "--log-format",
+            "text",
+            env=env,
+            cwd=tmp_path,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(child.communicate(), 60)
+    log = stderr.decode()
+    assert child.returncode == ExitCode.PARTIAL, log
+    assert "Retrieved batch at offset 1000 for AAA" in log
+    assert "Total contracts processed: 2500" in log
+    assert "test-key" not in log

@@ -1,0 +1,110 @@
+"""The pool decorators and the migrations, against real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from options.db import (
+    apply_migrations,
+    bounded_db_connection,
+    bounded_db_connection_gen,
+    load_migrations,
+)
+from options.errors import DatabaseError
+
+
+@bounded_db_connection
+async def backend_pid(conn: asyncpg.Connection, delay: float = 0.0) -> int:
+    await asyncio.sleep(delay)
+    return int(await conn.fetchval("SELECT pg_backend_pid()"))
+
+
+@bounded_db_connection
+async def broken_query(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT * FROM no_such_table")
+
+
+@bounded_db_connection_gen
+async def numbers(conn: asyncpg.Connection, count: int):
+    async with conn.transaction():
+        async for row in conn.cursor("SELECT generate_series(1, $1) AS n", count):
+            yield row["n"]
+
+
+async def test_decorator_lends_a_connection_and_returns_it(database_url: str) -> None:
+    """bounded_db_connection runs the function on a pooled connection and gives it back."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        first = await backend_pid(pool)
+        assert await backend_pid(pool) == first  # the one connection came back to the pool
+    finally:
+        await pool.close()
+
+
+async def test_concurrency_is_bounded_by_the_pool(database_url: str) -> None:
+    """More calls than connections wait for one: never more backends than the pool size."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        pids = await asyncio.gather(*(backend_pid(pool, 0.05) for _ in range(6)))
+        assert len(set(pids)) <= 2
+    finally:
+        await pool.close()
+
+
+async def test_database_errors_become_database_error(pool: asyncpg.Pool) -> None:
+    """An asyncpg error leaves the decorator as DatabaseError naming the function and SQLSTATE."""
+    with pytest.raises(DatabaseError, match=r"broken_query: UndefinedTableError \[42P01\]"):
+        await broken_query(pool)
+
+
+async def test_generator_twin_streams_and_releases(database_url: str) -> None:
+    """The async-generator twin holds its connection while iterating and releases it after."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        assert [n async for n in numbers(pool, 5)] == [1, 2, 3, 4, 5]
+        assert await backend_pid(pool) > 0  # released: the single connection is free again
+    finally:
+        await pool.close()
+
+
+async def test_migrations_are_idempotent(pool: asyncpg.Pool) -> None:
+    """Applying the migrations to a migrated database applies nothing and keeps the records."""
+    assert await apply_migrations(pool) == []
+    applied = await pool.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+    assert [(r["version"], r["name"]) for r in applied] == [
+        (m.version, m.name) for m in load_migrations()
+    ]
+
+
+async def test_concurrent_migrations_apply_once(server_url: str) -> None:
+    """Several processes migrating a fresh database at once: each migration is applied once."""
+    from tests.conftest import with_database
+
+    name = "t_migrate_race"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name}")
+        pools = [
+            await asyncpg.create_pool(with_database(server_url, name), min_size=1, max_size=1)
+            for _ in range(3)
+        ]
+        try:
+            results = await asyncio.gather(*(apply_migrations(p) for p in pools))
+            assert sorted(len(r) for r in results) == [0, 0, len(load_migrations())]
+        finally:
+            for p in pools:
+                await p.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_edited_migration_is_refused(pool: asyncpg.Pool) -> None:
+    """A migration whose file changed after it was applied stops the job with a clear error."""
+    await pool.execute("UPDATE schema_migrations SET checksum = 'x' WHERE version = 1")
+    with pytest.raises(DatabaseError, match="changed after it was applied"):
+        await apply_migrations(pool)
