@@ -25,8 +25,10 @@ lint: install
 
 check: lint test  ## what CI runs
 
-bench: install  ## the contracts benchmark (see README)
+bench: install  ## both benchmarks (see README); the snapshot baseline needs the official client
+	$(BIN)/pip install --quiet --disable-pip-version-check massive==2.9.1
 	$(BIN)/python benchmarks/bench_contracts.py
+	$(BIN)/python benchmarks/bench_snapshots.py
 
 clean:
 	rm -rf $(VENV) .local

@@ -17,46 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
-from pathlib import Path
 from typing import Any
 
 import asyncpg
+from harness import KEY, api_requests, benchmark_database, fetch_value, header, job_env, run_child
 
-from options.localdb import start_local_postgres
 from options.normalize import SNAPSHOT_COLUMNS
 from options.simulator import SimulatorConfig, SimulatorProcess, make_universe_names
 
-BIN = Path(sys.executable).parent
-KEY = "bench-key"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def run_child(script: str, env: dict[str, str], *args: str) -> tuple[float, int, int]:
-    """Run a console script; return (wall seconds, exit code, peak RSS in MB)."""
-    started = time.perf_counter()
-    child = subprocess.Popen([str(BIN / script), *args], env=env, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    return time.perf_counter() - started, os.waitstatus_to_exitcode(status), usage.ru_maxrss // 1024
-
-
-def api_requests(base_url: str) -> int:
-    with urllib.request.urlopen(f"{base_url}/_sim/stats") as response:
-        return int(json.load(response)["requests"])
-
-
-async def sql(dsn: str, query: str) -> Any:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(query)
-    finally:
-        await conn.close()
 
 
 def ns(value: int | None) -> dt.datetime | None:
@@ -161,7 +131,7 @@ def scenario(dsn: str, underlyings: int, contracts: int, latency_ms: int, baseli
         cache_chain_pages=baseline,
     )
     asyncio.run(
-        sql(
+        fetch_value(
             dsn,
             "DROP TABLE IF EXISTS option_snapshots, snapshot_coverage, "
             "option_contracts, ingest_runs, schema_migrations, baseline_snapshots "
@@ -171,15 +141,7 @@ def scenario(dsn: str, underlyings: int, contracts: int, latency_ms: int, baseli
     label = f"{underlyings} x {contracts} @ {latency_ms} ms"
     ideal = underlyings * -(-contracts // 250)
     with SimulatorProcess(config) as simulator:
-        env = {
-            **os.environ,
-            "DATABASE_URL": dsn,
-            "POLYGON_BASE_URL": simulator.base_url,
-            "POLYGON_API_KEY": KEY,
-            "UNDERLYINGS": ",".join(names),
-            "POLYGON_RATE_LIMIT": "off",
-            "LOG_LEVEL": "WARNING",
-        }
+        env = job_env(dsn, simulator.base_url, names)
         _, code, _ = run_child("ingest_options", env)
         assert code == 0, f"ingest_options exited {code}"
         env.pop("UNDERLYINGS")  # select the underlyings from option_contracts, as in production
@@ -226,13 +188,8 @@ def main() -> None:
         help="run the baseline only for universes up to this size",
     )
     args = parser.parse_args()
-    dsn = os.environ.get("BENCH_DATABASE_URL")
-    server = None
-    if not dsn:
-        server = start_local_postgres(Path(tempfile.mkdtemp(prefix="bench-pg-")) / "data")
-        dsn = server.url
-    print(f"ingest_snapshots benchmark on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    try:
+    print(header("ingest_snapshots"))
+    with benchmark_database() as dsn:
         for spec in args.scenarios.split(","):
             size, latency = spec.split("@")
             underlyings, contracts = (int(n) for n in size.split("x"))
@@ -243,9 +200,6 @@ def main() -> None:
                 int(latency.removesuffix("ms")),
                 baseline=underlyings * contracts <= args.baseline_max_rows,
             )
-    finally:
-        if server is not None:
-            server.stop()
 
 
 if __name__ == "__main__":
