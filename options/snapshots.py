@@ -234,7 +234,9 @@ class SnapshotRun:
         self.captured_at = captured_at
         self.partition = partition
         self.today = market_today()
-        self.work: asyncio.Queue[Chain | Slice] = asyncio.Queue()
+        # last in, first out: a planned chain's slices are fetched before the next chain is
+        # planned, so only the chains in flight hold their ticker sets (memory flat in universe)
+        self.work: asyncio.LifoQueue[Chain | Slice] = asyncio.LifoQueue()
         self.pages: asyncio.Queue[tuple[Chain, list[SnapshotRow]] | None] = asyncio.Queue(
             QUEUE_PAGES
         )
@@ -249,7 +251,7 @@ class SnapshotRun:
             DatabaseError: PostgreSQL failed.
         """
         self.chains = [Chain(u, contract_underlying(u)) for u in underlyings]
-        for chain in self.chains:
+        for chain in reversed(self.chains):
             self.work.put_nowait(chain)
         writers = [asyncio.create_task(self._write()) for _ in range(WRITERS)]
         # fetchers hold no database connection, so HTTP_CONCURRENCY is their only bound
