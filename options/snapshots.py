@@ -18,7 +18,6 @@ import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -304,12 +303,10 @@ class SnapshotRun:
             self._fail(chain, exc)
             chain.end_slice(done=False)
             return
-        rows = await _known_contracts(self.pool, chain.key, self.today)
-        chain.known = {row["ticker"] for row in rows}
-        chain.expected = {row["ticker"] for row in rows if row["active"] and _in_scope(row, scope)}
-        slices = plan_slices(
-            chain, [row["expiration_date"] for row in rows if row["active"]], scope
-        )
+        rows = await _known_contracts(self.pool, chain.key, self.today, scope)
+        chain.known = {row[0] for row in rows}
+        chain.expected = {row[0] for row in rows if row[1]}
+        slices = plan_slices(chain, [row[2] for row in rows if row[3]], scope)
         chain.slices = len(slices)
         for part in slices:
             self.work.put_nowait(part)
@@ -492,33 +489,32 @@ def plan_slices(chain: Chain, expirations: Sequence[dt.date], scope: ListingScop
     return slices
 
 
-def _in_scope(row: asyncpg.Record, scope: ListingScope) -> bool:
-    if scope.contract_type and row["contract_type"] != scope.contract_type:
-        return False
-    expiration = row["expiration_date"]
-    if scope.max_expiration and expiration and expiration > scope.max_expiration:
-        return False
-    strike: Decimal | None = row["strike_price"]
-    if strike is not None:
-        if scope.min_strike is not None and strike < scope.min_strike:
-            return False
-        if scope.max_strike is not None and strike > scope.max_strike:
-            return False
-    return True
-
-
 @bounded_db_connection
 async def _known_contracts(
-    conn: asyncpg.Connection, underlying: str, today: dt.date
+    conn: asyncpg.Connection, underlying: str, today: dt.date, scope: ListingScope
 ) -> list[asyncpg.Record]:
+    """The unexpired contracts of an underlying: (ticker, expected, expiration, active).
+
+    ``expected``: active and inside the filters, so the chain should return it.
+    """
     return await conn.fetch(
         """
-        SELECT ticker, active, contract_type, expiration_date, strike_price
+        SELECT ticker,
+               active AND ($3::text IS NULL OR contract_type = $3)
+                      AND ($4::date IS NULL OR expiration_date <= $4)
+                      AND ($5::numeric IS NULL OR strike_price >= $5)
+                      AND ($6::numeric IS NULL OR strike_price <= $6),
+               expiration_date,
+               active
         FROM option_contracts
         WHERE underlying_ticker = $1 AND (expiration_date >= $2 OR expiration_date IS NULL)
         """,
         underlying,
         today,
+        scope.contract_type,
+        scope.max_expiration,
+        scope.min_strike,
+        scope.max_strike,
     )
 
 
