@@ -392,3 +392,22 @@ async def test_row_with_bad_value_is_rejected_alone(
     ]
     run = await last_run(pool)
     assert (run["rows_fetched"], run["rows_written"], run["rows_rejected"]) == (3, 2, 1)
+
+
+async def test_filters_are_pushed_down_and_scope_coverage(simulator, pool, make_settings) -> None:
+    """CONTRACT_TYPES reaches the API and limits what coverage counts as expected."""
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=200) as api:
+        await seed_contracts(pool, api.base_url, ("AAA",), make_settings)
+        settings = make_settings(api.base_url, ("AAA",), contract_types=("put",))
+        assert await run_snapshots_job(settings, force=True) == ExitCode.OK
+    types = await pool.fetch(
+        "SELECT c.contract_type, count(*) FROM option_snapshots s "
+        "JOIN option_contracts c USING (ticker) GROUP BY 1"
+    )
+    assert [(r[0], r[1]) for r in types] == [("put", 100)]
+    cover = (await coverage(pool))["AAA"]
+    assert (cover["contracts_active"], cover["snapshots_stored"], cover["contracts_missing"]) == (
+        100,
+        100,
+        0,
+    )
