@@ -1,0 +1,381 @@
+"""systemd units for the jobs: render the templates in ``scripts/``, install them, uninstall them.
+
+The templates use two kinds of markers:
+
+- ``@NAME@`` placeholders, replaced by absolute paths of the current installation and by the
+  schedule (a line holding only a placeholder whose value is empty is dropped);
+- a leading ``@SYSTEM@`` on lines that only the system manager can apply (users, file-system
+  namespaces, capabilities, credentials): kept in system units, dropped in user units.
+
+:func:`render_units` is pure (paths in, text out), so it is tested without systemd;
+:func:`install_units` and :func:`uninstall_units` write the files and call ``systemctl``, which
+tests replace with a recording script.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import pwd
+import re
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from options.errors import ConfigError, OptionsError
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "scripts"
+SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
+USER_UNIT_SUBDIR = Path(".config/systemd/user")
+LINGER_DIR = Path("/var/lib/systemd/linger")
+UNIT_FILES = (
+    "ingest_options.service",
+    "ingest_options.timer",
+    "ingest_snapshots.service",
+    "ingest_snapshots.timer",
+    "ingest-notify@.service",
+)
+TIMERS = ("ingest_options.timer", "ingest_snapshots.timer")
+JOB_SCRIPTS = ("ingest_options", "ingest_snapshots")
+TIME_ZONE = "America/New_York"
+SNAPSHOT_PERIODS = (5, 10, 15)
+DEFAULT_SNAPSHOT_EVERY = 10
+# ProtectHome= hides these; PrivateTmp= replaces these: what the job reads there must be bound in.
+HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
+TMP_ROOTS = (Path("/tmp"), Path("/var/tmp"))
+
+_PLACEHOLDER = re.compile(r"@([A-Z][A-Z_]*)@")
+_SYSTEM_ONLY = "@SYSTEM@"
+# Characters a unit file would need escaped or would expand (specifiers, variables, quoting).
+_UNSAFE_PATH = re.compile(r"[\s%$\"'\\;]")
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+class Scope(enum.Enum):
+    """Which service manager runs the units."""
+
+    SYSTEM = "system"
+    USER = "user"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Installation:
+    """The absolute paths a rendered unit refers to.
+
+    Attributes:
+        exec_dir: the virtualenv's ``bin`` directory holding the job scripts.
+        env_file: the settings file (``EnvironmentFile=``, ``--env-file``).
+        working_dir: the jobs' working directory.
+        read_paths: what the job must be able to read besides ``exec_dir``: the virtualenv,
+            the interpreter's installation, the code (for an editable install).
+        scripts_dir: where the ``notify-failure`` hook is.
+    """
+
+    exec_dir: Path
+    env_file: Path
+    working_dir: Path
+    read_paths: tuple[Path, ...] = ()
+    scripts_dir: Path = TEMPLATE_DIR
+
+    @classmethod
+    def detect(
+        cls, *, env_file: Path | None = None, working_dir: Path | None = None
+    ) -> Installation:
+        """Describe the installation running this code: its virtualenv, interpreter and code.
+
+        Args:
+            env_file: the settings file; ``./.env`` when ``None``. It must exist.
+            working_dir: the jobs' working directory; the current one when ``None``.
+
+        Raises:
+            ConfigError: the env file does not exist, or this interpreter is not the one the
+                job scripts are installed with.
+        """
+        cwd = Path.cwd()
+        working = _absolute(working_dir or cwd, cwd)
+        env = _absolute(env_file or Path(".env"), cwd)
+        if not env.is_file():
+            raise ConfigError(
+                f"env file {env} does not exist: "
+                "create it from .env.example, or pass --env-file PATH"
+            )
+        exec_dir = _absolute(Path(sys.executable).parent, cwd)
+        missing = [name for name in JOB_SCRIPTS if not (exec_dir / name).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{exec_dir} has no {', '.join(missing)}: run install-units with the "
+                "ingest_admin of the virtualenv the jobs are installed in"
+            )
+        code_dir = Path(__file__).resolve().parents[1]
+        read_paths = (Path(sys.prefix), Path(sys.base_prefix), code_dir)
+        return cls(
+            exec_dir=exec_dir,
+            env_file=env,
+            working_dir=working,
+            read_paths=tuple(dict.fromkeys(_absolute(p, cwd) for p in read_paths)),
+        )
+
+    def hidden_paths(self) -> tuple[Path, ...]:
+        """Return the paths the job needs that ProtectHome= or PrivateTmp= would hide.
+
+        Both the path as written and its real path count (a venv's ``python`` is a symlink,
+        often into a home directory, as pyenv's are). Nested paths are left out.
+        """
+        wanted: list[Path] = []
+        for path in (self.exec_dir, self.working_dir, *self.read_paths):
+            for candidate in (path, path.resolve()):
+                if _under(candidate, HOME_ROOTS + TMP_ROOTS) and candidate not in wanted:
+                    wanted.append(candidate)
+        return tuple(
+            sorted(p for p in wanted if not any(o != p and p.is_relative_to(o) for o in wanted))
+        )
+
+
+def render_units(
+    installation: Installation,
+    *,
+    scope: Scope = Scope.SYSTEM,
+    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+    user_name: str | None = None,
+    template_dir: Path = TEMPLATE_DIR,
+) -> dict[str, str]:
+    """Render every unit file for ``installation``.
+
+    Args:
+        installation: the paths the units refer to.
+        scope: system units (hardened, run as a dynamic or named user) or user units.
+        snapshot_every: the snapshot cadence in minutes, one of :data:`SNAPSHOT_PERIODS`.
+        user_name: run the system units as this existing user instead of a dynamic one.
+        template_dir: where the templates are.
+
+    Returns:
+        File name to file content, in :data:`UNIT_FILES` order.
+
+    Raises:
+        ConfigError: an invalid cadence or user name, a path a unit file cannot hold, or a
+            missing template.
+    """
+    if snapshot_every not in SNAPSHOT_PERIODS:
+        raise ConfigError(
+            f"snapshot cadence {snapshot_every} is invalid: expected one of "
+            f"{', '.join(map(str, SNAPSHOT_PERIODS))} minutes"
+        )
+    if user_name is not None and scope is Scope.USER:
+        raise ConfigError("--user-name applies to system units only: user units run as you")
+    if user_name is not None and not _USER_NAME.fullmatch(user_name):
+        raise ConfigError(f"user name {user_name!r} is invalid: expected a system user name")
+    paths = [installation.exec_dir, installation.env_file, installation.working_dir]
+    paths += [installation.scripts_dir, *installation.read_paths]
+    for path in paths:
+        if not path.is_absolute() or _UNSAFE_PATH.search(str(path)):
+            raise ConfigError(
+                f"path {str(path)!r} cannot go into a unit file: expected an absolute path "
+                "without spaces, quotes, %, $, ; or backslashes"
+            )
+
+    system = scope is Scope.SYSTEM
+    values = {
+        "EXEC_DIR": str(installation.exec_dir),
+        "ENV_FILE": str(installation.env_file),
+        # System units read the service's private copy (LoadCredential=): the file may be
+        # unreadable by the service user.
+        "JOB_ENV_FILE": "${CREDENTIALS_DIRECTORY}/env" if system else str(installation.env_file),
+        "WORKING_DIR": str(installation.working_dir),
+        "SCRIPTS_DIR": str(installation.scripts_dir),
+        "NOTIFY_SCOPE": f"--{scope.value}",
+        "USER_DIRECTIVES": _user_directives(scope, user_name),
+        "PATH_DIRECTIVES": _path_directives(installation) if system else "",
+        "SNAPSHOT_EVERY": str(snapshot_every),
+        "SNAPSHOT_DEADLINE": f"{snapshot_every - 1}m",
+        "SNAPSHOT_TIMEOUT": f"{snapshot_every - 1}min 30s",
+        "ON_CALENDAR": "\n".join(
+            f"OnCalendar={spec}" for spec in snapshot_calendar(snapshot_every)
+        ),
+    }
+    rendered: dict[str, str] = {}
+    for name in UNIT_FILES:
+        try:
+            template = (template_dir / name).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"unit template {template_dir / name} cannot be read ({type(exc).__name__}): "
+                "install-units needs the project's scripts/ directory (install from a checkout)"
+            ) from None
+        rendered[name] = _render(name, template, values, system=system)
+    return rendered
+
+
+def snapshot_calendar(every: int) -> tuple[str, ...]:
+    """Return the ``OnCalendar=`` specs of the slots 09:30..16:00 New York time, Mon..Fri.
+
+    ``HH:MM/N`` repeats the minutes within hour HH only, hence three specs: the half hour after
+    09:30, the full hours 10..15, and 16:00 itself.
+    """
+    return (
+        f"Mon..Fri *-*-* 09:30/{every}:00 {TIME_ZONE}",
+        f"Mon..Fri *-*-* 10..15:00/{every}:00 {TIME_ZONE}",
+        f"Mon..Fri *-*-* 16:00:00 {TIME_ZONE}",
+    )
+
+
+def default_unit_dir(scope: Scope) -> Path:
+    """Return where systemd reads administrator units of ``scope`` from."""
+    return SYSTEM_UNIT_DIR if scope is Scope.SYSTEM else Path.home() / USER_UNIT_SUBDIR
+
+
+def format_units(units: Mapping[str, str], unit_dir: Path) -> str:
+    """Return the rendered files as one text, each after a ``==> PATH <==`` header line."""
+    return "\n".join(f"==> {unit_dir / name} <==\n{text}" for name, text in units.items())
+
+
+def install_units(
+    units: Mapping[str, str],
+    *,
+    scope: Scope,
+    unit_dir: Path,
+    systemctl: Sequence[str] = ("systemctl",),
+    euid: int | None = None,
+) -> list[Path]:
+    """Write the rendered units, reload systemd and enable and start the timers.
+
+    Args:
+        units: file name to content, as :func:`render_units` returns.
+        scope: which manager to reload (``systemctl --user`` for user units).
+        unit_dir: where to write the files.
+        systemctl: the command to run instead of ``systemctl`` (tests).
+        euid: the effective user id to check against root; the process's when ``None``.
+
+    Returns:
+        The files written.
+
+    Raises:
+        ConfigError: system units requested without root.
+        OptionsError: a file cannot be written, or ``systemctl`` failed.
+    """
+    _require_root(scope, euid, "install")
+    written: list[Path] = []
+    try:
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in units.items():
+            path = unit_dir / name
+            # written whole then renamed: systemd never reads a half-written unit
+            partial = path.with_name(f".{name}.tmp")
+            partial.write_text(text, encoding="utf-8")
+            partial.chmod(0o644)
+            partial.replace(path)
+            written.append(path)
+    except OSError as exc:
+        raise OptionsError(f"cannot write units to {unit_dir}: {exc.strerror or exc}") from None
+    command = _systemctl_command(systemctl, scope)
+    _run([*command, "daemon-reload"])
+    _run([*command, "enable", "--now", *TIMERS])
+    return written
+
+
+def uninstall_units(
+    *,
+    scope: Scope,
+    unit_dir: Path,
+    systemctl: Sequence[str] = ("systemctl",),
+    euid: int | None = None,
+) -> list[Path]:
+    """Disable and stop the timers, remove the unit files, reload systemd.
+
+    Drop-ins made with ``systemctl edit`` (``*.d/`` directories) are the operator's and stay.
+
+    Returns:
+        The files removed (empty when nothing was installed).
+
+    Raises:
+        ConfigError: system units requested without root.
+        OptionsError: ``systemctl`` failed or a file cannot be removed.
+    """
+    _require_root(scope, euid, "uninstall")
+    command = _systemctl_command(systemctl, scope)
+    present = [unit_dir / name for name in UNIT_FILES if (unit_dir / name).exists()]
+    if not present:
+        return []
+    timers = [t for t in TIMERS if (unit_dir / t).exists()]
+    if timers:
+        _run([*command, "disable", "--now", *timers])
+    try:
+        for path in present:
+            path.unlink()
+    except OSError as exc:
+        raise OptionsError(f"cannot remove units from {unit_dir}: {exc.strerror or exc}") from None
+    _run([*command, "daemon-reload"])
+    return present
+
+
+def user_without_linger() -> str | None:
+    """Return the current user's name if their timers stop at logout (linger off), else None."""
+    name = pwd.getpwuid(os.getuid()).pw_name
+    return None if (LINGER_DIR / name).exists() else name
+
+
+def _render(name: str, template: str, values: Mapping[str, str], *, system: bool) -> str:
+    lines: list[str] = []
+    for line in template.splitlines():
+        if line.startswith(_SYSTEM_ONLY):
+            if not system:
+                continue
+            line = line[len(_SYSTEM_ONLY) :]
+        unknown = {m for m in _PLACEHOLDER.findall(line) if m not in values}
+        if unknown:
+            raise ConfigError(f"unit template {name} uses unknown placeholders: {sorted(unknown)}")
+        whole = _PLACEHOLDER.fullmatch(line)
+        if whole and not values[whole.group(1)]:
+            continue
+        lines.append(_PLACEHOLDER.sub(lambda m: values[m.group(1)], line))
+    return "\n".join(lines) + "\n"
+
+
+def _user_directives(scope: Scope, user_name: str | None) -> str:
+    if scope is Scope.USER:
+        return ""
+    if user_name is None:
+        return "DynamicUser=yes"
+    return f"User={user_name}"
+
+
+def _path_directives(installation: Installation) -> str:
+    hidden = installation.hidden_paths()
+    under_home = any(_under(p, HOME_ROOTS) for p in hidden)
+    # tmpfs, not yes: a bind mount needs a path to land on, and an empty tmpfs /root or /home
+    # (mode 0755) lets the service user reach the bound directories, which 0700 /root would not.
+    lines = [f"ProtectHome={'tmpfs' if under_home else 'yes'}"]
+    lines += [f"BindReadOnlyPaths={p}" for p in hidden]
+    return "\n".join(lines)
+
+
+def _systemctl_command(systemctl: Sequence[str], scope: Scope) -> list[str]:
+    return [*systemctl, "--user"] if scope is Scope.USER else list(systemctl)
+
+
+def _require_root(scope: Scope, euid: int | None, verb: str) -> None:
+    if scope is Scope.SYSTEM and (os.geteuid() if euid is None else euid) != 0:
+        raise ConfigError(
+            f"{verb}ing system units needs root: run it with sudo, or use --user for user units"
+        )
+
+
+def _run(argv: list[str]) -> None:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise OptionsError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout).strip().splitlines()
+        detail = output[-1] if output else "no output"
+        raise OptionsError(f"`{' '.join(argv)}` exited {result.returncode}: {detail}")
+
+
+def _absolute(path: Path, cwd: Path) -> Path:
+    # normalized but not resolved: a symlinked venv keeps the path the operator chose
+    return Path(os.path.normpath(cwd / path))
+
+
+def _under(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)

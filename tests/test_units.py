@@ -1,0 +1,547 @@
+"""systemd units: rendering, systemd's own checks (verify, security, calendar), install, hook."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from options.errors import ConfigError, OptionsError
+from options.units import (
+    TEMPLATE_DIR,
+    TIMERS,
+    UNIT_FILES,
+    Installation,
+    Scope,
+    install_units,
+    render_units,
+    uninstall_units,
+)
+
+BIN = Path(sys.executable).parent
+NEW_YORK = ZoneInfo("America/New_York")
+NOTIFY_HOOK = TEMPLATE_DIR / "notify-failure"
+SERVICES = ("ingest_options.service", "ingest_snapshots.service")
+# A normal host: venv and code in /opt, settings in /etc, interpreter from the system.
+OPT = Installation(
+    exec_dir=Path("/opt/options-history/.venv/bin"),
+    env_file=Path("/etc/options-history/env"),
+    working_dir=Path("/opt/options-history"),
+    read_paths=(Path("/opt/options-history/.venv"), Path("/usr"), Path("/opt/options-history")),
+    scripts_dir=Path("/opt/options-history/scripts"),
+)
+
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (apt-get install systemd)",
+)
+
+
+@pytest.fixture
+def env_file(tmp_path: Path) -> Path:
+    """An env file as an operator writes it."""
+    path = tmp_path / "env"
+    path.write_text("DATABASE_URL=postgresql://options@127.0.0.1/options\n", encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def here(env_file: Path) -> Installation:
+    """This checkout's installation: real console scripts, so `verify` can check ExecStart=."""
+    return Installation.detect(env_file=env_file, working_dir=Path.cwd())
+
+
+def write_units(units: dict[str, str], directory: Path) -> list[Path]:
+    """Write rendered units into ``directory``; return their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in units.items():
+        (directory / name).write_text(text, encoding="utf-8")
+        paths.append(directory / name)
+    return paths
+
+
+def directives(text: str, key: str) -> list[str]:
+    """Every value of ``key=`` in a unit file's text."""
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(f"{key}=")]
+
+
+def analyze(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run systemd-analyze with UTC output."""
+    return subprocess.run(
+        ["systemd-analyze", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "TZ": "UTC", "SYSTEMD_PAGER": "", **(env or {})},
+        timeout=60,
+    )
+
+
+def timespan_seconds(span: str) -> float:
+    """How systemd reads a time span, in seconds."""
+    result = analyze("timespan", span)
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"μs:\s*(\d+)", result.stdout)
+    assert match, result.stdout
+    return int(match.group(1)) / 1e6
+
+
+# rendering
+
+
+@pytest.mark.parametrize("scope", list(Scope), ids=lambda s: s.value)
+def test_rendering_fills_every_placeholder_with_absolute_paths(
+    here: Installation, scope: Scope
+) -> None:
+    """No placeholder or marker survives, and every path a unit names is absolute."""
+    units = render_units(here, scope=scope)
+    assert list(units) == list(UNIT_FILES)
+    for name, text in units.items():
+        assert not re.search(r"@[A-Z_]+@", text), name
+        for key in ("ExecStart", "WorkingDirectory", "EnvironmentFile", "BindReadOnlyPaths"):
+            for value in directives(text, key):
+                assert Path(value.lstrip("-").split()[0]).is_absolute(), (name, key, value)
+    options = units["ingest_options.service"]
+    assert directives(options, "ExecStart")[0].startswith(f"{BIN}/ingest_options --env-file ")
+    assert directives(options, "EnvironmentFile") == [str(here.env_file)]
+    assert directives(options, "WorkingDirectory") == [str(Path.cwd())]
+
+
+def test_system_units_are_hardened_and_read_a_private_copy_of_the_env_file() -> None:
+    """System units run as a dynamic user, sandboxed, and get the env file as a credential."""
+    units = render_units(OPT, scope=Scope.SYSTEM)
+    for name in SERVICES:
+        text = units[name]
+        assert directives(text, "DynamicUser") == ["yes"]
+        assert directives(text, "ProtectHome") == ["yes"]
+        assert directives(text, "BindReadOnlyPaths") == []
+        assert directives(text, "CapabilityBoundingSet") == [""]
+        assert directives(text, "LoadCredential") == ["env:/etc/options-history/env"]
+        assert "--env-file ${CREDENTIALS_DIRECTORY}/env" in directives(text, "ExecStart")[0]
+        assert directives(text, "Type") == ["oneshot"]
+        assert directives(text, "KillSignal") == ["SIGTERM"]
+        assert directives(text, "OnFailure") == ["ingest-notify@%n.service"]
+        assert directives(text, "SuccessExitStatus") == []
+        assert directives(text, "SyslogIdentifier") == [name.removesuffix(".service")]
+    notify = units["ingest-notify@.service"]
+    assert directives(notify, "ExecStart") == [
+        "/opt/options-history/scripts/notify-failure --system %i"
+    ]
+
+
+def test_user_name_replaces_the_dynamic_user() -> None:
+    """--user-name runs the system units as that user."""
+    units = render_units(OPT, scope=Scope.SYSTEM, user_name="options")
+    for name in SERVICES:
+        assert directives(units[name], "User") == ["options"]
+        assert directives(units[name], "DynamicUser") == []
+
+
+@pytest.mark.parametrize(
+    ("scope", "user_name"),
+    [(Scope.SYSTEM, "Bad Name"), (Scope.SYSTEM, "../root"), (Scope.USER, "options")],
+    ids=["space", "path", "user-scope"],
+)
+def test_bad_user_names_are_refused(scope: Scope, user_name: str) -> None:
+    """An invalid name, or a name for user units, is a ConfigError."""
+    with pytest.raises(ConfigError):
+        render_units(OPT, scope=scope, user_name=user_name)
+
+
+def test_user_units_leave_out_what_a_user_manager_cannot_apply() -> None:
+    """User units keep the seccomp-based options and drop users, namespaces and credentials."""
+    units = render_units(OPT, scope=Scope.USER)
+    for name in SERVICES:
+        text = units[name]
+        for key in (
+            "DynamicUser",
+            "User",
+            "CapabilityBoundingSet",
+            "PrivateDevices",
+            "PrivateTmp",
+            "ProtectSystem",
+            "ProtectHome",
+            "LoadCredential",
+            "Wants",
+        ):
+            assert directives(text, key) == [], (name, key)
+        for key in ("NoNewPrivileges", "SystemCallFilter", "RestrictAddressFamilies", "UMask"):
+            assert directives(text, key), (name, key)
+        assert "--env-file /etc/options-history/env " in directives(text, "ExecStart")[0]
+    assert "--user %i" in directives(units["ingest-notify@.service"], "ExecStart")[0]
+
+
+def test_paths_in_home_directories_are_bound_into_an_empty_home() -> None:
+    """A venv or interpreter under /home or /root is reachable despite ProtectHome=."""
+    home = Installation(
+        exec_dir=Path("/home/alice/app/.venv/bin"),
+        env_file=Path("/home/alice/app/.env"),
+        working_dir=Path("/home/alice/app"),
+        read_paths=(
+            Path("/home/alice/app/.venv"),
+            Path("/root/.pyenv/versions/3.11.7"),
+            Path("/home/alice/app"),
+        ),
+    )
+    text = render_units(home, scope=Scope.SYSTEM)["ingest_options.service"]
+    assert directives(text, "ProtectHome") == ["tmpfs"]
+    assert directives(text, "BindReadOnlyPaths") == [
+        "/home/alice/app",
+        "/root/.pyenv/versions/3.11.7",
+    ]
+
+
+def test_paths_under_tmp_are_bound_into_the_private_tmp() -> None:
+    """A working directory under /tmp stays visible with PrivateTmp=."""
+    in_tmp = dataclasses.replace(OPT, working_dir=Path("/tmp/trial"))
+    text = render_units(in_tmp, scope=Scope.SYSTEM)["ingest_snapshots.service"]
+    assert directives(text, "ProtectHome") == ["yes"]
+    assert directives(text, "BindReadOnlyPaths") == ["/tmp/trial"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/opt/my app/.venv/bin", "/opt/100%/bin", "relative/bin"], ids=str
+)
+def test_paths_a_unit_file_cannot_hold_are_refused(path: str) -> None:
+    """Spaces, specifiers and relative paths are refused rather than mis-rendered."""
+    with pytest.raises(ConfigError, match="cannot go into a unit file"):
+        render_units(dataclasses.replace(OPT, exec_dir=Path(path)))
+
+
+def test_detect_refuses_a_missing_env_file(tmp_path: Path) -> None:
+    """The env file must exist before units that read it are rendered."""
+    with pytest.raises(ConfigError, match="does not exist"):
+        Installation.detect(env_file=tmp_path / "missing.env")
+
+
+def test_bad_snapshot_cadence_is_refused() -> None:
+    """Only 5, 10 and 15 minutes divide the 09:30..16:00 session into whole slots."""
+    with pytest.raises(ConfigError, match="expected one of 5, 10, 15"):
+        render_units(OPT, snapshot_every=7)
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("every", [5, 10, 15], ids=lambda n: f"every{n}")
+def test_snapshot_run_ends_before_the_next_slot(every: int) -> None:
+    """Deadline < TimeoutStartSec, and TimeoutStartSec + TimeoutStopSec < the timer period."""
+    text = render_units(OPT, snapshot_every=every)["ingest_snapshots.service"]
+    deadline = directives(text, "ExecStart")[0].split("--deadline ")[1].split()[0]
+    start = timespan_seconds(directives(text, "TimeoutStartSec")[0])
+    stop = timespan_seconds(directives(text, "TimeoutStopSec")[0])
+    assert timespan_seconds(deadline) < start
+    assert start + stop < every * 60
+
+
+# systemd's own checks
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("scope", list(Scope), ids=lambda s: s.value)
+def test_systemd_analyze_verify_is_silent(here: Installation, scope: Scope, tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts every rendered unit without a word."""
+    paths = write_units(render_units(here, scope=scope), tmp_path / "units")
+    # a template is verified through an instance, as OnFailure= starts it
+    paths.append(tmp_path / "units" / "ingest-notify@ingest_options.service.service")
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    flags = ["--user"] if scope is Scope.USER else []
+    result = analyze(*flags, "verify", *map(str, paths), env={"XDG_RUNTIME_DIR": str(runtime)})
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("layout", ["this-checkout", "opt"])
+@pytest.mark.parametrize("service", SERVICES)
+def test_security_exposure_is_at_most_2(
+    here: Installation, layout: str, service: str, tmp_path: Path
+) -> None:
+    """`systemd-analyze security --offline=true --threshold=20` passes: exposure <= 2.0."""
+    installation = here if layout == "this-checkout" else OPT
+    write_units(render_units(installation, scope=Scope.SYSTEM), tmp_path)
+    result = analyze("security", "--offline=true", "--threshold=20", str(tmp_path / service))
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert float(match.group(1)) <= 2.0
+    print(f"{service} ({layout}): exposure {match.group(1)}")
+
+
+def calendar_elapses(spec: str, *, base: datetime, until: datetime) -> list[datetime]:
+    """Elapses of one OnCalendar= spec in [base, until), computed by systemd itself."""
+    found: list[datetime] = []
+    iterations = 100
+    while True:
+        result = analyze(
+            "calendar",
+            f"--iterations={iterations}",
+            f"--base-time={base:%Y-%m-%d %H:%M:%S} UTC",
+            spec,
+        )
+        assert result.returncode == 0, result.stderr
+        stamps = re.findall(
+            r"(?:Next elapse|Iter\. #\d+): \w{3} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC",
+            result.stdout,
+        )
+        found = [datetime.fromisoformat(s).replace(tzinfo=UTC) for s in stamps]
+        if len(found) < iterations or found[-1] >= until:
+            return [t for t in found if base <= t < until]
+        iterations *= 4
+
+
+def expected_slots(first: date, days: int, every: int) -> set[datetime]:
+    """The N-minute slots 09:30..16:00 New York time on the weekdays from ``first``."""
+    slots = set()
+    for offset in range(days):
+        day = first + timedelta(days=offset)
+        if day.weekday() >= 5:
+            continue
+        slot = datetime.combine(day, dtime(9, 30), NEW_YORK)
+        while slot.time() <= dtime(16, 0):
+            slots.add(slot.astimezone(UTC))
+            slot += timedelta(minutes=every)
+    return slots
+
+
+# Mondays starting three weeks that contain a daylight-saving change (a Sunday, at 02:00).
+DST_WEEKS = {"fall-2026-11-01": date(2026, 10, 26), "spring-2027-03-14": date(2027, 3, 8)}
+WEEKS = 3
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("monday", list(DST_WEEKS.values()), ids=list(DST_WEEKS))
+@pytest.mark.parametrize("every", [5, 10, 15], ids=lambda n: f"every{n}")
+def test_snapshot_timer_fires_exactly_on_the_new_york_slots(every: int, monday: date) -> None:
+    """Over three weeks across a DST change: every N-minute slot 09:30..16:00 ET, Mon-Fri, only."""
+    timer = render_units(OPT, snapshot_every=every)["ingest_snapshots.timer"]
+    specs = directives(timer, "OnCalendar")
+    assert specs and all(spec.endswith(" America/New_York") for spec in specs)
+    base = datetime.combine(monday, dtime(0, 0), UTC)
+    until = base + timedelta(weeks=WEEKS)
+    elapses: list[datetime] = []
+    for spec in specs:
+        elapses += calendar_elapses(spec, base=base, until=until)
+    expected = expected_slots(monday, 7 * WEEKS, every)
+    assert len(elapses) == len(set(elapses)), "two specs fire on the same slot"
+    assert sorted(elapses) == sorted(expected)
+    assert len(expected) == 15 * (390 // every + 1)
+    # the UTC time of the first slot moved with daylight saving: the zone was applied
+    first_slots = {t.time() for t in elapses if t.astimezone(NEW_YORK).time() == dtime(9, 30)}
+    assert first_slots == {dtime(13, 30), dtime(14, 30)}
+    assert directives(timer, "AccuracySec") == ["1s"]
+    assert directives(timer, "Persistent") == ["false"]
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("monday", list(DST_WEEKS.values()), ids=list(DST_WEEKS))
+def test_contracts_timer_fires_once_a_day_at_the_same_new_york_time(monday: date) -> None:
+    """The daily timer fires once every day, at 07:00 New York time, across a DST change."""
+    timer = render_units(OPT)["ingest_options.timer"]
+    (spec,) = directives(timer, "OnCalendar")
+    base = datetime.combine(monday, dtime(0, 0), UTC)
+    until = base + timedelta(weeks=WEEKS)
+    elapses = calendar_elapses(spec, base=base, until=until)
+    local = [t.astimezone(NEW_YORK) for t in elapses]
+    assert [t.date() for t in local] == [monday + timedelta(days=d) for d in range(7 * WEEKS)]
+    assert {t.time() for t in local} == {dtime(7, 0)}
+    assert directives(timer, "Persistent") == ["true"]
+
+
+# install-units / uninstall-units
+
+
+@pytest.fixture
+def fake_systemctl(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in for systemctl that records each call's arguments, one line per call."""
+    log = tmp_path / "systemctl.log"
+    script = tmp_path / "systemctl"
+    script.write_text(f'#!/bin/sh\necho "$*" >> {log}\n', encoding="utf-8")
+    script.chmod(0o755)
+    return script, log
+
+
+@pytest.mark.parametrize("scope", list(Scope), ids=lambda s: s.value)
+def test_install_writes_units_reloads_and_enables_the_timers(
+    scope: Scope, fake_systemctl: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """install writes every file (0644), reloads, enables and starts both timers."""
+    systemctl, log = fake_systemctl
+    unit_dir = tmp_path / "units"
+    units = render_units(OPT, scope=scope)
+    written = install_units(
+        units, scope=scope, unit_dir=unit_dir, systemctl=[str(systemctl)], euid=0
+    )
+    assert written == [unit_dir / name for name in UNIT_FILES]
+    for path in written:
+        assert path.read_text(encoding="utf-8") == units[path.name]
+        assert path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in unit_dir.iterdir()) == sorted(UNIT_FILES)
+    flag = "--user " if scope is Scope.USER else ""
+    assert log.read_text(encoding="utf-8").splitlines() == [
+        f"{flag}daemon-reload",
+        f"{flag}enable --now {' '.join(TIMERS)}",
+    ]
+
+    log.unlink()
+    removed = uninstall_units(scope=scope, unit_dir=unit_dir, systemctl=[str(systemctl)], euid=0)
+    assert sorted(removed) == sorted(written)
+    assert list(unit_dir.iterdir()) == []
+    assert log.read_text(encoding="utf-8").splitlines() == [
+        f"{flag}disable --now {' '.join(TIMERS)}",
+        f"{flag}daemon-reload",
+    ]
+
+
+def test_uninstall_with_nothing_installed_does_nothing(
+    fake_systemctl: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A second uninstall neither fails nor calls systemctl."""
+    systemctl, log = fake_systemctl
+    assert uninstall_units(scope=Scope.USER, unit_dir=tmp_path, systemctl=[str(systemctl)]) == []
+    assert not log.exists()
+
+
+def test_system_install_needs_root(tmp_path: Path) -> None:
+    """System units are refused to a non-root user, before anything is written."""
+    with pytest.raises(ConfigError, match="needs root") as caught:
+        install_units(render_units(OPT), scope=Scope.SYSTEM, unit_dir=tmp_path / "u", euid=1000)
+    assert caught.value.exit_code == 2
+    assert not (tmp_path / "u").exists()
+
+
+def test_a_failing_systemctl_is_one_error_line(tmp_path: Path) -> None:
+    """systemctl's complaint becomes the error message."""
+    systemctl = tmp_path / "systemctl"
+    systemctl.write_text(
+        "#!/bin/sh\necho 'Failed to connect to bus: No medium found' >&2\nexit 1\n",
+        encoding="utf-8",
+    )
+    systemctl.chmod(0o755)
+    with pytest.raises(OptionsError, match="exited 1: Failed to connect to bus") as caught:
+        install_units(
+            render_units(OPT, scope=Scope.USER),
+            scope=Scope.USER,
+            unit_dir=tmp_path / "units",
+            systemctl=[str(systemctl)],
+        )
+    assert "\n" not in str(caught.value)
+
+
+def run_admin(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``ingest_admin`` as an operator would."""
+    return subprocess.run(
+        [str(BIN / "ingest_admin"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        env={**os.environ, "HOME": str(home)},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("scope", list(Scope), ids=lambda s: s.value)
+def test_dry_run_prints_every_file_and_writes_nothing(
+    scope: Scope, env_file: Path, tmp_path: Path
+) -> None:
+    """--dry-run prints each rendered file after a header naming its path, and touches nothing."""
+    home = tmp_path / "home"
+    home.mkdir()
+    system_dir = Path("/etc/systemd/system")
+    before = sorted(system_dir.iterdir()) if system_dir.is_dir() else []
+    result = run_admin(
+        "install-units",
+        f"--{scope.value}",
+        "--dry-run",
+        "--env-file",
+        str(env_file),
+        cwd=tmp_path,
+        home=home,
+    )
+    assert result.returncode == 0, result.stderr
+    unit_dir = system_dir if scope is Scope.SYSTEM else home / ".config/systemd/user"
+    headers = re.findall(r"^==> (.+) <==$", result.stdout, flags=re.MULTILINE)
+    assert headers == [str(unit_dir / name) for name in UNIT_FILES]
+    assert f"EnvironmentFile={env_file}" in result.stdout
+    assert list(home.iterdir()) == []
+    assert (sorted(system_dir.iterdir()) if system_dir.is_dir() else []) == before
+
+
+def test_missing_env_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    """install-units without an env file exits 2 with one `error:` line."""
+    result = run_admin("install-units", "--dry-run", cwd=tmp_path, home=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: env file ")
+    assert result.stderr.count("\n") == 1
+
+
+# the notification hook
+
+
+def run_hook(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the OnFailure= hook with ``env`` added to a clean environment."""
+    base = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_COMMAND", "JOURNAL_STREAM")}
+    return subprocess.run(
+        [str(NOTIFY_HOOK), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**base, **env},
+        timeout=60,
+    )
+
+
+def test_hook_hands_a_report_naming_the_unit_to_the_command(tmp_path: Path) -> None:
+    """NOTIFY_COMMAND gets the report on stdin and the unit and subject as $1 and $2."""
+    report, args = tmp_path / "report.txt", tmp_path / "args.txt"
+    command = f'cat > {report}; printf "%s|%s|%s" "$1" "$2" "$FAILED_UNIT" > {args}'
+    result = run_hook("--system", "ingest_snapshots.service", NOTIFY_COMMAND=command)
+    assert result.returncode == 0, result.stderr
+    text = report.read_text(encoding="utf-8")
+    assert text.splitlines()[0] == args.read_text(encoding="utf-8").split("|")[1]
+    assert "unit:   ingest_snapshots.service" in text
+    assert "journalctl --system -u ingest_snapshots.service -n 50" in text
+    unit, subject, exported = args.read_text(encoding="utf-8").split("|")
+    assert unit == exported == "ingest_snapshots.service"
+    assert subject.startswith("options-history: ingest_snapshots.service failed on ")
+
+
+def test_hook_keeps_the_jobs_secrets_from_the_command(tmp_path: Path) -> None:
+    """The notification command never sees the database URL or the API key."""
+    seen = tmp_path / "env.txt"
+    result = run_hook(
+        "ingest_options.service",
+        NOTIFY_COMMAND=f"env > {seen}",
+        DATABASE_URL="postgresql://u:pw-3f9a@db/x",
+        POLYGON_API_KEY="key-7c1e",
+        MASSIVE_API_KEY="key-7c1e",
+    )
+    assert result.returncode == 0, result.stderr
+    seen_env = seen.read_text(encoding="utf-8")
+    assert "pw-3f9a" not in seen_env
+    assert "key-7c1e" not in seen_env
+
+
+def test_hook_without_a_command_logs_and_succeeds() -> None:
+    """With no NOTIFY_COMMAND configured the hook says so and exits 0."""
+    result = run_hook("ingest_options.service")
+    assert result.returncode == 0
+    assert "NOTIFY_COMMAND is not set" in result.stderr
+
+
+def test_hook_reports_a_failed_delivery() -> None:
+    """A command that fails makes the hook fail, so the notify unit shows up as failed."""
+    result = run_hook("ingest_options.service", NOTIFY_COMMAND="cat > /dev/null; exit 7")
+    assert result.returncode == 7
+    assert "not delivered" in result.stderr
