@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from options.config import Settings, parse_duration
 from options.errors import ExitCode, OptionsError
-from options.logs import LOG_FORMATS, StatusReporter, configure_logging
+from options.logs import LOG_FORMATS, StatusReporter, configure_logging, journal_stream_matches
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("cli")
@@ -80,8 +80,17 @@ def status_reporter() -> StatusReporter:
 def fail(exc: OptionsError) -> NoReturn:
     """Print the error as one line and exit with its code."""
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    click.echo(f"error: {message}", err=True)
+    echo_error(message)
     sys.exit(int(exc.exit_code))
+
+
+def echo_error(message: str) -> None:
+    """Write ``error: message`` to stderr, tagged <3> for the journal when stderr goes there.
+
+    Settings errors happen before logging is configured, so this does not go through logging.
+    """
+    priority = "<3>" if journal_stream_matches(sys.stderr, os.environ) else ""
+    click.echo(f"{priority}error: {message}", err=True)
 
 
 def deadline_option(func: F) -> F:
@@ -145,6 +154,6 @@ def run(
     except OptionsError as exc:
         fail(exc)
     except (asyncio.CancelledError, KeyboardInterrupt):
-        click.echo("error: interrupted", err=True)
+        echo_error("interrupted")
         code = ExitCode.INTERRUPTED
     sys.exit(int(code))
