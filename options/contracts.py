@@ -13,8 +13,6 @@ import asyncio
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from decimal import Decimal
-from zoneinfo import ZoneInfo
 
 import asyncpg
 from opentelemetry import trace
@@ -22,6 +20,7 @@ from opentelemetry import trace
 from options.config import Settings
 from options.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
 from options.errors import ApiError, DatabaseError
+from options.filters import ListingScope, contract_underlying, listing_scope, market_today
 from options.logs import StatusReporter
 from options.normalize import CONTRACT_COLUMNS, ContractRow, normalize_contracts
 from options.polygon import PolygonClient
@@ -30,7 +29,6 @@ from options.runs import RunStats, until_stopped
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
-MARKET_TZ = ZoneInfo("America/New_York")
 
 INSERT_CONTRACTS = f"""
 INSERT INTO option_contracts AS c
@@ -66,29 +64,6 @@ WHERE underlying_ticker = $1 AND active AND last_seen_at < $2
 """
 
 
-@dataclass(frozen=True)
-class ListingScope:
-    """The part of an underlying's chain one listing covers: its API filters, as bounds."""
-
-    contract_type: str | None = None
-    max_expiration: dt.date | None = None
-    min_strike: Decimal | None = None
-    max_strike: Decimal | None = None
-
-    def api_params(self) -> dict[str, str]:
-        """The query parameters that push these bounds down to the API."""
-        params = {}
-        if self.contract_type:
-            params["contract_type"] = self.contract_type
-        if self.max_expiration:
-            params["expiration_date.lte"] = self.max_expiration.isoformat()
-        if self.min_strike is not None:
-            params["strike_price.gte"] = str(self.min_strike)
-        if self.max_strike is not None:
-            params["strike_price.lte"] = str(self.max_strike)
-        return params
-
-
 @dataclass
 class UnderlyingResult:
     """What one underlying's sync did."""
@@ -99,45 +74,6 @@ class UnderlyingResult:
     rejected: int = 0
     deactivated: int = 0
     error: str | None = None
-
-
-def market_today() -> dt.date:
-    """Today's date in New York, the calendar option expirations follow."""
-    return dt.datetime.now(MARKET_TZ).date()
-
-
-def contract_underlying(underlying: str) -> str:
-    """The ``underlying_ticker`` contracts carry: index options list ``SPX`` for ``I:SPX``."""
-    return underlying.removeprefix("I:")
-
-
-async def listing_scope(
-    settings: Settings, client: PolygonClient, underlying: str, *, today: dt.date
-) -> ListingScope:
-    """Turn the configured filters into the bounds of one underlying's listing.
-
-    The strike band needs the underlying's price; the previous close is used.
-
-    Raises:
-        ApiError: the price could not be fetched, or the API has none for this ticker.
-    """
-    contract_type = settings.contract_types[0] if settings.contract_types else None
-    max_expiration = None
-    if settings.max_days_to_expiration is not None:
-        max_expiration = today + dt.timedelta(days=settings.max_days_to_expiration)
-    min_strike = max_strike = None
-    if settings.strike_band_percent is not None:
-        spot = await client.previous_close(underlying)
-        if spot is None:
-            raise ApiError(
-                f"{underlying}: no previous close to centre STRIKE_BAND_PERCENT on",
-                underlying=underlying,
-            )
-        band = Decimal(str(settings.strike_band_percent)) / 100
-        price = Decimal(str(spot))
-        min_strike = (price * (1 - band)).quantize(Decimal("0.001"))
-        max_strike = (price * (1 + band)).quantize(Decimal("0.001"))
-    return ListingScope(contract_type, max_expiration, min_strike, max_strike)
 
 
 async def sync_contracts(

@@ -24,13 +24,7 @@ import asyncpg
 from opentelemetry import trace
 
 from options.config import Settings
-from options.contracts import (
-    UPSERT_NEW_CONTRACTS,
-    ListingScope,
-    contract_underlying,
-    listing_scope,
-    market_today,
-)
+from options.contracts import UPSERT_NEW_CONTRACTS
 from options.db import (
     ACQUIRE_TIMEOUT,
     DB_ERRORS,
@@ -39,6 +33,7 @@ from options.db import (
     describe_db_error,
 )
 from options.errors import ApiError, DatabaseError, RunInterrupted
+from options.filters import ListingScope, contract_underlying, listing_scope, market_today
 from options.logs import StatusReporter
 from options.normalize import (
     SNAPSHOT_COLUMNS,
