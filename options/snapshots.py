@@ -189,10 +189,12 @@ async def drop_old_partitions(
     dropped = []
     for row in rows:
         name = row["relname"]
+        if not name.startswith(PARTITION_PREFIX):
+            continue  # not one of ours: leave it alone
         try:
             day = dt.datetime.strptime(name.removeprefix(PARTITION_PREFIX), "%Y%m%d").date()
         except ValueError:
-            continue  # not one of ours: leave it alone
+            continue
         if day + dt.timedelta(days=1) <= cutoff:
             async with conn.transaction():
                 await conn.execute(f"DROP TABLE {name}")
