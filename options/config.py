@@ -118,7 +118,7 @@ class Settings:
             strike_band_percent=_parse_float(
                 "STRIKE_BAND_PERCENT", get("STRIKE_BAND_PERCENT"), None, minimum=0.0
             ),
-            db_pool_size=_parse_int("DB_POOL_SIZE", get("DB_POOL_SIZE"), 10, minimum=2, maximum=90),
+            db_pool_size=_parse_int("DB_POOL_SIZE", get("DB_POOL_SIZE"), 10, minimum=3, maximum=90),
             underlying_concurrency=_parse_int(
                 "UNDERLYING_CONCURRENCY", get("UNDERLYING_CONCURRENCY"), 8, minimum=1, maximum=256
             ),

@@ -249,7 +249,10 @@ class SnapshotRun:
         self.chains = [Chain(u, contract_underlying(u)) for u in underlyings]
         for chain in reversed(self.chains):
             self.work.put_nowait(chain)
-        writers = [asyncio.create_task(self._write()) for _ in range(WRITERS)]
+        # each writer holds a connection for the whole run; one stays with the run ledger and
+        # one must stay free for the fetchers' short queries
+        count = max(1, min(WRITERS, self.pool.get_max_size() - 2))
+        writers = [asyncio.create_task(self._write()) for _ in range(count)]
         # fetchers hold no database connection, so HTTP_CONCURRENCY is their only bound
         fetchers = [
             asyncio.create_task(self._fetch()) for _ in range(self.settings.http_concurrency)

@@ -411,3 +411,13 @@ async def test_filters_are_pushed_down_and_scope_coverage(simulator, pool, make_
         100,
         0,
     )
+
+
+async def test_smallest_pool_does_not_starve(simulator, pool, make_settings) -> None:
+    """With DB_POOL_SIZE=3 (ledger, one writer, one for queries) the run completes."""
+    async with simulator(underlyings=("AAA", "BBB"), contracts_per_underlying=600) as api:
+        await seed_contracts(pool, api.base_url, ("AAA", "BBB"), make_settings)
+        settings = make_settings(api.base_url, ("AAA", "BBB"), db_pool_size=3)
+        code = await asyncio.wait_for(run_snapshots_job(settings, force=True), 30)
+    assert code == ExitCode.OK
+    assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == 1200
