@@ -269,8 +269,7 @@ class SnapshotRun:
                 task.cancel()
             await asyncio.gather(*fetchers, finished, stopped, return_exceptions=True)
             # whatever was fetched is stored, even when the run is being stopped
-            for _ in writers:
-                await self.pages.put(None)
+            await self._close_queue(writers)
             results = await asyncio.gather(*writers, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -281,6 +280,20 @@ class SnapshotRun:
         if stop.is_set():
             raise RunInterrupted("stopped before every chain was read; what was fetched is stored")
         return self.chains
+
+    async def _close_queue(self, writers: Sequence[asyncio.Task[None]]) -> None:
+        """Send each writer its end mark once the queue has room, unless every writer died.
+
+        A plain ``await put()`` would wait forever on a full queue whose writers are gone
+        (PostgreSQL went away): the run must fail, not hang.
+        """
+        for _ in writers:
+            while not all(writer.done() for writer in writers):
+                try:
+                    self.pages.put_nowait(None)
+                    break
+                except asyncio.QueueFull:
+                    await asyncio.sleep(0.01)
 
     async def _fetch(self) -> None:
         while True:

@@ -421,3 +421,47 @@ async def test_smallest_pool_does_not_starve(simulator, pool, make_settings) -> 
         code = await asyncio.wait_for(run_snapshots_job(settings, force=True), 30)
     assert code == ExitCode.OK
     assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == 1200
+
+
+async def test_database_going_away_fails_the_run_without_hanging(
+    simulator, database_url: str, pool, make_settings
+) -> None:
+    """When PostgreSQL drops the job's connections mid-run, the job fails with one error."""
+    from options.errors import DatabaseError
+
+    names = tuple(f"U{c}" for c in "ABCDEF")
+
+    async def cut_connections() -> None:
+        await asyncio.sleep(0.4)
+        await pool.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND application_name = 'options-history'"
+        )
+
+    async with simulator(underlyings=names, contracts_per_underlying=3000, latency=0.02) as api:
+        settings = make_settings(api.base_url, names, http_concurrency=2)
+        cutter = asyncio.create_task(cut_connections())
+        with pytest.raises(DatabaseError):
+            await asyncio.wait_for(
+                run_snapshots_job(settings, explicit_underlyings=True, force=True), 60
+            )
+        await cutter
+
+
+async def test_closing_a_full_queue_whose_writers_died_returns() -> None:
+    """Ending the run never waits on a full page queue that no writer will drain."""
+    from options.snapshots import QUEUE_PAGES, SnapshotRun
+
+    run = SnapshotRun.__new__(SnapshotRun)
+    run.pages = asyncio.Queue(QUEUE_PAGES)
+    for _ in range(QUEUE_PAGES):
+        run.pages.put_nowait(None)
+
+    async def dead_writer() -> None:
+        raise ConnectionError("server closed the connection")
+
+    writers = [asyncio.create_task(dead_writer()) for _ in range(2)]
+    await asyncio.gather(*writers, return_exceptions=True)
+    await asyncio.wait_for(run._close_queue(writers), 5)
+    assert run.pages.full()
