@@ -197,7 +197,18 @@ async def sync_underlying(
         span.set_attribute("polygon.underlying", underlying)
         scope = await listing_scope(settings, client, underlying, today=today)
         conn: asyncpg.Connection | None = None
-        transaction = None
+        transaction: asyncpg.transaction.Transaction | None = None
+
+        async def begin() -> asyncpg.Connection:
+            # the connection is taken at the first write, not while the first page is fetched
+            nonlocal conn, transaction
+            if conn is None:
+                assert pool is not None
+                conn = await pool.acquire(timeout=ACQUIRE_TIMEOUT)
+                transaction = conn.transaction()
+                await transaction.start()
+            return conn
+
         try:
             async for page in client.list_contracts(
                 contract_underlying(underlying), scope.api_params()
@@ -219,19 +230,11 @@ async def sync_underlying(
                 )
                 if pool is None or not rows:
                     continue
-                if conn is None:
-                    conn = await pool.acquire(timeout=ACQUIRE_TIMEOUT)
-                    transaction = conn.transaction()
-                    await transaction.start()
-                result.written += await upsert_contracts(conn, rows, seen_at=seen_at)
+                result.written += await upsert_contracts(await begin(), rows, seen_at=seen_at)
             if pool is None:
                 return
-            if conn is None:
-                conn = await pool.acquire(timeout=ACQUIRE_TIMEOUT)
-                transaction = conn.transaction()
-                await transaction.start()
             result.deactivated = await deactivate_unseen(
-                conn,
+                await begin(),
                 underlying,
                 scope,
                 seen_at=seen_at,
