@@ -175,17 +175,27 @@ SNAPSHOT_COLUMNS = (
 )
 
 SnapshotRow = tuple[Any, ...]
+"""A row of ``option_snapshots`` in :data:`SNAPSHOT_COLUMNS` order. Its three timestamps are
+ints, microseconds since the Unix epoch: the COPY writer's connection encodes them as
+``timestamptz`` (:func:`options.db.epoch_microsecond_timestamps`), four times faster than
+``datetime`` objects."""
 _EMPTY: dict[str, Any] = {}
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_MICROSECOND = dt.timedelta(microseconds=1)
+_MAX_NANOSECONDS = 2**63 - 1  # 2262-04-11: any later "timestamp" is garbage
 
 
-def normalize_snapshot(raw: Any, *, underlying: str, captured_at: dt.datetime) -> SnapshotRow:
+def epoch_microseconds(moment: dt.datetime) -> int:
+    """``moment`` (timezone-aware) as microseconds since the Unix epoch, a row's timestamp."""
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def normalize_snapshot(raw: Any, *, underlying: str, captured_at: int) -> SnapshotRow:
     """Build an ``option_snapshots`` row from one ``/v3/snapshot/options/{underlying}`` result.
 
     Every market-data field may be missing (deep in-the-money contracts have no greeks, plans
     without quotes have no ``last_quote``, ``day`` is ``{}`` before the first trade): a missing
-    field is NULL, never zero. Nanosecond timestamps become microsecond ``datetime``s.
+    field is NULL, never zero. Nanosecond timestamps become microseconds since the epoch.
 
     This is the hot path of the snapshot job, so values are passed on as parsed; the database
     driver refuses a value of the wrong type, and :func:`check_snapshot_row` then sorts out the
@@ -194,7 +204,7 @@ def normalize_snapshot(raw: Any, *, underlying: str, captured_at: dt.datetime) -
     Args:
         raw: the result object as parsed from JSON.
         underlying: the ``underlying_ticker`` to store (as ``option_contracts`` has it).
-        captured_at: the run's one timestamp.
+        captured_at: the run's one timestamp, in microseconds since the epoch.
 
     Raises:
         Rejected: no ``details.ticker``, a section that is not an object, or a bad timestamp.
@@ -254,10 +264,8 @@ def normalize_snapshot(raw: Any, *, underlying: str, captured_at: dt.datetime) -
 _SNAPSHOT_KINDS = tuple(
     "text"
     if column in ("ticker", "underlying_ticker")
-    else "time"
-    if column in ("captured_at", "quote_updated_at", "last_trade_at")
     else "int"
-    if column.endswith(("_size", "_volume", "open_interest"))
+    if column.endswith(("_at", "_size", "_volume", "open_interest"))
     else "float"
     for column in SNAPSHOT_COLUMNS
 )
@@ -274,7 +282,7 @@ def check_snapshot_row(row: SnapshotRow) -> SnapshotRow:
     """
     checked = list(row)
     for index, (kind, value) in enumerate(zip(_SNAPSHOT_KINDS, row, strict=True)):
-        if value is None or kind in ("text", "time"):
+        if value is None or kind == "text":
             continue
         try:
             checked[index] = _f(value) if kind == "float" else _i(value)
@@ -289,8 +297,8 @@ def _describe(raw: Any) -> str:
     return f"a {type(raw).__name__} result"
 
 
-# a nanosecond timestamp: refused at decode time when negative, so conversion cannot fail
-Nanoseconds = Annotated[int, msgspec.Meta(ge=0)]
+# a nanosecond timestamp: refused at decode time when out of range, so conversion cannot fail
+Nanoseconds = Annotated[int, msgspec.Meta(ge=0, le=_MAX_NANOSECONDS)]
 
 
 class _Quote(msgspec.Struct, gc=False):
@@ -379,9 +387,7 @@ _NO_QUOTE, _NO_TRADE, _NO_DAY, _NO_GREEKS, _NO_ASSET = (
 )
 
 
-def snapshot_row(
-    result: SnapshotResult, *, underlying: str, captured_at: dt.datetime
-) -> SnapshotRow:
+def snapshot_row(result: SnapshotResult, *, underlying: str, captured_at: int) -> SnapshotRow:
     """Build an ``option_snapshots`` row from a typed result (see :func:`normalize_snapshot`).
 
     Raises:
@@ -398,8 +404,8 @@ def snapshot_row(
     quoted = quote.last_updated
     traded = trade.sip_timestamp
     # inline _ns(): this runs for every row of every snapshot; 0 means unset
-    quoted_at = _EPOCH + (quoted // 1000) * _MICROSECOND if quoted else None
-    traded_at = _EPOCH + (traded // 1000) * _MICROSECOND if traded else None
+    quoted_at = quoted // 1000 if quoted else None
+    traded_at = traded // 1000 if traded else None
     return (
         ticker,
         underlying,
@@ -471,12 +477,13 @@ def _i(value: Any) -> int | None:
     raise TypeError(f"{value!r} is not a whole number")
 
 
-def _ns(value: Any) -> dt.datetime | None:
-    # 0 is how an unset timestamp arrives; it is unknown, not 1970
+def _ns(value: Any) -> int | None:
+    """Nanoseconds since the epoch to microseconds; 0 is how an unset timestamp arrives: it
+    is unknown, not 1970."""
     if value is None or value == 0:
         return None
     if type(value) is float and value.is_integer():
         value = int(value)
-    if type(value) is not int or value < 0:
+    if type(value) is not int or not 0 < value <= _MAX_NANOSECONDS:
         raise ValueError(f"{value!r} is not a nanosecond timestamp")
-    return _EPOCH + (value // 1000) * _MICROSECOND
+    return value // 1000

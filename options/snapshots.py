@@ -31,6 +31,7 @@ from options.db import (
     bounded_db_connection,
     bounded_db_connection_gen,
     describe_db_error,
+    epoch_microsecond_timestamps,
 )
 from options.errors import ApiError, DatabaseError, RunInterrupted
 from options.filters import ListingScope, contract_underlying, listing_scope, market_today
@@ -43,6 +44,7 @@ from options.normalize import (
     SnapshotRow,
     check_snapshot_row,
     decode_chain_page,
+    epoch_microseconds,
     normalize_snapshot,
     snapshot_contract,
     snapshot_row,
@@ -228,6 +230,7 @@ class SnapshotRun:
         self.pool = pool
         self.run = run
         self.captured_at = captured_at
+        self.captured_at_us = epoch_microseconds(captured_at)  # as the rows carry it
         self.partition = partition
         self.today = market_today()
         # last in, first out: a planned chain's slices are fetched before the next chain is
@@ -341,7 +344,7 @@ class SnapshotRun:
     async def _accept(self, chain: Chain, results: list[Any]) -> None:
         rows: list[SnapshotRow] = []
         new_contracts: list[ContractRow] = []
-        seen, known, key, captured_at = chain.seen, chain.known, chain.key, self.captured_at
+        seen, known, key, captured_at = chain.seen, chain.known, chain.key, self.captured_at_us
         # typed results (the decoder's fast path) or dicts (a page the decoder refused)
         build = (
             snapshot_row if results and type(results[0]) is SnapshotResult else normalize_snapshot
@@ -377,26 +380,30 @@ class SnapshotRun:
         """Take pages off the queue and COPY them in batches into the day's partition."""
         conn = await self.pool.acquire(timeout=ACQUIRE_TIMEOUT)
         try:
-            batch: list[SnapshotRow] = []
-            counts: dict[str, tuple[Chain, int]] = {}
-            done = False
-            while not done:
-                item = await self.pages.get()
-                if item is None:
-                    done = True
-                else:
-                    chain, rows = item
-                    batch.extend(rows)
-                    previous = counts.get(chain.key, (chain, 0))[1]
-                    counts[chain.key] = (chain, previous + len(rows))
-                if batch and (done or len(batch) >= COPY_BATCH_ROWS or self.pages.empty()):
-                    await self._copy(conn, batch, counts)
-                    batch = []
-                    counts = {}
+            async with epoch_microsecond_timestamps(conn):
+                await self._write_batches(conn)
         except DB_ERRORS as exc:
             raise DatabaseError(f"storing snapshots: {describe_db_error(exc)}") from exc
         finally:
             await self.pool.release(conn)
+
+    async def _write_batches(self, conn: asyncpg.Connection) -> None:
+        batch: list[SnapshotRow] = []
+        counts: dict[str, tuple[Chain, int]] = {}
+        done = False
+        while not done:
+            item = await self.pages.get()
+            if item is None:
+                done = True
+            else:
+                chain, rows = item
+                batch.extend(rows)
+                previous = counts.get(chain.key, (chain, 0))[1]
+                counts[chain.key] = (chain, previous + len(rows))
+            if batch and (done or len(batch) >= COPY_BATCH_ROWS or self.pages.empty()):
+                await self._copy(conn, batch, counts)
+                batch = []
+                counts = {}
 
     async def _copy(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import asyncpg
 import pytest
@@ -11,6 +12,7 @@ from options.db import (
     apply_migrations,
     bounded_db_connection,
     bounded_db_connection_gen,
+    epoch_microsecond_timestamps,
     load_migrations,
 )
 from options.errors import DatabaseError
@@ -108,3 +110,50 @@ async def test_edited_migration_is_refused(pool: asyncpg.Pool) -> None:
     await pool.execute("UPDATE schema_migrations SET checksum = 'x' WHERE version = 1")
     with pytest.raises(DatabaseError, match="changed after it was applied"):
         await apply_migrations(pool)
+
+
+async def test_epoch_microsecond_timestamps_only_inside_the_block(database_url: str) -> None:
+    """Inside the block timestamptz is an int of Unix microseconds both ways; the connection
+    goes back to the pool speaking datetime again."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    moment = dt.datetime(2024, 3, 1, 14, 30, 0, 123456, tzinfo=dt.UTC)
+    unix_us = 1_709_303_400_123_456
+    try:
+        async with pool.acquire() as conn:
+            async with epoch_microsecond_timestamps(conn):
+                assert await conn.fetchval("SELECT $1::timestamptz", unix_us) == unix_us
+                assert (
+                    await conn.fetchval("SELECT '2024-03-01 14:30:00.123456+00'::timestamptz")
+                    == unix_us
+                )
+                await conn.execute("CREATE TEMP TABLE t (at timestamptz)")
+                await conn.copy_records_to_table("t", records=[(unix_us,), (None,)])
+            assert await conn.fetchval("SELECT at FROM t WHERE at IS NOT NULL") == moment
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT $1::timestamptz", moment) == moment
+    finally:
+        await pool.close()
+
+
+async def test_epoch_microsecond_connection_that_breaks_is_not_reused(database_url: str) -> None:
+    """A connection lost inside the block is closed, never handed out with the int codec."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            first_pid = conn.get_server_pid()
+            async with epoch_microsecond_timestamps(conn):
+                await pool_terminate(database_url, first_pid)
+        async with pool.acquire() as conn:
+            assert conn.get_server_pid() != first_pid
+            assert isinstance(await conn.fetchval("SELECT now()"), dt.datetime)
+    finally:
+        await pool.close()
+
+
+async def pool_terminate(database_url: str, pid: int) -> None:
+    other = await asyncpg.connect(database_url)
+    try:
+        await other.execute("SELECT pg_terminate_backend($1)", pid)
+        await asyncio.sleep(0.1)
+    finally:
+        await other.close()

@@ -94,11 +94,10 @@ def test_missing_sections_are_null_not_zero(fixtures_dir: Path, section: str) ->
     """A snapshot without greeks, quote, trade, day bar or fmv stores NULLs, never zeros."""
     raw = copy.deepcopy(json.loads((fixtures_dir / AAPL_CHAIN).read_text())["results"][0])
     del raw[section]
-    now = dt.datetime.now(dt.UTC)
     row = dict(
         zip(
             SNAPSHOT_COLUMNS,
-            normalize_snapshot(raw, underlying="AAPL", captured_at=now),
+            normalize_snapshot(raw, underlying="AAPL", captured_at=1_700_000_000_000_000),
             strict=True,
         )
     )
