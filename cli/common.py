@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
 
 from options.config import Settings, parse_duration
 from options.errors import ExitCode, OptionsError
@@ -68,8 +66,23 @@ def load_settings(
         configure_logging(settings.log_level, log_format, environ=os.environ)
     except OptionsError as exc:
         fail(exc)
-    trace.set_tracer_provider(TracerProvider())
+    configure_tracing(settings.traces_exporter)
     return settings
+
+
+def configure_tracing(exporter: str) -> None:
+    """Record OpenTelemetry spans (one per API request, one per contracts sync) only when they
+    go somewhere: ``console`` writes them to stderr as JSON when the job ends. With ``none``
+    the API's no-op tracer stays, and spans cost nothing."""
+    if exporter == "none":
+        return
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+    trace.set_tracer_provider(provider)  # its shutdown at exit flushes the spans
 
 
 def status_reporter() -> StatusReporter:

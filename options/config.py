@@ -26,6 +26,7 @@ DEFAULT_BASE_URL = "https://api.massive.com"
 DEFAULT_ENV_FILE = Path(".env")
 CONTRACT_TYPES = ("call", "put")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+TRACES_EXPORTERS = ("none", "console")
 _RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _RATE_FORM = "N/s or N/min (for example 100/s, or 5/min on the free plan), or off"
 
@@ -74,6 +75,7 @@ class Settings:
     max_pages: int = 10_000
     snapshot_retain_days: int | None = None
     log_level: str = "INFO"
+    traces_exporter: str = "none"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, env_file: Path | None = None) -> Settings:
@@ -137,6 +139,11 @@ class Settings:
                 "SNAPSHOT_RETAIN_DAYS", get("SNAPSHOT_RETAIN_DAYS"), None, minimum=1
             ),
             log_level=_parse_choice("LOG_LEVEL", (get("LOG_LEVEL") or "INFO").upper(), LOG_LEVELS),
+            traces_exporter=_parse_choice(
+                "OTEL_TRACES_EXPORTER",
+                (get("OTEL_TRACES_EXPORTER") or "none").lower(),
+                TRACES_EXPORTERS,
+            ),
         )
 
     def with_underlyings(self, tickers: tuple[str, ...] | list[str]) -> Settings:

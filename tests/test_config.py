@@ -41,6 +41,7 @@ def test_values_are_parsed() -> None:
             "POLYGON_RATE_LIMIT": "5/min",
             "DB_POOL_SIZE": "20",
             "LOG_LEVEL": "debug",
+            "OTEL_TRACES_EXPORTER": "Console",
         },
         env_file=None,
     )
@@ -53,6 +54,7 @@ def test_values_are_parsed() -> None:
     assert settings.rate_limit == (5.0, 60.0)
     assert settings.db_pool_size == 20
     assert settings.log_level == "DEBUG"
+    assert settings.traces_exporter == "console"
     assert settings.database_location() == "postgresql://db.example:5433/opts"
 
 
@@ -78,6 +80,7 @@ def test_polygon_key_wins_over_massive_key() -> None:
         ("HTTP_TIMEOUT", "0", "number >= 0.1"),
         ("POLYGON_RATE_LIMIT", "5/hour", "N/s or N/min"),
         ("LOG_LEVEL", "loud", "DEBUG"),
+        ("OTEL_TRACES_EXPORTER", "otlp", "none, console"),
     ],
     ids=lambda v: v if len(str(v)) < 20 else None,
 )

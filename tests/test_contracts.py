@@ -299,3 +299,53 @@ async def test_cli_exit_code_and_log_lines_of_a_partial_run(
     assert "Retrieved batch at offset 1000 for AAA" in log
     assert "Total contracts processed: 2500" in log
     assert "test-key" not in log
+
+
+async def test_cli_writes_spans_to_stderr_only_when_asked(
+    simulator, database_url: str, tmp_path: Path
+) -> None:
+    """OTEL_TRACES_EXPORTER=console prints one span per API request, without the key; unset,
+    no span is printed."""
+    import asyncio
+    import json
+    import os
+    import sys
+
+    async def run(exporter: str | None) -> str:
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "POLYGON_BASE_URL": api.base_url,
+            "POLYGON_API_KEY": "test-key",
+            "UNDERLYINGS": "AAA",
+            "LOG_LEVEL": "WARNING",
+        }
+        env.pop("OTEL_TRACES_EXPORTER", None)
+        if exporter:
+            env["OTEL_TRACES_EXPORTER"] = exporter
+        child = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "ingest_options"),
+            env=env,
+            cwd=tmp_path,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(child.communicate(), 60)
+        assert child.returncode == ExitCode.OK, stderr.decode()
+        return stderr.decode()
+
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=1500) as api:
+        traced = await run("console")
+        untraced = await run(None)
+    decoder = json.JSONDecoder()
+    spans, position = [], traced.find("{")
+    while position >= 0:
+        span, end = decoder.raw_decode(traced, position)
+        spans.append(span)
+        position = traced.find("{", end)
+    requests = [s for s in spans if s["name"] == "polygon.request"]
+    assert [s["attributes"]["url.path"] for s in requests] == [
+        "/v3/reference/options/contracts"
+    ] * 2
+    assert {s["name"] for s in spans} == {"polygon.request", "contracts.sync_underlying"}
+    assert "test-key" not in traced
+    assert "polygon.request" not in untraced
