@@ -197,9 +197,10 @@ def normalize_snapshot(raw: Any, *, underlying: str, captured_at: int) -> Snapsh
     without quotes have no ``last_quote``, ``day`` is ``{}`` before the first trade): a missing
     field is NULL, never zero. Nanosecond timestamps become microseconds since the epoch.
 
-    This is the hot path of the snapshot job, so values are passed on as parsed; the database
-    driver refuses a value of the wrong type, and :func:`check_snapshot_row` then sorts out the
-    rows of that batch one by one.
+    This is the snapshot job's path for a page the typed decoder refused (see
+    :func:`snapshot_row` for the fast path), so every value is checked here
+    (:func:`check_snapshot_row`): asyncpg would store a JSON ``true`` as 1.0 and truncate a
+    fractional count without complaint.
 
     Args:
         raw: the result object as parsed from JSON.
@@ -223,7 +224,7 @@ def normalize_snapshot(raw: Any, *, underlying: str, captured_at: int) -> Snapsh
         spot = asset.get("price")
         quoted = quote.get("last_updated")
         traded = trade.get("sip_timestamp")
-        return (
+        row = (
             ticker,
             underlying,
             captured_at,
@@ -259,6 +260,7 @@ def normalize_snapshot(raw: Any, *, underlying: str, captured_at: int) -> Snapsh
         raise Rejected(f"a section of {_describe(raw)} is not an object") from None
     except (TypeError, ValueError, OverflowError) as exc:
         raise Rejected(f"{_describe(raw)}: {exc}") from None
+    return check_snapshot_row(row)
 
 
 _SNAPSHOT_KINDS = tuple(

@@ -356,15 +356,31 @@ async def test_market_closed_skips_unless_forced(
     assert await pool.fetchval("SELECT count(*) FROM ingest_runs") == (1 if stored else 0)
 
 
+@pytest.mark.parametrize(
+    ("values", "stored_count", "rejected"),
+    [
+        # "n/a" is refused by the driver too
+        ([("bid", 1.25), ("bid", "n/a"), ("volume", 8.0)], 2, 1),
+        # the driver would take these as 1.0 and 12
+        ([("bid", 1.25), ("bid", True), ("volume", 12.5)], 1, 2),
+    ],
+    ids=["driver-refuses", "driver-would-accept"],
+)
 async def test_row_with_bad_value_is_rejected_alone(
-    fixtures_dir: Path, pool, make_settings
+    fixtures_dir: Path,
+    pool,
+    make_settings,
+    values: list[tuple[str, object]],
+    stored_count: int,
+    rejected: int,
 ) -> None:
-    """A value of the wrong type rejects its row only; the page's other rows are stored."""
+    """A value of the wrong type rejects its row only; the page's other rows are stored. A
+    boolean price or a fractional count is refused, not stored as 1.0 or truncated."""
     from aiohttp import web
 
     template = json.loads((fixtures_dir / AAPL_CHAIN).read_text())["results"][0]
     results = []
-    for n, (field, value) in enumerate([("bid", 1.25), ("bid", "n/a"), ("volume", 8.0)]):
+    for n, (field, value) in enumerate(values):
         row = copy.deepcopy(template)
         row["details"]["ticker"] = f"O:AAPL230616C0015{n}000"
         (row["day"] if field == "volume" else row["last_quote"])[field] = value
@@ -385,12 +401,16 @@ async def test_row_with_bad_value_is_rejected_alone(
         )
     assert code == ExitCode.OK
     stored = await pool.fetch("SELECT ticker, bid, day_volume FROM option_snapshots ORDER BY 1")
-    assert [(r["ticker"], r["bid"], r["day_volume"]) for r in stored] == [
-        ("O:AAPL230616C00150000", 1.25, 8),
-        ("O:AAPL230616C00152000", template["last_quote"]["bid"], 8),
-    ]
+    expected = [("O:AAPL230616C00150000", 1.25, template["day"]["volume"])]
+    if stored_count == 2:  # the whole float 8.0 is a count of 8
+        expected.append(("O:AAPL230616C00152000", template["last_quote"]["bid"], 8))
+    assert [(r["ticker"], r["bid"], r["day_volume"]) for r in stored] == expected
     run = await last_run(pool)
-    assert (run["rows_fetched"], run["rows_written"], run["rows_rejected"]) == (3, 2, 1)
+    assert (run["rows_fetched"], run["rows_written"], run["rows_rejected"]) == (
+        3,
+        stored_count,
+        rejected,
+    )
 
 
 async def test_filters_are_pushed_down_and_scope_coverage(simulator, pool, make_settings) -> None:
