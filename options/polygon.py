@@ -24,11 +24,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Mapping
 from types import TracebackType
 from typing import Any, Final
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -51,6 +50,15 @@ from options.errors import (
     PermanentApiError,
     RateLimitedError,
     TransientApiError,
+)
+from options.pages import (
+    Decoder,
+    Page,
+    Query,
+    check_path,
+    cursor_query,
+    encode_params,
+    parse_page,
 )
 from options.tickers import (
     OPTION_TICKER_PATTERN,
@@ -89,31 +97,6 @@ MARKET_HOLIDAYS_PATH: Final = "/v1/marketstatus/upcoming"
 _MAX_CONNECT_TIMEOUT: Final = 10.0
 # Server-provided text in error messages is capped so an HTML error page cannot flood a log line.
 _MAX_DETAIL_CHARS: Final = 300
-
-_Query = list[tuple[str, str]]
-
-
-Decoder = Callable[[bytes], Any]
-"""Turns a 2xx body into a typed page, or raises ValueError (see :meth:`PolygonClient.paginate`)."""
-
-_JSON_TYPES = (dict, list, str, int, float, bool, type(None))
-
-
-@dataclass(frozen=True)
-class Page:
-    """One parsed page of a list endpoint.
-
-    Attributes:
-        results: the page's rows, as the API sent them.
-        number: the 1-based page number within this query.
-        request_id: the API's ``request_id`` for this page, when it sent one.
-        has_next: the page carried a ``next_url``, so it is not the last page.
-    """
-
-    results: list[dict[str, Any]]
-    number: int
-    request_id: str | None
-    has_next: bool
 
 
 class PolygonClient:
@@ -305,8 +288,8 @@ class PolygonClient:
             TransientApiError: retries exhausted (its subclasses say why).
             PermanentApiError: a 4xx other than 429, or a body that is not a JSON object.
         """
-        _check_path(path)
-        body, request_id = await self._get(path, _encode_params(params or {}), page=None)
+        check_path(path)
+        body, request_id = await self._get(path, encode_params(params or {}), page=None)
         if not isinstance(body, dict):
             raise PageShapeError(
                 f"{path} returned {type(body).__name__}, expected a JSON object",
@@ -337,14 +320,14 @@ class PolygonClient:
             TransientApiError: retries exhausted on some page.
             PermanentApiError: a 4xx other than 429.
         """
-        _check_path(path)
-        query = _encode_params(params)
+        check_path(path)
+        query = encode_params(params)
         seen_cursors: set[tuple[tuple[str, str], ...]] = set()
         number = 0
         while True:
             number += 1
             body, request_id = await self._get(path, query, page=number, decoder=decoder)
-            page, next_url = _parse_page(path, body, number, request_id)
+            page, next_url = parse_page(path, body, number, request_id)
             logger.debug(
                 "Polygon %s page %d: %d rows%s",
                 path,
@@ -362,7 +345,7 @@ class PolygonClient:
                     status=200,
                     request_id=request_id,
                 )
-            query = _cursor_query(path, next_url, number, request_id)
+            query = cursor_query(path, next_url, number, request_id)
             cursor_key = tuple(query)
             if cursor_key in seen_cursors:
                 raise PaginationError(
@@ -376,7 +359,7 @@ class PolygonClient:
     # -- one request, with retries ------------------------------------------------------------
 
     async def _get(
-        self, path: str, query: _Query, *, page: int | None, decoder: Decoder | None = None
+        self, path: str, query: Query, *, page: int | None, decoder: Decoder | None = None
     ) -> tuple[Any, str | None]:
         """Send one GET with retries and return the decoded JSON body and its request id."""
         retrying = AsyncRetrying(
@@ -390,7 +373,7 @@ class PolygonClient:
         return await retrying(self._attempt, path, query, page, decoder)
 
     async def _attempt(
-        self, path: str, query: _Query, page: int | None, decoder: Decoder | None
+        self, path: str, query: Query, page: int | None, decoder: Decoder | None
     ) -> tuple[Any, str | None]:
         """Send one HTTP attempt and classify its outcome."""
         session = self._require_session()
@@ -535,96 +518,6 @@ def _validate_any_ticker(ticker: str) -> str:
     if ticker.strip().upper().startswith("O:"):
         return validate_option_ticker(ticker)
     return validate_underlying(ticker)
-
-
-def _check_path(path: str) -> None:
-    """Refuse a path that could leave the API's tree or smuggle a query."""
-    segments = path.split("/")
-    if (
-        not path.startswith("/")
-        or "?" in path
-        or "#" in path
-        or any(unquote(segment) in (".", "..") for segment in segments)
-    ):
-        raise ValueError(f"not an API path: {path!r}")
-
-
-def _encode_params(params: Mapping[str, str | int]) -> _Query:
-    """Turn query parameters into string pairs, the way the API spells booleans."""
-    query: _Query = []
-    for key, value in params.items():
-        if key.lower() == "apikey":
-            # The key goes in the Authorization header only; a URL ends up in logs and traces.
-            raise ValueError("the API key must not be sent as a query parameter")
-        if isinstance(value, bool):
-            query.append((key, "true" if value else "false"))
-        else:
-            query.append((key, str(value)))
-    return query
-
-
-def _parse_page(
-    path: str, body: Any, number: int, request_id: str | None
-) -> tuple[Page, str | None]:
-    """Check a list page's shape and return it with its ``next_url``."""
-    if not isinstance(body, _JSON_TYPES):  # a typed page from a decoder: its types are checked
-        page = Page(
-            results=body.results,
-            number=number,
-            request_id=request_id,
-            has_next=body.next_url is not None,
-        )
-        return page, body.next_url
-    results = body.get("results") if isinstance(body, dict) else None
-    if not isinstance(results, list):
-        what = "no results list" if results is None else f"results of type {type(results).__name__}"
-        raise PageShapeError(
-            f"{path} page {number} has {what}; not taken for an empty or last page",
-            endpoint=path,
-            status=200,
-            request_id=request_id,
-        )
-    assert isinstance(body, dict)
-    next_url = body.get("next_url")
-    # Only absence or null means "last page": anything else unexpected must stop the walk
-    # rather than silently truncate the chain.
-    if next_url is not None and (not isinstance(next_url, str) or not next_url):
-        raise PageShapeError(
-            f"{path} page {number} has an unusable next_url ({next_url!r})",
-            endpoint=path,
-            status=200,
-            request_id=request_id,
-        )
-    page = Page(
-        results=results, number=number, request_id=request_id, has_next=next_url is not None
-    )
-    return page, next_url
-
-
-def _cursor_query(path: str, next_url: str, number: int, request_id: str | None) -> _Query:
-    """Return the query of ``next_url``, after checking it continues the same query."""
-    parts = urlsplit(next_url)
-    if unquote(parts.path) != unquote(path):
-        raise PaginationError(
-            f"{path} page {number} has a next_url on another path ({parts.path!r})",
-            endpoint=path,
-            status=200,
-            request_id=request_id,
-        )
-    # Dropping apiKey defends against a server that echoes a query-string key into next_url.
-    query = [
-        (key, value)
-        for key, value in parse_qsl(parts.query, keep_blank_values=True)
-        if key.lower() != "apikey"
-    ]
-    if not query:
-        raise PaginationError(
-            f"{path} page {number} has a next_url without a cursor",
-            endpoint=path,
-            status=200,
-            request_id=request_id,
-        )
-    return query
 
 
 def _request_id_of(body: Any) -> str | None:
