@@ -131,13 +131,25 @@ async def select_underlyings(
 
     ``--underlying`` alone when given (even with no known contracts); otherwise
     ``UNDERLYINGS`` together with every underlying that has active contracts. An index known
-    as ``SPX`` in ``option_contracts`` is asked for as ``I:SPX`` when configured that way.
+    as ``SPX`` in ``option_contracts`` is asked for as ``I:SPX`` when configured that way, and
+    ``SPX`` and ``I:SPX`` both given are one underlying, asked for as ``I:SPX``.
     """
-    if explicit:
-        return list(settings.underlyings)
-    chosen = {contract_underlying(u): u for u in settings.underlyings}
-    async for underlying in active_underlyings(pool):
-        chosen.setdefault(underlying, underlying)
+    chosen: dict[str, str] = {}
+    for underlying in settings.underlyings:
+        key = contract_underlying(underlying)
+        if chosen.setdefault(key, underlying) != underlying:
+            index = underlying if underlying.startswith("I:") else chosen[key]
+            logger.warning(
+                "%s and %s are one underlying (%s in option_contracts); asking for %s",
+                chosen[key],
+                underlying,
+                key,
+                index,
+            )
+            chosen[key] = index
+    if not explicit:
+        async for underlying in active_underlyings(pool):
+            chosen.setdefault(underlying, underlying)
     return list(chosen.values())
 
 
@@ -413,9 +425,7 @@ class SnapshotRun:
     ) -> None:
         """COPY one batch; if a value is refused, check the rows one by one and COPY the good."""
         try:
-            await conn.copy_records_to_table(
-                self.partition, records=batch, columns=SNAPSHOT_COLUMNS
-            )
+            await self._copy_rows(conn, batch, counts)
         except (TypeError, ValueError, OverflowError, asyncpg.DataError):
             # the COPY failed as a whole, so nothing of this batch is stored yet
             good = []
@@ -427,17 +437,59 @@ class SnapshotRun:
                     counts[row[1]] = (chain, count - 1)
                     chain.rejected += 1
                     logger.warning("%s: rejected a snapshot: %s", chain.underlying, exc)
-            await conn.copy_records_to_table(self.partition, records=good, columns=SNAPSHOT_COLUMNS)
-            batch = good
+            await self._copy_rows(conn, good, counts)
+        stored = 0
         for chain, count in counts.values():
             chain.stored += count
-        self.run.stats.rows_written += len(batch)
+            stored += count
+        self.run.stats.rows_written += stored
         if self.progress is not None:
             settled = sum(c.slices_ended >= c.slices for c in self.chains)
             self.progress.update(
                 f"{settled}/{len(self.chains)} chains read, "
                 f"{self.run.stats.rows_written:,} snapshots stored"
             )
+
+    async def _copy_rows(
+        self,
+        conn: asyncpg.Connection,
+        rows: list[SnapshotRow],
+        counts: dict[str, tuple[Chain, int]],
+    ) -> None:
+        """COPY ``rows`` into the partition, keeping the first snapshot of a contract that
+        another chain of this run already stored (an adjusted contract can be listed under two
+        underlyings); ``counts`` is set to what each chain really stored."""
+        try:
+            await conn.copy_records_to_table(self.partition, records=rows, columns=SNAPSHOT_COLUMNS)
+            return
+        except asyncpg.UniqueViolationError:
+            pass  # nothing of this COPY is stored: store it again, skipping what exists
+        columns = ", ".join(SNAPSHOT_COLUMNS)
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS snapshot_batch "
+                "(LIKE option_snapshots) ON COMMIT DELETE ROWS"
+            )
+            await conn.copy_records_to_table(
+                "snapshot_batch", records=rows, columns=SNAPSHOT_COLUMNS
+            )
+            inserted = await conn.fetch(
+                f"INSERT INTO {self.partition} ({columns}) SELECT {columns} FROM snapshot_batch "
+                "ON CONFLICT DO NOTHING RETURNING underlying_ticker"
+            )
+        stored: dict[str, int] = {}
+        for row in inserted:
+            stored[row[0]] = stored.get(row[0], 0) + 1
+        for key, (chain, count) in counts.items():
+            skipped = count - stored.get(key, 0)
+            if skipped:
+                logger.warning(
+                    "%s: %d snapshots skipped, of contracts another underlying's chain "
+                    "already returned in this run",
+                    chain.underlying,
+                    skipped,
+                )
+            counts[key] = (chain, stored.get(key, 0))
 
     def _fail(self, chain: Chain, exc: ApiError) -> None:
         chain.errors.append(str(exc))

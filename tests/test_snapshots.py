@@ -183,6 +183,80 @@ async def test_explicit_underlying_even_when_unknown(simulator, pool, make_setti
     )
 
 
+@pytest.mark.parametrize("explicit", [True, False], ids=["-u", "UNDERLYINGS"])
+async def test_index_given_twice_is_one_chain(
+    simulator, pool, make_settings, caplog, explicit
+) -> None:
+    """SPX and I:SPX name one underlying: its chain is read once, as I:SPX, and stored."""
+    import aiohttp
+
+    async with simulator(underlyings=("I:SPX",), contracts_per_underlying=40) as api:
+        code = await run_snapshots_job(
+            make_settings(api.base_url, ("SPX", "I:SPX")),
+            explicit_underlyings=explicit,
+            force=True,
+        )
+        async with aiohttp.ClientSession() as http, http.get(f"{api.base_url}/_sim/stats") as r:
+            chain_requests = (await r.json())["by_endpoint"]["/v3/snapshot/options/{underlying}"]
+    assert code == ExitCode.OK
+    cover = await coverage(pool)
+    assert list(cover) == ["SPX"]
+    assert (cover["SPX"]["snapshots_stored"], cover["SPX"]["complete"]) == (40, True)
+    assert chain_requests == 1  # 40 contracts: one page, read once
+    assert "SPX and I:SPX are one underlying (SPX in option_contracts); asking for I:SPX" in (
+        caplog.text
+    )
+
+
+async def test_contract_in_two_chains_is_stored_once(pool, make_settings) -> None:
+    """A contract both chains return (an adjusted contract can be) is stored once, the run
+    succeeds, and the counts add up to the rows stored."""
+    from aiohttp import web
+
+    def result(ticker: str) -> dict[str, object]:
+        return {
+            "details": {
+                "ticker": ticker,
+                "contract_type": "call",
+                "exercise_style": "american",
+                "expiration_date": "2030-01-18",
+                "shares_per_contract": 100,
+                "strike_price": 10,
+            },
+            "last_quote": {"bid": 1.0, "ask": 1.1},
+            "open_interest": 5,
+        }
+
+    shared = "O:AAA300118C00010000"
+    chains = {
+        "AAA": [result(shared), result("O:AAA300118C00011000")],
+        "BBB": [result(shared), result("O:BBB300118C00010000")],
+    }
+
+    async def chain(request: web.Request) -> web.Response:
+        results = chains[request.match_info["underlying"]]
+        return web.json_response({"status": "OK", "request_id": "r", "results": results})
+
+    async def upcoming(request: web.Request) -> web.Response:
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/v3/snapshot/options/{underlying}", chain)
+    app.router.add_get("/v1/marketstatus/upcoming", upcoming)
+    async with await start_server(app) as api:
+        code = await run_snapshots_job(
+            make_settings(api.base_url, ("AAA", "BBB")), explicit_underlyings=True, force=True
+        )
+    assert code == ExitCode.OK
+    tickers = await pool.fetch("SELECT ticker FROM option_snapshots ORDER BY 1")
+    assert [r[0] for r in tickers] == [shared, "O:AAA300118C00011000", "O:BBB300118C00010000"]
+    cover = await coverage(pool)
+    assert sorted(c["snapshots_stored"] for c in cover.values()) == [1, 2]
+    assert all(c["complete"] for c in cover.values())
+    run = await last_run(pool)
+    assert (run["rows_fetched"], run["rows_written"]) == (4, 3)
+
+
 async def test_coverage_counts_missing_active_contracts(simulator, pool, make_settings) -> None:
     """Active contracts the chain did not return are counted missing; the chain is complete."""
     async with simulator(underlyings=("AAA",), contracts_per_underlying=300) as api:
