@@ -2,9 +2,11 @@
 
 Extract: chains are read with ``/v3/snapshot/options/{underlying}`` at 250 rows a page, many
 underlyings side by side; a large chain is split into independent slices by expiration date so
-its pages do not all wait in line. Normalize: :func:`options.normalize.normalize_snapshot`.
-Load: pages flow through a bounded queue into batched COPYs into the day's partition while other
-pages are still being fetched, so memory is bounded by the queue, not by the universe.
+its pages do not all wait in line. Normalize: :func:`options.normalize.snapshot_row` for pages
+msgspec decoded and type-checked, :func:`options.normalize.normalize_snapshot` for a page it
+refused. Load: pages flow through a bounded queue into batched COPYs into the day's partition
+while other pages are still being fetched, so memory is bounded by the queue, not by the
+universe.
 
 Every underlying gets a ``snapshot_coverage`` row saying how much of its chain was stored and
 whether it was read to the end. A chain that breaks part-way keeps the rows already fetched and
