@@ -19,14 +19,10 @@ from options.db import apply_migrations, create_pool
 from options.errors import ConfigError, ExitCode
 from options.logs import StatusReporter
 from options.market import market_session
+from options.partitions import drop_old_partitions, ensure_partitions
 from options.polygon import PolygonClient
 from options.runs import STATUS_EXIT_CODES, RunStats, recorded_run
-from options.snapshots import (
-    SnapshotRun,
-    drop_old_partitions,
-    ensure_partitions,
-    select_underlyings,
-)
+from options.snapshots import SnapshotRun, select_underlyings
 
 logger = logging.getLogger(__name__)
 

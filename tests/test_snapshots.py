@@ -14,8 +14,9 @@ import pytest
 from options.errors import ExitCode, RunInterrupted
 from options.jobs import run_options_job, run_snapshots_job
 from options.normalize import SNAPSHOT_COLUMNS, normalize_snapshot
+from options.partitions import drop_old_partitions, ensure_partitions
 from options.simulator import create_fixture_app, start_server
-from options.snapshots import SLICE_CONTRACTS, drop_old_partitions, ensure_partitions
+from options.snapshots import SLICE_CONTRACTS
 
 AAPL_CHAIN = "v3/snapshot/options/AAPL.json"
 NS = 1_000_000_000
