@@ -19,7 +19,7 @@ from options.db import apply_migrations, create_pool
 from options.errors import ConfigError, ExitCode
 from options.logs import StatusReporter
 from options.market import market_session
-from options.partitions import drop_old_partitions, ensure_partitions
+from options.partitions import create_next_partition, drop_old_partitions, ensure_partition
 from options.polygon import PolygonClient
 from options.runs import STATUS_EXIT_CODES, RunStats, recorded_run
 from options.snapshots import SnapshotRun, select_underlyings
@@ -181,7 +181,7 @@ async def _snapshot(
             await pool.execute(
                 "UPDATE ingest_runs SET captured_at = $2 WHERE id = $1", run.id, captured_at
             )
-            partition = await ensure_partitions(pool, captured_at)
+            partition = await ensure_partition(pool, captured_at.astimezone(dt.UTC).date())
             snapshot = SnapshotRun(
                 settings,
                 client,
@@ -192,6 +192,8 @@ async def _snapshot(
                 progress=progress,
             )
             await snapshot.execute(underlyings, stop)
+            # maintenance after the rows are stored: a reader's lock cannot delay the snapshot
+            await create_next_partition(pool, captured_at)
             retain = retain_days if retain_days is not None else settings.snapshot_retain_days
             if retain is not None:
                 await drop_old_partitions(pool, retain_days=retain, now=captured_at)

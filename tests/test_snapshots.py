@@ -11,10 +11,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from options.errors import ExitCode, RunInterrupted
+from options.errors import DatabaseError, ExitCode, RunInterrupted
 from options.jobs import run_options_job, run_snapshots_job
 from options.normalize import SNAPSHOT_COLUMNS, normalize_snapshot
-from options.partitions import drop_old_partitions, ensure_partitions
+from options.partitions import create_next_partition, drop_old_partitions, ensure_partition
 from options.simulator import create_fixture_app, start_server
 from options.snapshots import SLICE_CONTRACTS
 
@@ -340,7 +340,8 @@ async def api_requests(base_url: str) -> int:
 async def test_partitions_across_midnight_utc(pool) -> None:
     """A run just before midnight UTC creates that day's and the next day's partitions."""
     captured = dt.datetime(2026, 11, 23, 23, 59, 59, tzinfo=dt.UTC)
-    assert await ensure_partitions(pool, captured) == "option_snapshots_p20261123"
+    assert await ensure_partition(pool, captured.date()) == "option_snapshots_p20261123"
+    assert await create_next_partition(pool, captured) is True
     names = await pool.fetch(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
         "WHERE i.inhparent = 'option_snapshots'::regclass ORDER BY 1"
@@ -357,14 +358,16 @@ async def test_partitions_across_midnight_utc(pool) -> None:
     )
     assert [r["part"] for r in rows] == ["option_snapshots_p20261123", "option_snapshots_p20261124"]
     # idempotent: a second run on the same day creates nothing new and fails nothing
-    assert await ensure_partitions(pool, captured) == "option_snapshots_p20261123"
+    assert await ensure_partition(pool, captured.date()) == "option_snapshots_p20261123"
+    assert await create_next_partition(pool, captured) is True
 
 
 async def test_retention_drops_only_whole_old_partitions(pool) -> None:
     """--retain-days drops partitions whose whole day is older than N days, and nothing else."""
     now = dt.datetime(2026, 11, 23, 15, 0, tzinfo=dt.UTC)
     for days_ago in (0, 2, 4, 10):
-        await ensure_partitions(pool, now - dt.timedelta(days=days_ago))
+        await ensure_partition(pool, (now - dt.timedelta(days=days_ago)).date())
+        await create_next_partition(pool, now - dt.timedelta(days=days_ago))
     dropped = await drop_old_partitions(pool, retain_days=3, now=now)
     assert dropped == [
         "option_snapshots_p20261113",
@@ -382,6 +385,59 @@ async def test_retention_drops_only_whole_old_partitions(pool) -> None:
         "option_snapshots_p20261123",
         "option_snapshots_p20261124",
     ]
+
+
+async def test_partition_ddl_gives_way_to_a_long_reader(database_url: str, pool, caplog) -> None:
+    """While a query holds option_snapshots, partition DDL waits only its lock timeout: the
+    next day's partition and retention are left for a later run, an existing partition is
+    used at once, and a missing one the run needs fails with a clear error."""
+    today = dt.date(2026, 11, 23)
+    now = dt.datetime.combine(today, dt.time(15), dt.UTC)
+    await ensure_partition(pool, today - dt.timedelta(days=10))
+    await ensure_partition(pool, today)
+    reader = await asyncpg.connect(database_url)
+    try:
+        transaction = reader.transaction()
+        await transaction.start()
+        await reader.fetchval("SELECT count(*) FROM option_snapshots")
+        assert await ensure_partition(pool, today, lock_timeout=0.2) == "option_snapshots_p20261123"
+        assert await create_next_partition(pool, now, lock_timeout=0.2) is False
+        assert await drop_old_partitions(pool, retain_days=3, now=now, lock_timeout=0.2) == []
+        with pytest.raises(DatabaseError, match="another session held option_snapshots"):
+            await ensure_partition(pool, today - dt.timedelta(days=1), lock_timeout=0.2)
+        await transaction.commit()
+    finally:
+        await reader.close()
+    assert "Partition option_snapshots_p20261124 not created yet" in caplog.text
+    assert "Retention: option_snapshots_p20261113 is in use by another session" in caplog.text
+    assert await create_next_partition(pool, now, lock_timeout=0.2) is True
+    assert await drop_old_partitions(pool, retain_days=3, now=now) == ["option_snapshots_p20261113"]
+
+
+async def test_snapshot_is_stored_while_a_long_query_reads(
+    simulator, database_url: str, pool, make_settings
+) -> None:
+    """A long query on option_snapshots neither delays nor fails the snapshot: only the next
+    day's partition waits for a later run."""
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=300) as api:
+        settings = make_settings(api.base_url, ("AAA",))
+        assert await run_snapshots_job(settings, explicit_underlyings=True, force=True) == 0
+        tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+        await pool.execute(f"DROP TABLE option_snapshots_p{tomorrow:%Y%m%d}")
+        reader = await asyncpg.connect(database_url)
+        try:
+            async with reader.transaction():
+                await reader.fetchval("SELECT count(*) FROM option_snapshots")
+                code = await asyncio.wait_for(
+                    run_snapshots_job(settings, explicit_underlyings=True, force=True), 30
+                )
+        finally:
+            await reader.close()
+    assert code == ExitCode.OK
+    assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == 600
+    assert not await pool.fetchval(
+        "SELECT to_regclass($1) IS NOT NULL", f"option_snapshots_p{tomorrow:%Y%m%d}"
+    )
 
 
 async def test_stop_flushes_fetched_rows_and_records_interrupted(
