@@ -19,7 +19,7 @@ from opentelemetry import trace
 
 from options.config import Settings
 from options.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
-from options.errors import ApiError, DatabaseError
+from options.errors import ApiError, DatabaseError, KeyRejectedError
 from options.filters import ListingScope, contract_underlying, listing_scope, market_today
 from options.logs import StatusReporter
 from options.normalize import CONTRACT_COLUMNS, ContractRow, normalize_contracts
@@ -102,6 +102,7 @@ async def sync_contracts(
 
     Raises:
         DatabaseError: PostgreSQL failed; the run stops (API errors only fail their underlying).
+        KeyRejectedError: the API refused the key; the run stops.
         RunInterrupted: ``stop`` was set first.
     """
     stop = stop or asyncio.Event()
@@ -126,6 +127,8 @@ async def sync_contracts(
                 await sync_underlying(
                     settings, client, pool, underlying, result, seen_at=seen_at, today=today
                 )
+            except KeyRejectedError:
+                raise  # every underlying would fail the same way: the run ends
             except ApiError as exc:
                 exc.underlying = exc.underlying or underlying
                 result.error = str(exc)
@@ -151,9 +154,14 @@ async def sync_contracts(
                     )
 
     async def run_workers() -> None:
-        async with asyncio.TaskGroup() as group:
-            for _ in range(workers):
-                group.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(workers):
+                    group.create_task(worker())
+        except BaseExceptionGroup as failed:
+            # one worker's error (database gone, key refused) ended the run and cancelled the
+            # others, whose underlyings rolled back: raise that error, not the group
+            raise _first_error(failed)  # noqa: B904 (its own cause is kept)
 
     try:
         await until_stopped(run_workers(), stop)
@@ -162,6 +170,11 @@ async def sync_contracts(
         if progress is not None:
             progress.flush()
     return [results[u] for u in underlyings if u in results]
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _log_totals(stats: RunStats, underlyings: int) -> None:

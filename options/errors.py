@@ -10,7 +10,8 @@ one line on stderr and the exit code it carries::
     │   │   ├── RateLimitedError              429, with the server's Retry-After if it sent one
     │   │   └── PayloadError                  a body that is not valid JSON (truncated page)
     │   └── PermanentApiError                 not retried: 4xx other than 429, redirects
-    │       ├── AuthError                     401 unknown key, 403 plan does not include the data
+    │       ├── AuthError                     403: the plan does not include this data
+    │       │   └── KeyRejectedError          401: unknown key; ends the whole run at once
     │       ├── PageShapeError                a 200 page without a ``results`` list
     │       └── PaginationError               a ``next_url`` that loops or never ends
     ├── DatabaseError                 exit 1  PostgreSQL refused or went away
@@ -115,7 +116,13 @@ class PermanentApiError(ApiError):
 
 
 class AuthError(PermanentApiError):
-    """HTTP 401 (unknown key) or 403 (the plan does not include this data)."""
+    """HTTP 401 (unknown key) or 403 (the plan does not include this data, which can differ
+    between underlyings: index options need an indices plan)."""
+
+
+class KeyRejectedError(AuthError):
+    """HTTP 401: the API does not know the key. Every other request would fail the same way,
+    so the run stops at once instead of failing underlying after underlying."""
 
 
 class PageShapeError(PermanentApiError):

@@ -44,6 +44,7 @@ from tenacity import (
 from options.errors import (
     ApiError,
     AuthError,
+    KeyRejectedError,
     PageShapeError,
     PaginationError,
     PayloadError,
@@ -459,7 +460,14 @@ class PolygonClient:
 
         detail = self._redact(_detail_of(body, reason))
         message = f"{where} answered HTTP {status}: {detail}"
-        if status in (401, 403):
+        if status == 401:
+            raise KeyRejectedError(
+                f"the API refused the key (POLYGON_API_KEY): {message}",
+                endpoint=path,
+                status=status,
+                request_id=request_id,
+            )
+        if status == 403:
             raise AuthError(message, endpoint=path, status=status, request_id=request_id)
         if status == 429:
             raise RateLimitedError(

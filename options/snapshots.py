@@ -35,7 +35,7 @@ from options.db import (
     describe_db_error,
     epoch_microsecond_timestamps,
 )
-from options.errors import ApiError, DatabaseError, RunInterrupted
+from options.errors import ApiError, DatabaseError, KeyRejectedError, RunInterrupted
 from options.filters import ListingScope, contract_underlying, listing_scope, market_today
 from options.logs import StatusReporter
 from options.normalize import (
@@ -201,6 +201,7 @@ class SnapshotRun:
 
         Raises:
             RunInterrupted: ``stop`` was set before every chain was read.
+            KeyRejectedError: the API refused the key; what was fetched is stored.
             DatabaseError: PostgreSQL failed.
         """
         self.chains = [Chain(u, contract_underlying(u)) for u in underlyings]
@@ -217,10 +218,13 @@ class SnapshotRun:
         finished = asyncio.create_task(self.work.join())
         stopped = asyncio.create_task(stop.wait())
         watched = {finished, stopped, *fetchers, *writers}
+        refused: KeyRejectedError | None = None
         try:
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             for task in done & {*fetchers, *writers}:
                 task.result()  # a fetcher or writer died: raise its error
+        except KeyRejectedError as exc:
+            refused = exc  # store what was fetched and the coverage, then end the run
         finally:
             for task in (*fetchers, finished, stopped):
                 task.cancel()
@@ -234,6 +238,8 @@ class SnapshotRun:
         await self._record_coverage()
         if self.progress is not None:
             self.progress.flush()
+        if refused is not None:
+            raise refused
         if stop.is_set():
             raise RunInterrupted("stopped before every chain was read; what was fetched is stored")
         return self.chains
@@ -272,6 +278,8 @@ class SnapshotRun:
         except ApiError as exc:
             self._fail(chain, exc)
             chain.end_slice(done=False)
+            if isinstance(exc, KeyRejectedError):
+                raise  # every chain would fail the same way: the run ends
             return
         rows = await _known_contracts(self.pool, chain.key, self.today, scope)
         chain.known = {row[0] for row in rows}
@@ -292,6 +300,8 @@ class SnapshotRun:
         except ApiError as exc:
             self._fail(chain, exc)
             chain.end_slice(done=False)
+            if isinstance(exc, KeyRejectedError):
+                raise  # every chain would fail the same way: the run ends
         else:
             chain.end_slice(done=True)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from options.errors import AlreadyRunningError, ExitCode
+from options.config import Secret
+from options.errors import AlreadyRunningError, DatabaseError, ExitCode, KeyRejectedError
 from options.jobs import run_options_job
 from options.runs import JOB_LOCK_KEYS
 from options.simulator import create_fixture_app, start_server
@@ -349,3 +350,64 @@ async def test_cli_writes_spans_to_stderr_only_when_asked(
     assert {s["name"] for s in spans} == {"polygon.request", "contracts.sync_underlying"}
     assert "test-key" not in traced
     assert "polygon.request" not in untraced
+
+
+async def chain_and_listing_requests(base_url: str) -> dict[str, int]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(f"{base_url}/_sim/stats") as response:
+        return dict((await response.json())["by_endpoint"])
+
+
+async def test_rejected_key_ends_the_run_at_once(simulator, pool, make_settings) -> None:
+    """A 401 (unknown key) stops the run after the requests in flight, with one error that
+    names the setting and not the key, instead of failing underlying after underlying."""
+    names = tuple(f"U{c}" for c in "ABCDEFGH")
+    async with simulator(underlyings=names, contracts_per_underlying=10) as api:
+        settings = make_settings(
+            api.base_url, names, api_key=Secret("pk_bad_0123456789"), underlying_concurrency=2
+        )
+        with pytest.raises(KeyRejectedError) as caught:
+            await run_options_job(settings)
+        requests = await chain_and_listing_requests(api.base_url)
+    message = str(caught.value)
+    assert "the API refused the key (POLYGON_API_KEY)" in message
+    assert "HTTP 401" in message
+    assert "pk_bad_0123456789" not in message
+    assert requests["/v3/reference/options/contracts"] <= 2
+    run = await pool.fetchrow("SELECT status, error FROM ingest_runs")
+    assert run["status"] == "failed"
+    assert run["error"] == message
+
+
+async def test_database_going_away_fails_the_sync_with_one_error(
+    simulator, pool, make_settings
+) -> None:
+    """Connections killed mid-transaction end the run with the DatabaseError itself (one
+    line from the CLI), not a group of task errors, and the run is recorded failed."""
+    import asyncio
+
+    names = tuple(f"U{c}" for c in "ABCDEFGH")
+
+    async def keep_cutting() -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            await pool.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'options-history' "
+                "AND xact_start IS NOT NULL AND pid <> pg_backend_pid()"
+            )
+
+    async with simulator(underlyings=names, contracts_per_underlying=3000, latency=0.02) as api:
+        cutter = asyncio.create_task(keep_cutting())
+        try:
+            with pytest.raises(DatabaseError):
+                await asyncio.wait_for(
+                    run_options_job(make_settings(api.base_url, names, underlying_concurrency=2)),
+                    60,
+                )
+        finally:
+            cutter.cancel()
+    run = await pool.fetchrow("SELECT status, error FROM ingest_runs")
+    assert run["status"] == "failed"
+    assert not run["error"].startswith("ExceptionGroup")

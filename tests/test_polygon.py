@@ -25,6 +25,7 @@ from options.errors import (
     ApiError,
     AuthError,
     ConfigError,
+    KeyRejectedError,
     PageShapeError,
     PaginationError,
     PayloadError,
@@ -453,8 +454,9 @@ async def test_429_exhausted_raises_rate_limited_error(serve):
         pytest.param(
             401,
             {"status": "ERROR", "request_id": "r", "error": "Unknown API Key"},
-            AuthError,
-            "Unknown API Key",
+            KeyRejectedError,
+            "the API refused the key (POLYGON_API_KEY): /v3/snapshot/options/SPY page 1 "
+            "answered HTTP 401: ERROR: Unknown API Key",
             id="401-unknown-key",
         ),
         pytest.param(

@@ -258,6 +258,27 @@ async def test_contract_in_two_chains_is_stored_once(pool, make_settings) -> Non
     assert (run["rows_fetched"], run["rows_written"]) == (4, 3)
 
 
+async def test_rejected_key_ends_the_run_with_coverage(simulator, pool, make_settings) -> None:
+    """A 401 (unknown key) stops the run after the requests in flight; every underlying gets
+    a coverage row saying it was not read, and the run is recorded failed."""
+    from options.config import Secret
+    from options.errors import KeyRejectedError
+
+    names = tuple(f"U{c}" for c in "ABCDEFGH")
+    async with simulator(underlyings=names, contracts_per_underlying=10) as api:
+        settings = make_settings(
+            api.base_url, names, api_key=Secret("pk_bad_0123456789"), http_concurrency=2
+        )
+        with pytest.raises(KeyRejectedError, match=r"refused the key \(POLYGON_API_KEY\)"):
+            await run_snapshots_job(settings, explicit_underlyings=True, force=True)
+        requests = await api_requests(api.base_url)
+    cover = await coverage(pool)
+    assert list(cover) == list(names)
+    assert not any(c["complete"] for c in cover.values())
+    assert await pool.fetchval("SELECT status FROM ingest_runs") == "failed"
+    assert requests <= 3  # the market calendar, and the two chains in flight
+
+
 async def test_coverage_counts_missing_active_contracts(simulator, pool, make_settings) -> None:
     """Active contracts the chain did not return are counted missing; the chain is complete."""
     async with simulator(underlyings=("AAA",), contracts_per_underlying=300) as api:
