@@ -468,6 +468,15 @@ class SnapshotRun:
             for c in self.chains
             if not c.errors and not c.complete
         ]
+        for chain in self.chains:
+            if chain.complete and chain.pages and not (chain.stored or chain.rejected):
+                logger.warning(
+                    "%s: the API returned an empty chain%s",
+                    chain.underlying,
+                    f"; {chain.missing} active contracts known here are missing"
+                    if chain.missing
+                    else ": no options are listed for it (a misspelled ticker?)",
+                )
         await _write_coverage(self.pool, self.chains, self.captured_at, self.run.id)
         logger.info(
             "Stored %d snapshots of %d underlyings (%d complete), %d active contracts missing",

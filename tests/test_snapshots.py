@@ -279,6 +279,24 @@ async def test_rejected_key_ends_the_run_with_coverage(simulator, pool, make_set
     assert requests <= 3  # the market calendar, and the two chains in flight
 
 
+async def test_empty_chain_is_complete_and_warned_about(
+    simulator, pool, make_settings, caplog
+) -> None:
+    """A chain the API returns empty is complete with nothing stored, and a warning says so:
+    a misspelled ticker must not pass in silence."""
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
+        code = await run_snapshots_job(
+            make_settings(api.base_url, ("ZZZZ",)), explicit_underlyings=True, force=True
+        )
+    assert code == ExitCode.OK
+    cover = (await coverage(pool))["ZZZZ"]
+    assert (cover["snapshots_stored"], cover["complete"], cover["pages"]) == (0, True, 1)
+    assert (
+        "ZZZZ: the API returned an empty chain: no options are listed for it "
+        "(a misspelled ticker?)" in caplog.text
+    )
+
+
 async def test_coverage_counts_missing_active_contracts(simulator, pool, make_settings) -> None:
     """Active contracts the chain did not return are counted missing; the chain is complete."""
     async with simulator(underlyings=("AAA",), contracts_per_underlying=300) as api:
