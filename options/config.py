@@ -147,8 +147,13 @@ class Settings:
         )
 
     def with_underlyings(self, tickers: tuple[str, ...] | list[str]) -> Settings:
-        """Return a copy whose underlyings are ``tickers`` (the CLI's ``--underlying``)."""
+        """Return a copy whose underlyings are ``tickers`` (the CLI's ``--underlying``).
+
+        Raises:
+            ConfigError: a ticker of the wrong form, or an index and a stock of one name.
+        """
         validated = tuple(dict.fromkeys(validate_underlying(t) for t in tickers))
+        _check_one_per_underlying(validated, variable="--underlying")
         return dataclasses.replace(self, underlyings=validated)
 
     def require_database_url(self) -> str:
@@ -232,7 +237,24 @@ def parse_underlyings(raw: str, *, variable: str) -> tuple[str, ...]:
             tickers.append(validate_underlying(part))
         except ConfigError as exc:
             raise ConfigError(f"{variable}: {exc}", variable=variable) from None
-    return tuple(dict.fromkeys(tickers))
+    unique = tuple(dict.fromkeys(tickers))
+    _check_one_per_underlying(unique, variable=variable)
+    return unique
+
+
+def _check_one_per_underlying(tickers: tuple[str, ...], *, variable: str) -> None:
+    """Refuse ``SPX`` with ``I:SPX``: index options are listed under ``SPX``, so both would
+    read and write the same contracts."""
+    seen: dict[str, str] = {}
+    for ticker in tickers:
+        key = ticker.removeprefix("I:")
+        if key in seen:
+            raise ConfigError(
+                f"{variable} names both {seen[key]} and {ticker}, one underlying (its options "
+                f"are listed under {key}): keep I:{key} for the index or {key} for the stock",
+                variable=variable,
+            )
+        seen[key] = ticker
 
 
 def parse_duration(raw: str, *, name: str = "--deadline") -> float:

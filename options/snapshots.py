@@ -132,25 +132,13 @@ async def select_underlyings(
 
     ``--underlying`` alone when given (even with no known contracts); otherwise
     ``UNDERLYINGS`` together with every underlying that has active contracts. An index known
-    as ``SPX`` in ``option_contracts`` is asked for as ``I:SPX`` when configured that way, and
-    ``SPX`` and ``I:SPX`` both given are one underlying, asked for as ``I:SPX``.
+    as ``SPX`` in ``option_contracts`` is asked for as ``I:SPX`` when configured that way.
     """
-    chosen: dict[str, str] = {}
-    for underlying in settings.underlyings:
-        key = contract_underlying(underlying)
-        if chosen.setdefault(key, underlying) != underlying:
-            index = underlying if underlying.startswith("I:") else chosen[key]
-            logger.warning(
-                "%s and %s are one underlying (%s in option_contracts); asking for %s",
-                chosen[key],
-                underlying,
-                key,
-                index,
-            )
-            chosen[key] = index
-    if not explicit:
-        async for underlying in active_underlyings(pool):
-            chosen.setdefault(underlying, underlying)
+    if explicit:
+        return list(settings.underlyings)
+    chosen = {contract_underlying(u): u for u in settings.underlyings}
+    async for underlying in active_underlyings(pool):
+        chosen.setdefault(underlying, underlying)
     return list(chosen.values())
 
 

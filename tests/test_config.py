@@ -213,3 +213,17 @@ def test_cli_reads_env_file_option(tmp_path: Path) -> None:
     result = run_cli("ingest_options", "--env-file", str(broken), env={}, cwd=tmp_path)
     assert result.returncode == ExitCode.USAGE
     assert "line 2" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "given", [("SPX", "I:SPX"), ("I:SPX", "spx")], ids=["stock-first", "index-first"]
+)
+def test_index_and_stock_of_one_name_are_refused(given: tuple[str, str]) -> None:
+    """SPX with I:SPX, in UNDERLYINGS or --underlying, is one underlying named twice: a clear
+    error rather than two runs over the same contracts."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"UNDERLYINGS": ",".join(given)}, env_file=None)
+    assert "UNDERLYINGS names both" in str(caught.value)
+    assert "keep I:SPX for the index or SPX for the stock" in str(caught.value)
+    with pytest.raises(ConfigError, match="--underlying names both"):
+        Settings.from_env({}, env_file=None).with_underlyings(list(given))

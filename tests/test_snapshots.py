@@ -184,31 +184,6 @@ async def test_explicit_underlying_even_when_unknown(simulator, pool, make_setti
     )
 
 
-@pytest.mark.parametrize("explicit", [True, False], ids=["-u", "UNDERLYINGS"])
-async def test_index_given_twice_is_one_chain(
-    simulator, pool, make_settings, caplog, explicit
-) -> None:
-    """SPX and I:SPX name one underlying: its chain is read once, as I:SPX, and stored."""
-    import aiohttp
-
-    async with simulator(underlyings=("I:SPX",), contracts_per_underlying=40) as api:
-        code = await run_snapshots_job(
-            make_settings(api.base_url, ("SPX", "I:SPX")),
-            explicit_underlyings=explicit,
-            force=True,
-        )
-        async with aiohttp.ClientSession() as http, http.get(f"{api.base_url}/_sim/stats") as r:
-            chain_requests = (await r.json())["by_endpoint"]["/v3/snapshot/options/{underlying}"]
-    assert code == ExitCode.OK
-    cover = await coverage(pool)
-    assert list(cover) == ["SPX"]
-    assert (cover["SPX"]["snapshots_stored"], cover["SPX"]["complete"]) == (40, True)
-    assert chain_requests == 1  # 40 contracts: one page, read once
-    assert "SPX and I:SPX are one underlying (SPX in option_contracts); asking for I:SPX" in (
-        caplog.text
-    )
-
-
 async def test_contract_in_two_chains_is_stored_once(pool, make_settings) -> None:
     """A contract both chains return (an adjusted contract can be) is stored once, the run
     succeeds, and the counts add up to the rows stored."""
