@@ -390,11 +390,10 @@ async def test_database_going_away_fails_the_sync_with_one_error(
     names = tuple(f"U{c}" for c in "ABCDEFGH")
 
     async def keep_cutting() -> None:
-        # from the moment the run is recorded, so the run ledger has a row to close
-        while not await pool.fetchval("SELECT count(*) FROM ingest_runs"):
-            await asyncio.sleep(0.005)
         while True:
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.01)
+            if not await pool.fetchval("SELECT count(*) FROM ingest_runs"):
+                continue  # from the moment the run is recorded: the ledger has a row to close
             await pool.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND application_name = 'options-history' "
