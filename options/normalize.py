@@ -61,9 +61,12 @@ def normalize_contract(raw: Any, *, underlying: str) -> ContractRow:
     if not isinstance(raw, dict):
         raise Rejected(f"result is a {type(raw).__name__}, not an object")
     ticker = raw.get("ticker")
-    if not isinstance(ticker, str) or not ticker.startswith("O:"):
+    if not isinstance(ticker, str) or not ticker.startswith("O:") or "\x00" in ticker:
         raise Rejected(f"ticker {ticker!r} is not an option ticker")
     additional = raw.get("additional_underlyings")
+    additional_json = orjson.dumps(additional).decode() if additional is not None else None
+    if additional_json is not None and "\\u0000" in additional_json:
+        raise Rejected(f"{ticker}: additional_underlyings holds a NUL character (not in jsonb)")
     return (
         ticker,
         _text(raw, "underlying_ticker") or underlying,
@@ -75,7 +78,7 @@ def normalize_contract(raw: Any, *, underlying: str) -> ContractRow:
         _text(raw, "primary_exchange"),
         _text(raw, "cfi"),
         _int(raw, "correction"),
-        orjson.dumps(additional).decode() if additional is not None else None,
+        additional_json,
     )
 
 
@@ -101,14 +104,17 @@ def normalize_contracts(
 
 def _text(raw: dict[str, Any], key: str) -> str | None:
     value = raw.get(key)
-    if value is None or isinstance(value, str):
+    if value is None or (type(value) is str and "\x00" not in value):
         return value
-    raise Rejected(f"{raw.get('ticker')}: {key} is {value!r}, not a string")
+    raise Rejected(f"{raw.get('ticker')!r}: {key} is {value!r}, not a string PostgreSQL can hold")
+
+
+_INTEGER = range(-(2**31), 2**31)  # PostgreSQL's integer, as option_contracts.correction is
 
 
 def _int(raw: dict[str, Any], key: str) -> int | None:
     value = raw.get(key)
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+    if value is None or (type(value) is int and value in _INTEGER):
         return value
     raise Rejected(f"{raw.get('ticker')}: {key} is {value!r}, not an integer")
 
@@ -277,19 +283,23 @@ def check_snapshot_row(row: SnapshotRow) -> SnapshotRow:
     """Validate a row from :func:`normalize_snapshot` column by column.
 
     Whole floats are accepted for integer columns, integers for float columns; a boolean, a
-    string or a fractional count is refused.
+    string, a fractional count, a count past bigint and text with a NUL character are refused.
 
     Raises:
         Rejected: naming the ticker, the column and the value.
     """
     checked = list(row)
     for index, (kind, value) in enumerate(zip(_SNAPSHOT_KINDS, row, strict=True)):
-        if value is None or kind == "text":
+        if value is None:
             continue
         try:
-            checked[index] = _f(value) if kind == "float" else _i(value)
+            if kind == "text":
+                if type(value) is not str or "\x00" in value:
+                    raise TypeError(f"{value!r} is not a string PostgreSQL can hold")
+            else:
+                checked[index] = _f(value) if kind == "float" else _i(value)
         except TypeError as exc:
-            raise Rejected(f"{row[0]}: {SNAPSHOT_COLUMNS[index]} {exc}") from None
+            raise Rejected(f"{row[0]!r}: {SNAPSHOT_COLUMNS[index]} {exc}") from None
     return tuple(checked)
 
 
@@ -460,23 +470,30 @@ def snapshot_contract(raw: dict[str, Any] | SnapshotResult, *, underlying: str) 
     return normalize_contract(details, underlying=underlying)
 
 
+_BIGINT = range(-(2**63), 2**63)
+
+
 def _f(value: Any) -> float | None:
     # type() rather than isinstance(): bool is an int, and must not pass as a price
     kind = type(value)
     if kind is float or value is None:
         return value
-    if kind is int:
+    if kind is int and abs(value) < 2**1023:
         return float(value)
     raise TypeError(f"{value!r} is not a number")
 
 
 def _i(value: Any) -> int | None:
     kind = type(value)
-    if kind is int or value is None:
-        return value
     if kind is float and value.is_integer():
-        return int(value)
-    raise TypeError(f"{value!r} is not a whole number")
+        value = int(value)
+    elif kind is not int:
+        if value is None:
+            return None
+        raise TypeError(f"{value!r} is not a whole number")
+    if value not in _BIGINT:
+        raise TypeError(f"{value!r} is out of the bigint range")
+    return value
 
 
 def _ns(value: Any) -> int | None:

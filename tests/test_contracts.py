@@ -413,3 +413,47 @@ async def test_database_going_away_fails_the_sync_with_one_error(
     run = await pool.fetchrow("SELECT status, error FROM ingest_runs")
     assert run["status"] == "failed"
     assert not run["error"].startswith("ExceptionGroup")
+
+
+async def test_contract_with_a_value_the_table_cannot_hold_is_rejected_alone(
+    pool, make_settings
+) -> None:
+    """A contract with a value its column cannot hold is rejected and counted; the page's
+    other contracts are stored and the underlying is not failed for it."""
+    from aiohttp import web
+
+    def contract(strike: int, **changes: object) -> dict[str, object]:
+        return {
+            "ticker": f"O:AAA300118C{strike * 1000:08d}",
+            "underlying_ticker": "AAA",
+            "contract_type": "call",
+            "exercise_style": "american",
+            "expiration_date": "2030-01-18",
+            "strike_price": strike,
+            "shares_per_contract": 100,
+            **changes,
+        }
+
+    results = [
+        contract(10),
+        contract(11, strike_price="ten"),
+        contract(12, correction=2**31),
+        contract(13, ticker="AAA300118C00013000"),
+        contract(14, contract_type="ca\x00ll"),
+        contract(15, additional_underlyings=[{"type": "equity", "underlying": "B\x00"}]),
+        contract(16, expiration_date="2030-13-01"),
+        contract(17, correction=True),
+    ]
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"status": "OK", "request_id": "r", "results": results})
+
+    app = web.Application()
+    app.router.add_get("/v3/reference/options/contracts", listing)
+    async with await start_server(app) as api:
+        code = await run_options_job(make_settings(api.base_url, ("AAA",)))
+    assert code == ExitCode.OK
+    stored = await pool.fetch("SELECT ticker FROM option_contracts")
+    assert [r[0] for r in stored] == ["O:AAA300118C00010000"]
+    run = await last_run(pool)
+    assert (run["rows_fetched"], run["rows_written"], run["rows_rejected"]) == (8, 1, 7)

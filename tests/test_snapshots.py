@@ -508,8 +508,12 @@ async def test_market_closed_skips_unless_forced(
         ([("bid", 1.25), ("bid", "n/a"), ("volume", 8.0)], 2, 1),
         # the driver would take these as 1.0 and 12
         ([("bid", 1.25), ("bid", True), ("volume", 12.5)], 1, 2),
+        # past bigint: the driver refuses it on our side, before PostgreSQL sees it
+        ([("bid", 1.25), ("volume", 2**63), ("volume", 2**64 - 1)], 1, 2),
+        # PostgreSQL's text cannot hold a NUL character
+        ([("bid", 1.25), ("ticker", "\x00"), ("volume", 8.0)], 2, 1),
     ],
-    ids=["driver-refuses", "driver-would-accept"],
+    ids=["driver-refuses", "driver-would-accept", "past-bigint", "nul-in-ticker"],
 )
 async def test_row_with_bad_value_is_rejected_alone(
     fixtures_dir: Path,
@@ -519,8 +523,8 @@ async def test_row_with_bad_value_is_rejected_alone(
     stored_count: int,
     rejected: int,
 ) -> None:
-    """A value of the wrong type rejects its row only; the page's other rows are stored. A
-    boolean price or a fractional count is refused, not stored as 1.0 or truncated."""
+    """A value the column cannot hold rejects its row only; the page's other rows are stored.
+    A boolean price or a fractional count is refused, not stored as 1.0 or truncated."""
     from aiohttp import web
 
     template = json.loads((fixtures_dir / AAPL_CHAIN).read_text())["results"][0]
@@ -528,7 +532,10 @@ async def test_row_with_bad_value_is_rejected_alone(
     for n, (field, value) in enumerate(values):
         row = copy.deepcopy(template)
         row["details"]["ticker"] = f"O:AAPL230616C0015{n}000"
-        (row["day"] if field == "volume" else row["last_quote"])[field] = value
+        if field == "ticker":
+            row["details"]["ticker"] += value
+        else:
+            (row["day"] if field == "volume" else row["last_quote"])[field] = value
         results.append(row)
 
     async def chain(request: web.Request) -> web.Response:
