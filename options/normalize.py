@@ -130,7 +130,8 @@ def _decimal(raw: dict[str, Any], key: str) -> Decimal | None:
         number = Decimal(str(value))
     except InvalidOperation:
         raise Rejected(f"{raw.get('ticker')}: {key} is {value!r}, not a number") from None
-    if not number.is_finite():
+    # numeric holds 131,072 digits before the point and 16,383 after: far from any price
+    if not number.is_finite() or not -16_000 < number.adjusted() < 130_000:
         raise Rejected(f"{raw.get('ticker')}: {key} is {value!r}, not a finite number")
     return number
 

@@ -443,6 +443,7 @@ async def test_contract_with_a_value_the_table_cannot_hold_is_rejected_alone(
         contract(15, additional_underlyings=[{"type": "equity", "underlying": "B\x00"}]),
         contract(16, expiration_date="2030-13-01"),
         contract(17, correction=True),
+        contract(18, strike_price="1e200000"),
     ]
 
     async def listing(request: web.Request) -> web.Response:
@@ -456,4 +457,4 @@ async def test_contract_with_a_value_the_table_cannot_hold_is_rejected_alone(
     stored = await pool.fetch("SELECT ticker FROM option_contracts")
     assert [r[0] for r in stored] == ["O:AAA300118C00010000"]
     run = await last_run(pool)
-    assert (run["rows_fetched"], run["rows_written"], run["rows_rejected"]) == (8, 1, 7)
+    assert (run["rows_fetched"], run["rows_written"], run["rows_rejected"]) == (9, 1, 8)
