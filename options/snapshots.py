@@ -16,6 +16,7 @@ is marked ``complete = false``; the run then ends ``partial``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -265,9 +266,6 @@ class SnapshotRun:
             )
         except ApiError as exc:
             self._fail(chain, exc)
-            chain.end_slice(done=False)
-            if isinstance(exc, KeyRejectedError):
-                raise  # every chain would fail the same way: the run ends
             return
         rows = await _known_contracts(self.pool, chain.key, self.today, scope)
         chain.known = {row[0] for row in rows}
@@ -287,9 +285,6 @@ class SnapshotRun:
                 await self._accept(chain, page.results)
         except ApiError as exc:
             self._fail(chain, exc)
-            chain.end_slice(done=False)
-            if isinstance(exc, KeyRejectedError):
-                raise  # every chain would fail the same way: the run ends
         else:
             chain.end_slice(done=True)
 
@@ -417,11 +412,9 @@ class SnapshotRun:
                 f"INSERT INTO {self.partition} ({columns}) SELECT {columns} FROM snapshot_batch "
                 "ON CONFLICT DO NOTHING RETURNING underlying_ticker"
             )
-        stored: dict[str, int] = {}
-        for row in inserted:
-            stored[row[0]] = stored.get(row[0], 0) + 1
+        stored = collections.Counter(row[0] for row in inserted)
         for key, (chain, count) in counts.items():
-            skipped = count - stored.get(key, 0)
+            skipped = count - stored[key]
             if skipped:
                 logger.warning(
                     "%s: %d snapshots skipped, of contracts another underlying's chain "
@@ -429,9 +422,10 @@ class SnapshotRun:
                     chain.underlying,
                     skipped,
                 )
-            counts[key] = (chain, stored.get(key, 0))
+            counts[key] = (chain, stored[key])
 
     def _fail(self, chain: Chain, exc: ApiError) -> None:
+        """End a slice of ``chain`` as not read to the end; a rejected key ends the run."""
         chain.errors.append(str(exc))
         logger.error(
             "%s: chain not read to the end, %d rows kept: %s",
@@ -439,6 +433,9 @@ class SnapshotRun:
             len(chain.seen),
             exc,
         )
+        chain.end_slice(done=False)
+        if isinstance(exc, KeyRejectedError):
+            raise exc  # every chain would fail the same way
 
     async def _record_coverage(self) -> None:
         for chain in self.chains:

@@ -187,7 +187,6 @@ async def test_explicit_underlying_even_when_unknown(simulator, pool, make_setti
 async def test_contract_in_two_chains_is_stored_once(pool, make_settings) -> None:
     """A contract both chains return (an adjusted contract can be) is stored once, the run
     succeeds, and the counts add up to the rows stored."""
-    from aiohttp import web
 
     def result(ticker: str) -> dict[str, object]:
         return {
@@ -209,21 +208,7 @@ async def test_contract_in_two_chains_is_stored_once(pool, make_settings) -> Non
         "BBB": [result(shared), result("O:BBB300118C00010000")],
     }
 
-    async def chain(request: web.Request) -> web.Response:
-        results = chains[request.match_info["underlying"]]
-        return web.json_response({"status": "OK", "request_id": "r", "results": results})
-
-    async def upcoming(request: web.Request) -> web.Response:
-        return web.json_response([])
-
-    app = web.Application()
-    app.router.add_get("/v3/snapshot/options/{underlying}", chain)
-    app.router.add_get("/v1/marketstatus/upcoming", upcoming)
-    async with await start_server(app) as api:
-        code = await run_snapshots_job(
-            make_settings(api.base_url, ("AAA", "BBB")), explicit_underlyings=True, force=True
-        )
-    assert code == ExitCode.OK
+    assert await snapshot_one_page_chains(chains, make_settings) == ExitCode.OK
     tickers = await pool.fetch("SELECT ticker FROM option_snapshots ORDER BY 1")
     assert [r[0] for r in tickers] == [shared, "O:AAA300118C00011000", "O:BBB300118C00010000"]
     cover = await coverage(pool)
@@ -342,6 +327,28 @@ async def test_large_chain_is_sliced_and_read_completely(simulator, pool, make_s
     assert await pool.fetchval("SELECT count(DISTINCT ticker) FROM option_snapshots") == size
     # slices cost at most one extra partial page each
     assert size / 250 <= requests <= size / 250 + 4
+
+
+async def snapshot_one_page_chains(
+    chains: dict[str, list[dict[str, object]]], make_settings
+) -> int:
+    """Run ingest_snapshots -u on each of ``chains`` against a server answering each chain
+    with its results as one page; return the exit code."""
+    from aiohttp import web
+
+    async def chain(request: web.Request) -> web.Response:
+        results = chains[request.match_info["underlying"]]
+        return web.json_response({"status": "OK", "request_id": "r", "results": results})
+
+    async def upcoming(request: web.Request) -> web.Response:
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/v3/snapshot/options/{underlying}", chain)
+    app.router.add_get("/v1/marketstatus/upcoming", upcoming)
+    async with await start_server(app) as api:
+        settings = make_settings(api.base_url, tuple(chains))
+        return await run_snapshots_job(settings, explicit_underlyings=True, force=True)
 
 
 async def api_requests(base_url: str) -> int:
@@ -525,8 +532,6 @@ async def test_row_with_bad_value_is_rejected_alone(
 ) -> None:
     """A value the column cannot hold rejects its row only; the page's other rows are stored.
     A boolean price or a fractional count is refused, not stored as 1.0 or truncated."""
-    from aiohttp import web
-
     template = json.loads((fixtures_dir / AAPL_CHAIN).read_text())["results"][0]
     results = []
     for n, (field, value) in enumerate(values):
@@ -538,20 +543,7 @@ async def test_row_with_bad_value_is_rejected_alone(
             (row["day"] if field == "volume" else row["last_quote"])[field] = value
         results.append(row)
 
-    async def chain(request: web.Request) -> web.Response:
-        return web.json_response({"status": "OK", "request_id": "r1", "results": results})
-
-    async def upcoming(request: web.Request) -> web.Response:
-        return web.json_response([])
-
-    app = web.Application()
-    app.router.add_get("/v3/snapshot/options/AAPL", chain)
-    app.router.add_get("/v1/marketstatus/upcoming", upcoming)
-    async with await start_server(app) as api:
-        code = await run_snapshots_job(
-            make_settings(api.base_url, ("AAPL",)), explicit_underlyings=True, force=True
-        )
-    assert code == ExitCode.OK
+    assert await snapshot_one_page_chains({"AAPL": results}, make_settings) == ExitCode.OK
     stored = await pool.fetch("SELECT ticker, bid, day_volume FROM option_snapshots ORDER BY 1")
     expected = [("O:AAPL230616C00150000", 1.25, template["day"]["volume"])]
     if stored_count == 2:  # the whole float 8.0 is a count of 8
