@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 
 import msgspec
 import orjson
@@ -61,7 +61,7 @@ def normalize_contract(raw: Any, *, underlying: str) -> ContractRow:
     if not isinstance(raw, dict):
         raise Rejected(f"result is a {type(raw).__name__}, not an object")
     ticker = raw.get("ticker")
-    if not isinstance(ticker, str) or not ticker.startswith("O:") or "\x00" in ticker:
+    if not _is_text(ticker) or not ticker.startswith("O:"):
         raise Rejected(f"ticker {ticker!r} is not an option ticker")
     additional = raw.get("additional_underlyings")
     additional_json = orjson.dumps(additional).decode() if additional is not None else None
@@ -102,9 +102,14 @@ def normalize_contracts(
     return list(rows.values()), rejects
 
 
+def _is_text(value: object) -> TypeGuard[str]:
+    """A string PostgreSQL's text can hold: it has no NUL character."""
+    return type(value) is str and "\x00" not in value
+
+
 def _text(raw: dict[str, Any], key: str) -> str | None:
     value = raw.get(key)
-    if value is None or (type(value) is str and "\x00" not in value):
+    if value is None or _is_text(value):
         return value
     raise Rejected(f"{raw.get('ticker')!r}: {key} is {value!r}, not a string PostgreSQL can hold")
 
@@ -188,13 +193,13 @@ ints, microseconds since the Unix epoch: the COPY writer's connection encodes th
 ``datetime`` objects."""
 _EMPTY: dict[str, Any] = {}
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND = dt.timedelta(microseconds=1)
 _MAX_NANOSECONDS = 2**63 - 1  # 2262-04-11: any later "timestamp" is garbage
 
 
 def epoch_microseconds(moment: dt.datetime) -> int:
     """``moment`` (timezone-aware) as microseconds since the Unix epoch, a row's timestamp."""
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def normalize_snapshot(raw: Any, *, underlying: str, captured_at: int) -> SnapshotRow:
@@ -295,7 +300,7 @@ def check_snapshot_row(row: SnapshotRow) -> SnapshotRow:
             continue
         try:
             if kind == "text":
-                if type(value) is not str or "\x00" in value:
+                if not _is_text(value):
                     raise TypeError(f"{value!r} is not a string PostgreSQL can hold")
             else:
                 checked[index] = _f(value) if kind == "float" else _i(value)
