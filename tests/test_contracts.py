@@ -352,7 +352,7 @@ async def test_cli_writes_spans_to_stderr_only_when_asked(
     assert "polygon.request" not in untraced
 
 
-async def chain_and_listing_requests(base_url: str) -> dict[str, int]:
+async def requests_by_endpoint(base_url: str) -> dict[str, int]:
     import aiohttp
 
     async with aiohttp.ClientSession() as http, http.get(f"{base_url}/_sim/stats") as response:
@@ -369,7 +369,7 @@ async def test_rejected_key_ends_the_run_at_once(simulator, pool, make_settings)
         )
         with pytest.raises(KeyRejectedError) as caught:
             await run_options_job(settings)
-        requests = await chain_and_listing_requests(api.base_url)
+        requests = await requests_by_endpoint(api.base_url)
     message = str(caught.value)
     assert "the API refused the key (POLYGON_API_KEY)" in message
     assert "HTTP 401" in message
