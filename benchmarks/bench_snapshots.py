@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 from harness import KEY, api_requests, benchmark_database, fetch_value, header, job_env, run_child
 
-from options.normalize import SNAPSHOT_COLUMNS
+from options.api.normalize import SNAPSHOT_COLUMNS
 from options.simulator import SimulatorConfig, SimulatorProcess, make_universe_names
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from options.localdb import start_local_postgres
+from options.dev.localdb import start_local_postgres
 
 BIN = Path(sys.executable).parent
 KEY = "bench-key"

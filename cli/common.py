@@ -15,7 +15,7 @@ import click
 
 from options.config import Settings, parse_duration
 from options.errors import ExitCode, OptionsError
-from options.logs import LOG_FORMATS, StatusReporter, configure_logging, journal_stream_matches
+from options.ops.logs import LOG_FORMATS, StatusReporter, configure_logging, journal_stream_matches
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("cli")

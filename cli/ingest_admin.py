@@ -11,7 +11,7 @@ import click
 
 from cli.common import env_file_option, fail, load_settings
 from options.errors import OptionsError
-from options.logs import configure_logging
+from options.ops.logs import configure_logging
 
 
 @click.group()
@@ -23,7 +23,7 @@ def main() -> None:
 @env_file_option
 def migrate(env_file: Path | None) -> None:
     """Apply pending database migrations (the jobs also do this at start)."""
-    from options.jobs import migrate as apply
+    from options.jobs.wiring import migrate as apply
 
     settings = load_settings(env_file)
     try:
@@ -122,7 +122,7 @@ def demo(env_file: Path | None, data_dir: Path) -> None:
 
     Uses DATABASE_URL when it is set, otherwise a local PostgreSQL in --data-dir.
     """
-    from options.demo import run_demo
+    from options.dev.demo import run_demo
 
     settings = load_settings(env_file)
     logging.getLogger().setLevel(logging.WARNING)
@@ -165,7 +165,7 @@ def install_units(
     scope: str, dry_run: bool, env_file: Path | None, snapshot_every: str, user_name: str | None
 ) -> None:
     """Render the systemd units for this installation, install them and start the timers."""
-    from options import units
+    from options.ops import units
 
     unit_scope = units.Scope(scope)
     unit_dir = units.default_unit_dir(unit_scope)
@@ -201,7 +201,7 @@ def install_units(
 @click.option("--user", "scope", flag_value="user", help="User units.")
 def uninstall_units(scope: str) -> None:
     """Stop and disable the timers, remove the unit files, reload systemd."""
-    from options import units
+    from options.ops import units
 
     unit_scope = units.Scope(scope)
     unit_dir = units.default_unit_dir(unit_scope)

@@ -16,7 +16,7 @@ from cli.common import (
     status_reporter,
     underlying_option,
 )
-from options.jobs import run_snapshots_job
+from options.jobs.wiring import run_snapshots_job
 
 
 @click.command()

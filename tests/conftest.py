@@ -13,9 +13,9 @@ import asyncpg
 import pytest
 
 from options.config import Secret, Settings
-from options.db import apply_migrations
-from options.localdb import start_local_postgres
+from options.dev.localdb import start_local_postgres
 from options.simulator import RunningSimulator, SimulatorConfig, create_app, start_server
+from options.store.db import apply_migrations
 
 FIXTURES_DIR = Path(__file__).resolve().parents[2] / "shared" / "polygon-fixtures"
 SIM_KEY = "test-key"

@@ -12,9 +12,9 @@ import pytest
 
 from options.config import Secret
 from options.errors import AlreadyRunningError, DatabaseError, ExitCode, KeyRejectedError
-from options.jobs import run_options_job
-from options.runs import JOB_LOCK_KEYS
+from options.jobs.wiring import run_options_job
 from options.simulator import create_fixture_app, start_server
+from options.store.runs import JOB_LOCK_KEYS
 
 FIXTURE_PAGES = (
     "v3/reference/options/contracts.json",

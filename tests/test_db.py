@@ -8,14 +8,14 @@ import datetime as dt
 import asyncpg
 import pytest
 
-from options.db import (
+from options.errors import DatabaseError
+from options.store.db import (
     apply_migrations,
     bounded_db_connection,
     bounded_db_connection_gen,
     epoch_microsecond_timestamps,
     load_migrations,
 )
-from options.errors import DatabaseError
 
 
 @bounded_db_connection

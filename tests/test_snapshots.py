@@ -11,12 +11,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from options.api.normalize import SNAPSHOT_COLUMNS, normalize_snapshot
 from options.errors import DatabaseError, ExitCode, RunInterrupted
-from options.jobs import run_options_job, run_snapshots_job
-from options.normalize import SNAPSHOT_COLUMNS, normalize_snapshot
-from options.partitions import create_next_partition, drop_old_partitions, ensure_partition
+from options.jobs.snapshots import SLICE_CONTRACTS
+from options.jobs.wiring import run_options_job, run_snapshots_job
 from options.simulator import create_fixture_app, start_server
-from options.snapshots import SLICE_CONTRACTS
+from options.store.partitions import create_next_partition, drop_old_partitions, ensure_partition
 
 AAPL_CHAIN = "v3/snapshot/options/AAPL.json"
 NS = 1_000_000_000
@@ -614,7 +614,7 @@ async def test_database_going_away_fails_the_run_without_hanging(
 
 async def test_closing_a_full_queue_whose_writers_died_returns() -> None:
     """Ending the run never waits on a full page queue that no writer will drain."""
-    from options.snapshots import QUEUE_PAGES, SnapshotRun
+    from options.jobs.snapshots import QUEUE_PAGES, SnapshotRun
 
     run = SnapshotRun.__new__(SnapshotRun)
     run.pages = asyncio.Queue(QUEUE_PAGES)

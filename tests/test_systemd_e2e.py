@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from options.units import Installation, Scope, render_units
+from options.ops.units import Installation, Scope, render_units
 
 SANDBOX = Path(__file__).resolve().parents[2] / "shared" / "tools" / "systemd-sandbox"
 BIN = Path(sys.executable).parent

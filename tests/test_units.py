@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from options.errors import ConfigError, OptionsError
-from options.units import (
+from options.ops.units import (
     TEMPLATE_DIR,
     TIMERS,
     UNIT_FILES,

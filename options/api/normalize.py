@@ -189,7 +189,7 @@ SNAPSHOT_COLUMNS = (
 SnapshotRow = tuple[Any, ...]
 """A row of ``option_snapshots`` in :data:`SNAPSHOT_COLUMNS` order. Its three timestamps are
 ints, microseconds since the Unix epoch: the COPY writer's connection encodes them as
-``timestamptz`` (:func:`options.db.epoch_microsecond_timestamps`), four times faster than
+``timestamptz`` (:func:`options.store.db.epoch_microsecond_timestamps`), four times faster than
 ``datetime`` objects."""
 _EMPTY: dict[str, Any] = {}
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

@@ -18,7 +18,6 @@ from typing import TypeVar
 
 import asyncpg
 
-from options.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
 from options.errors import (
     AlreadyRunningError,
     DatabaseError,
@@ -26,6 +25,7 @@ from options.errors import (
     OptionsError,
     RunInterrupted,
 )
+from options.store.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
 
 logger = logging.getLogger(__name__)
 

@@ -86,7 +86,8 @@ class SessionDecision:
 
 
 class HolidaySource(Protocol):
-    """What :func:`market_session` needs of the client: :class:`~options.polygon.PolygonClient`."""
+    """What :func:`market_session` needs of the client
+    (:class:`~options.api.polygon.PolygonClient`)."""
 
     async def market_holidays(self) -> list[dict[str, Any]]:
         """Return the ``/v1/marketstatus/upcoming`` entries."""

@@ -1,6 +1,6 @@
 """The ``ingest_options`` pipeline: list every active contract of each underlying and upsert it.
 
-Extract (the contracts endpoint, page by page), normalize (:mod:`options.normalize`), load (one
+Extract (the contracts endpoint, page by page), normalize (:mod:`options.api.normalize`), load (one
 bulk upsert per page). Each underlying is synced in one transaction: its pages are upserted as
 they arrive and, once its listing has been read to the end, the contracts of that underlying
 that the listing no longer shows are marked inactive. A listing that fails part-way rolls back,
@@ -17,14 +17,14 @@ from dataclasses import dataclass
 import asyncpg
 from opentelemetry import trace
 
+from options.api.normalize import CONTRACT_COLUMNS, ContractRow, normalize_contracts
+from options.api.polygon import PolygonClient
 from options.config import Settings
-from options.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
 from options.errors import ApiError, DatabaseError, KeyRejectedError
-from options.filters import ListingScope, contract_underlying, listing_scope, market_today
-from options.logs import StatusReporter
-from options.normalize import CONTRACT_COLUMNS, ContractRow, normalize_contracts
-from options.polygon import PolygonClient
-from options.runs import RunStats, until_stopped
+from options.jobs.filters import ListingScope, contract_underlying, listing_scope, market_today
+from options.ops.logs import StatusReporter
+from options.store.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
+from options.store.runs import RunStats, until_stopped
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)

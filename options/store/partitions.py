@@ -14,8 +14,8 @@ import logging
 
 import asyncpg
 
-from options.db import bounded_db_connection
 from options.errors import DatabaseError
+from options.store.db import bounded_db_connection
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 Extract: chains are read with ``/v3/snapshot/options/{underlying}`` at 250 rows a page, many
 underlyings side by side; a large chain is split into independent slices by expiration date so
-its pages do not all wait in line. Normalize: :func:`options.normalize.snapshot_row` for pages
-msgspec decoded and type-checked, :func:`options.normalize.normalize_snapshot` for a page it
+its pages do not all wait in line. Normalize: :func:`options.api.normalize.snapshot_row` for pages
+msgspec decoded and type-checked, :func:`options.api.normalize.normalize_snapshot` for a page it
 refused. Load: pages flow through a bounded queue into batched COPYs into the day's partition
 while other pages are still being fetched, so memory is bounded by the queue, not by the
 universe.
@@ -26,20 +26,7 @@ from typing import Any
 import asyncpg
 from opentelemetry import trace
 
-from options.config import Settings
-from options.contracts import UPSERT_NEW_CONTRACTS
-from options.db import (
-    ACQUIRE_TIMEOUT,
-    DB_ERRORS,
-    bounded_db_connection,
-    bounded_db_connection_gen,
-    describe_db_error,
-    epoch_microsecond_timestamps,
-)
-from options.errors import ApiError, DatabaseError, KeyRejectedError, RunInterrupted
-from options.filters import ListingScope, contract_underlying, listing_scope, market_today
-from options.logs import StatusReporter
-from options.normalize import (
+from options.api.normalize import (
     SNAPSHOT_COLUMNS,
     ContractRow,
     Rejected,
@@ -52,8 +39,21 @@ from options.normalize import (
     snapshot_contract,
     snapshot_row,
 )
-from options.polygon import PolygonClient
-from options.runs import Run
+from options.api.polygon import PolygonClient
+from options.config import Settings
+from options.errors import ApiError, DatabaseError, KeyRejectedError, RunInterrupted
+from options.jobs.contracts import UPSERT_NEW_CONTRACTS
+from options.jobs.filters import ListingScope, contract_underlying, listing_scope, market_today
+from options.ops.logs import StatusReporter
+from options.store.db import (
+    ACQUIRE_TIMEOUT,
+    DB_ERRORS,
+    bounded_db_connection,
+    bounded_db_connection_gen,
+    describe_db_error,
+    epoch_microsecond_timestamps,
+)
+from options.store.runs import Run
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)

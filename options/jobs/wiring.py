@@ -13,16 +13,16 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
+from options.api.polygon import PolygonClient
 from options.config import Settings
-from options.contracts import sync_contracts
-from options.db import apply_migrations, create_pool
 from options.errors import ConfigError, ExitCode
-from options.logs import StatusReporter
-from options.market import market_session
-from options.partitions import create_next_partition, drop_old_partitions, ensure_partition
-from options.polygon import PolygonClient
-from options.runs import STATUS_EXIT_CODES, RunStats, recorded_run
-from options.snapshots import SnapshotRun, select_underlyings
+from options.jobs.contracts import sync_contracts
+from options.jobs.snapshots import SnapshotRun, select_underlyings
+from options.ops.logs import StatusReporter
+from options.ops.market import market_session
+from options.store.db import apply_migrations, create_pool
+from options.store.partitions import create_next_partition, drop_old_partitions, ensure_partition
+from options.store.runs import STATUS_EXIT_CODES, RunStats, recorded_run
 
 logger = logging.getLogger(__name__)
 

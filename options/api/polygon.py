@@ -41,6 +41,15 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from options.api.pages import (
+    Decoder,
+    Page,
+    Query,
+    check_path,
+    cursor_query,
+    encode_params,
+    parse_page,
+)
 from options.errors import (
     ApiError,
     AuthError,
@@ -51,15 +60,6 @@ from options.errors import (
     PermanentApiError,
     RateLimitedError,
     TransientApiError,
-)
-from options.pages import (
-    Decoder,
-    Page,
-    Query,
-    check_path,
-    cursor_query,
-    encode_params,
-    parse_page,
 )
 from options.tickers import (
     OPTION_TICKER_PATTERN,

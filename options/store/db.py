@@ -115,7 +115,7 @@ def bounded_db_connection_gen(
 @contextlib.asynccontextmanager
 async def epoch_microsecond_timestamps(conn: asyncpg.Connection) -> AsyncIterator[None]:
     """Within the block, ``timestamptz`` values on ``conn`` are ints: microseconds since the
-    Unix epoch (:data:`options.normalize.SnapshotRow`'s timestamps).
+    Unix epoch (:data:`options.api.normalize.SnapshotRow`'s timestamps).
 
     asyncpg encodes such an int four times faster than a ``datetime``, which matters for the
     three timestamps of every snapshot row. The codec is taken off again before the connection
@@ -154,7 +154,7 @@ def _decode_epoch_microseconds(value: tuple[int]) -> int:
 
 @dataclass(frozen=True)
 class Migration:
-    """One versioned SQL file of ``options/migrations``."""
+    """One versioned SQL file of ``options/store/migrations``."""
 
     version: int
     name: str
@@ -169,7 +169,7 @@ class Migration:
 def load_migrations() -> list[Migration]:
     """Return the packaged migrations in version order."""
     found = []
-    for entry in resources.files("options.migrations").iterdir():
+    for entry in resources.files("options.store.migrations").iterdir():
         match = _MIGRATION_FILE.fullmatch(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from options.api.polygon import PolygonClient
 from options.config import Settings
 from options.errors import ApiError
-from options.polygon import PolygonClient
 
 MARKET_TZ = ZoneInfo("America/New_York")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from options.errors import ConfigError, OptionsError
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "scripts"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "scripts"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 USER_UNIT_SUBDIR = Path(".config/systemd/user")
 LINGER_DIR = Path("/var/lib/systemd/linger")
@@ -108,7 +108,7 @@ class Installation:
                 f"{exec_dir} has no {', '.join(missing)}: run install-units with the "
                 "ingest_admin of the virtualenv the jobs are installed in"
             )
-        code_dir = Path(__file__).resolve().parents[1]
+        code_dir = Path(__file__).resolve().parents[2]
         read_paths = (Path(sys.prefix), Path(sys.base_prefix), code_dir)
         return cls(
             exec_dir=exec_dir,

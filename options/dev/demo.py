@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from options.config import Settings
-from options.localdb import LocalPostgres, start_local_postgres
+from options.dev.localdb import LocalPostgres, start_local_postgres
 from options.simulator import SimulatorConfig, SimulatorProcess, make_universe_names
 
 DEMO_UNDERLYINGS = (*make_universe_names(4), "I:SPX")

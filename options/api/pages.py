@@ -1,6 +1,6 @@
 """One page of a list endpoint: its shape check and the ``next_url`` cursor to the next.
 
-Pure functions, no I/O: :class:`options.polygon.PolygonClient` sends the requests, and these
+Pure functions, no I/O: :class:`options.api.polygon.PolygonClient` sends the requests, and these
 decide what a page holds, whether it is the last, and what the next request may ask for. A page
 that does not look like a page is an error here, never taken for the end of a chain.
 """
@@ -19,7 +19,7 @@ Query = list[tuple[str, str]]
 
 Decoder = Callable[[bytes], Any]
 """Turns a 2xx body into a typed page, or raises ValueError
-(see :meth:`options.polygon.PolygonClient.paginate`)."""
+(see :meth:`options.api.polygon.PolygonClient.paginate`)."""
 
 _JSON_TYPES = (dict, list, str, int, float, bool, type(None))
 

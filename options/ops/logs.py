@@ -3,9 +3,9 @@
 The CLI calls :func:`configure_logging` once; every module logs through
 ``logging.getLogger(__name__)``. The format is chosen by ``fmt``:
 
-- ``text``: ``2026-03-10 10:40:00,123 INFO options.snapshots: ...`` for people at a terminal;
-- ``journal``: ``<6>INFO options.snapshots: ...``; journald reads the ``<N>`` syslog priority off
-  each line (so ``journalctl -p err`` works) and stamps the time itself;
+- ``text``: ``2026-03-10 10:40:00,123 INFO options.jobs.snapshots: ...`` for people at a terminal;
+- ``journal``: ``<6>INFO options.jobs.snapshots: ...``; journald reads the ``<N>`` syslog
+  priority off each line (so ``journalctl -p err`` works) and stamps the time itself;
 - ``json``: one object per line (``ts``, ``level``, ``logger``, ``message``, ``exception``, and
   any ``extra=`` fields), for log shippers; under journald each line also gets its ``<N>``, which
   journald strips, so the journal's MESSAGE is the bare JSON;
