@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from options.config import Settings, parse_duration
+from options.config import Settings, parse_cli_underlyings, parse_duration
 from options.errors import ExitCode, OptionsError
 from options.ops.logs import LOG_FORMATS, StatusReporter, configure_logging, journal_stream_matches
 
@@ -32,14 +32,15 @@ def env_file_option(func: F) -> F:
 
 
 def underlying_option(func: F) -> F:
-    """``--underlying/-u TICKER`` (repeatable): overrides UNDERLYINGS for this run."""
+    """``--underlying/-u TICKER`` (repeatable): this run only, instead of the tracked set."""
     return click.option(
         "--underlying",
         "-u",
         "underlyings",
         multiple=True,
         metavar="TICKER",
-        help="Underlying to process (repeatable); overrides UNDERLYINGS for this run.",
+        help="Underlying to process this once (repeatable), instead of the tracked ones; "
+        "never adds it to them.",
     )(func)
 
 
@@ -55,19 +56,23 @@ def log_format_option(func: F) -> F:
     )(func)
 
 
-def load_settings(
-    env_file: Path | None, underlyings: tuple[str, ...] = (), log_format: str = "auto"
-) -> Settings:
+def load_settings(env_file: Path | None, log_format: str = "auto") -> Settings:
     """Build the settings and configure logging and telemetry; exit 2 on a bad setting."""
     try:
         settings = Settings.from_env(os.environ, env_file=env_file)
-        if underlyings:
-            settings = settings.with_underlyings(underlyings)
         configure_logging(settings.log_level, log_format, environ=os.environ)
     except OptionsError as exc:
         fail(exc)
     configure_tracing(settings.traces_exporter)
     return settings
+
+
+def one_off_underlyings(underlyings: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``--underlying`` tickers, validated; exit 2 with one line on a bad one."""
+    try:
+        return parse_cli_underlyings(underlyings)
+    except OptionsError as exc:
+        fail(exc)
 
 
 def configure_tracing(exporter: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import env_file_option, fail, load_settings
+from cli.common import env_file_option, fail, load_settings, one_off_underlyings
 from options.errors import OptionsError
 from options.ops.logs import configure_logging
 
@@ -31,6 +31,57 @@ def migrate(env_file: Path | None) -> None:
     except OptionsError as exc:
         fail(exc)
     click.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@main.group()
+def underlyings() -> None:
+    """The tracked underlyings: those both jobs work on."""
+
+
+@underlyings.command("list")
+@env_file_option
+def underlyings_list(env_file: Path | None) -> None:
+    """Show every tracked underlying: status, origin, last sync, last complete snapshot, error.
+
+    The jobs add what UNDERLYINGS names when they start; this lists the table as it is."""
+    _underlyings(env_file, "list", ())
+
+
+@underlyings.command("add")
+@env_file_option
+@click.argument("tickers", nargs=-1, required=True, metavar="TICKER...")
+def underlyings_add(env_file: Path | None, tickers: tuple[str, ...]) -> None:
+    """Track TICKER from now on (both jobs), whatever UNDERLYINGS says."""
+    _underlyings(env_file, "add", tickers)
+
+
+@underlyings.command("disable")
+@env_file_option
+@click.argument("tickers", nargs=-1, required=True, metavar="TICKER...")
+def underlyings_disable(env_file: Path | None, tickers: tuple[str, ...]) -> None:
+    """Stop syncing and snapshotting TICKER (its history stays) until `enable`."""
+    _underlyings(env_file, "disable", tickers)
+
+
+@underlyings.command("enable")
+@env_file_option
+@click.argument("tickers", nargs=-1, required=True, metavar="TICKER...")
+def underlyings_enable(env_file: Path | None, tickers: tuple[str, ...]) -> None:
+    """Track a disabled TICKER again."""
+    _underlyings(env_file, "enable", tickers)
+
+
+def _underlyings(env_file: Path | None, action: str, tickers: tuple[str, ...]) -> None:
+    from options.jobs.wiring import manage_underlyings
+
+    settings = load_settings(env_file)
+    validated = one_off_underlyings(tickers) if tickers else ()
+    try:
+        lines = asyncio.run(manage_underlyings(settings, action, validated))
+    except OptionsError as exc:
+        fail(exc)
+    for line in lines:
+        click.echo(line)
 
 
 @main.command()

@@ -11,6 +11,7 @@ from cli.common import (
     env_file_option,
     load_settings,
     log_format_option,
+    one_off_underlyings,
     parse_deadline,
     run,
     status_reporter,
@@ -32,11 +33,18 @@ def main(
     log_format: str,
     dry_run: bool,
 ) -> None:
-    """Sync all active option contracts of the configured underlyings into PostgreSQL."""
+    """Sync all active option contracts of the tracked underlyings into PostgreSQL.
+
+    Underlyings: the tracked ones (UNDERLYINGS and `ingest_admin underlyings add`), or
+    --underlying for one run. Expired contracts of every underlying are marked inactive.
+    """
     seconds = parse_deadline(deadline)
-    settings = load_settings(env_file, underlyings, log_format)
+    settings = load_settings(env_file, log_format)
+    only = one_off_underlyings(underlyings)
     progress = status_reporter()
     run(
-        lambda stop: run_options_job(settings, dry_run=dry_run, stop=stop, progress=progress),
+        lambda stop: run_options_job(
+            settings, only=only, dry_run=dry_run, stop=stop, progress=progress
+        ),
         deadline=seconds,
     )

@@ -11,6 +11,7 @@ from cli.common import (
     env_file_option,
     load_settings,
     log_format_option,
+    one_off_underlyings,
     parse_deadline,
     run,
     status_reporter,
@@ -31,6 +32,12 @@ from options.jobs.wiring import run_snapshots_job
     "close).",
 )
 @click.option(
+    "--resume",
+    is_flag=True,
+    help="Complete the latest interrupted or failed snapshot slot under its own time, "
+    "fetching only the chains it did not store completely.",
+)
+@click.option(
     "--retain-days",
     type=click.IntRange(min=1),
     default=None,
@@ -43,21 +50,25 @@ def main(
     deadline: str | None,
     log_format: str,
     force: bool,
+    resume: bool,
     retain_days: int | None,
 ) -> None:
     """Store a market snapshot (quote, trade, greeks, IV, open interest) of every active contract.
 
-    Underlyings: --underlying when given, otherwise UNDERLYINGS plus every underlying with
-    active contracts in the database. Outside market hours (weekends, NYSE holidays, after an
-    early close) it exits 0 at once with a line saying why, unless --force.
+    Underlyings: the tracked ones (UNDERLYINGS and `ingest_admin underlyings add`), or
+    --underlying for one run. Each chain is stored with its coverage row; --resume completes an
+    interrupted slot. Outside market hours (weekends, NYSE holidays, after an early close) it
+    exits 0 at once with a line saying why, unless --force.
     """
     seconds = parse_deadline(deadline)
-    settings = load_settings(env_file, underlyings, log_format)
+    settings = load_settings(env_file, log_format)
+    only = one_off_underlyings(underlyings)
     progress = status_reporter()
     run(
         lambda stop: run_snapshots_job(
             settings,
-            explicit_underlyings=bool(underlyings),
+            only=only,
+            resume=resume,
             retain_days=retain_days,
             stop=stop,
             force=force,

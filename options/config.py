@@ -7,8 +7,8 @@ naming the variable and the accepted form.
 
 from __future__ import annotations
 
-import dataclasses
 import io
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -74,6 +74,11 @@ class Settings:
     http_max_retries: int = 6
     max_pages: int = 10_000
     snapshot_retain_days: int | None = None
+    snapshot_resume_window: float = 120.0
+    max_deactivation_percent: float = 20.0
+    db_statement_timeout: float = 300.0
+    db_lock_timeout: float = 30.0
+    db_reconnect_seconds: float = 60.0
     log_level: str = "INFO"
     traces_exporter: str = "none"
 
@@ -138,6 +143,23 @@ class Settings:
             snapshot_retain_days=_parse_int(
                 "SNAPSHOT_RETAIN_DAYS", get("SNAPSHOT_RETAIN_DAYS"), None, minimum=1
             ),
+            snapshot_resume_window=_parse_seconds(
+                "SNAPSHOT_RESUME_WINDOW", get("SNAPSHOT_RESUME_WINDOW"), 120.0, allow_zero=True
+            ),
+            max_deactivation_percent=_parse_float(
+                "MAX_DEACTIVATION_PERCENT",
+                get("MAX_DEACTIVATION_PERCENT"),
+                20.0,
+                minimum=0.0,
+                maximum=100.0,
+            ),
+            db_statement_timeout=_parse_seconds(
+                "DB_STATEMENT_TIMEOUT", get("DB_STATEMENT_TIMEOUT"), 300.0
+            ),
+            db_lock_timeout=_parse_seconds("DB_LOCK_TIMEOUT", get("DB_LOCK_TIMEOUT"), 30.0),
+            db_reconnect_seconds=_parse_seconds(
+                "DB_RECONNECT_SECONDS", get("DB_RECONNECT_SECONDS"), 60.0, allow_zero=True
+            ),
             log_level=_parse_choice("LOG_LEVEL", (get("LOG_LEVEL") or "INFO").upper(), LOG_LEVELS),
             traces_exporter=_parse_choice(
                 "OTEL_TRACES_EXPORTER",
@@ -145,16 +167,6 @@ class Settings:
                 TRACES_EXPORTERS,
             ),
         )
-
-    def with_underlyings(self, tickers: tuple[str, ...] | list[str]) -> Settings:
-        """Return a copy whose underlyings are ``tickers`` (the CLI's ``--underlying``).
-
-        Raises:
-            ConfigError: a ticker of the wrong form, or an index and a stock of one name.
-        """
-        validated = tuple(dict.fromkeys(validate_underlying(t) for t in tickers))
-        _check_one_per_underlying(validated, variable="--underlying")
-        return dataclasses.replace(self, underlyings=validated)
 
     def require_database_url(self) -> str:
         """Return the database URL, or raise ConfigError when it is not set."""
@@ -242,6 +254,17 @@ def parse_underlyings(raw: str, *, variable: str) -> tuple[str, ...]:
     return unique
 
 
+def parse_cli_underlyings(tickers: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate the CLI's ``--underlying`` tickers (a one-off list, never tracked).
+
+    Raises:
+        ConfigError: a ticker of the wrong form, or an index and a stock of one name.
+    """
+    validated = tuple(dict.fromkeys(validate_underlying(t) for t in tickers))
+    _check_one_per_underlying(validated, variable="--underlying")
+    return validated
+
+
 def _check_one_per_underlying(tickers: tuple[str, ...], *, variable: str) -> None:
     """Refuse ``SPX`` with ``I:SPX``: index options are listed under ``SPX``, so both would
     read and write the same contracts."""
@@ -325,7 +348,23 @@ def _parse_base_url(raw: str | None) -> str:
             "expected http(s)://HOST[:PORT] (the key goes in POLYGON_API_KEY)",
             variable="POLYGON_BASE_URL",
         )
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            f"POLYGON_BASE_URL={redact_url(raw)!r} would send the API key in cleartext: "
+            "expected https://HOST[:PORT] (http:// only for a loopback host such as the "
+            "simulator on 127.0.0.1)",
+            variable="POLYGON_BASE_URL",
+        )
     return raw.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_contract_types(raw: str | None) -> tuple[str, ...] | None:
@@ -354,18 +393,34 @@ def _parse_int(
     return value
 
 
-def _parse_float(name: str, raw: str | None, default: float | None, *, minimum: float) -> float:
+def _parse_float(
+    name: str,
+    raw: str | None,
+    default: float | None,
+    *,
+    minimum: float,
+    maximum: float | None = None,
+) -> float:
     if raw is None:
         return default  # type: ignore[return-value]
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value < minimum:
-        raise ConfigError(
-            f"{name}={raw!r} is invalid: expected a number >= {minimum:g}", variable=name
-        )
+    if not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
+        accepted = f"a number >= {minimum:g}" + (f" and <= {maximum:g}" if maximum else "")
+        raise ConfigError(f"{name}={raw!r} is invalid: expected {accepted}", variable=name)
     return value
+
+
+def _parse_seconds(
+    name: str, raw: str | None, default: float, *, allow_zero: bool = False
+) -> float:
+    if raw is None:
+        return default
+    if allow_zero and raw.strip() in ("0", "off"):
+        return 0.0
+    return parse_duration(raw, name=name)
 
 
 def _parse_rate_limit(raw: str | None) -> tuple[float, float] | None:

@@ -15,7 +15,9 @@ one line on stderr and the exit code it carries::
     │       ├── PageShapeError                a 200 page without a ``results`` list
     │       └── PaginationError               a ``next_url`` that loops or never ends
     ├── DatabaseError                 exit 1  PostgreSQL refused or went away
-    ├── AlreadyRunningError           exit 4  another copy of the job holds the run lock
+    │   └── LeaseLostError                    another copy found this run dead and closed it
+    ├── DeactivationRefused           (one underlying fails) a listing would deactivate too much
+    ├── AlreadyRunningError           exit 4  a live copy of the job holds the run lease
     └── RunInterrupted                exit 5  a signal or the deadline stopped the run
 
 A run that stores some underlyings and fails others is not an exception: it ends ``partial`` and
@@ -137,8 +139,23 @@ class DatabaseError(OptionsError):
     """PostgreSQL refused a statement or the connection was lost."""
 
 
+class LeaseLostError(DatabaseError):
+    """Another copy of the job found this run silent for longer than its lease and closed it;
+    this copy may commit nothing more."""
+
+
+class DeactivationRefused(OptionsError):
+    """A complete listing would mark inactive more of an underlying's unexpired contracts than
+    the guard allows (``MAX_DEACTIVATION_PERCENT``), or all of them: that underlying fails and
+    nothing of it changes."""
+
+    def __init__(self, message: str, *, underlying: str) -> None:
+        super().__init__(message)
+        self.underlying = underlying
+
+
 class AlreadyRunningError(OptionsError):
-    """Another copy of the same job holds its run lock."""
+    """A live copy of the same job holds its run lease."""
 
     exit_code = ExitCode.ALREADY_RUNNING
 

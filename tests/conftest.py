@@ -27,6 +27,13 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
 
 
+@pytest.fixture(autouse=True)
+def outside_the_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own empty directory, so a developer's own ``./.env`` in the
+    clone is never read (settings come from what each test passes)."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """TEST_DATABASE_URL when set, otherwise a throwaway local cluster (the demo's code path)."""

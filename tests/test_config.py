@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from options.config import Secret, Settings, read_env_file
+from options.config import Secret, Settings, parse_cli_underlyings, read_env_file
 from options.errors import ConfigError, ExitCode
 from options.tickers import validate_option_ticker, validate_underlying
 
@@ -187,11 +187,11 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
         (("ingest_options",), {"UNDERLYINGS": "AAPL/.."}, "UNDERLYINGS"),
         (("ingest_options", "-u", "../x"), {}, "invalid underlying ticker"),
         (("ingest_options",), {"POLYGON_RATE_LIMIT": "fast"}, "POLYGON_RATE_LIMIT"),
-        (("ingest_options",), {"POLYGON_API_KEY": "k"}, "no underlyings"),
+        (("ingest_options",), {"POLYGON_API_KEY": "k"}, "DATABASE_URL is not set"),
         (("ingest_options", "-u", "AAPL"), {"POLYGON_API_KEY": "k"}, "DATABASE_URL is not set"),
         (("ingest_options", "-u", "AAPL"), {}, "POLYGON_API_KEY is not set"),
     ],
-    ids=["bad-env-ticker", "bad-cli-ticker", "bad-rate", "no-underlyings", "no-db", "no-key"],
+    ids=["bad-env-ticker", "bad-cli-ticker", "bad-rate", "no-db", "no-db-one-off", "no-key"],
 )
 def test_cli_reports_one_line_and_exits_2(
     args: tuple[str, ...], env: dict[str, str], needle: str, tmp_path: Path
@@ -226,4 +226,4 @@ def test_index_and_stock_of_one_name_are_refused(given: tuple[str, str]) -> None
     assert "UNDERLYINGS names both" in str(caught.value)
     assert "keep I:SPX for the index or SPX for the stock" in str(caught.value)
     with pytest.raises(ConfigError, match="--underlying names both"):
-        Settings.from_env({}, env_file=None).with_underlyings(list(given))
+        parse_cli_underlyings(list(given))

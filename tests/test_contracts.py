@@ -12,9 +12,10 @@ import pytest
 
 from options.config import Secret
 from options.errors import AlreadyRunningError, DatabaseError, ExitCode, KeyRejectedError
+from options.jobs.filters import market_today
 from options.jobs.wiring import run_options_job
 from options.simulator import create_fixture_app, start_server
-from options.store.runs import JOB_LOCK_KEYS
+from options.store.runs import open_run
 
 FIXTURE_PAGES = (
     "v3/reference/options/contracts.json",
@@ -53,7 +54,10 @@ async def test_fixture_contracts_land_exactly(fixtures_dir: Path, pool, make_set
                 assert row[field] == Decimal(str(value)), field
             else:
                 assert row[field] == value, field
-        assert row["active"] is True
+        # the recorded contracts expired long ago: every run marks expired contracts inactive
+        assert row["active"] is (
+            dt.date.fromisoformat(contract["expiration_date"]) >= market_today()
+        )
         assert row["first_seen_at"] == row["last_seen_at"]
         absent = {"additional_underlyings", "correction"} - contract.keys()
         assert all(row[field] is None for field in absent)
@@ -153,8 +157,8 @@ async def test_vanished_contracts_are_deactivated_only_in_scope(
     simulator, pool, make_settings
 ) -> None:
     """Only unseen contracts of a completely listed underlying, within the filters, go inactive."""
-    future = dt.date.today() + dt.timedelta(days=400)
-    past = dt.date.today() - dt.timedelta(days=3)
+    future = market_today() + dt.timedelta(days=400)
+    past = market_today() - dt.timedelta(days=3)
     await insert_contract(pool, "O:AAA991231C00001000", "AAA", "call", future)
     await insert_contract(pool, "O:AAA991231P00001000", "AAA", "put", future)
     await insert_contract(pool, "O:AAA201231P00001000", "AAA", "put", past)
@@ -182,10 +186,10 @@ async def test_vanished_contracts_are_deactivated_only_in_scope(
 async def test_max_days_to_expiration_scopes_deactivation(simulator, pool, make_settings) -> None:
     """With MAX_DAYS_TO_EXPIRATION, contracts expiring after the window stay active."""
     await insert_contract(
-        pool, "O:AAA991231C00001000", "AAA", "call", dt.date.today() + dt.timedelta(days=400)
+        pool, "O:AAA991231C00001000", "AAA", "call", market_today() + dt.timedelta(days=400)
     )
     await insert_contract(
-        pool, "O:AAA991231C00002000", "AAA", "call", dt.date.today() + dt.timedelta(days=5)
+        pool, "O:AAA991231C00002000", "AAA", "call", market_today() + dt.timedelta(days=5)
     )
     async with simulator(underlyings=("AAA",), contracts_per_underlying=50) as api:
         settings = make_settings(api.base_url, ("AAA",), max_days_to_expiration=30)
@@ -196,20 +200,30 @@ async def test_max_days_to_expiration_scopes_deactivation(simulator, pool, make_
     }
 
 
-async def test_empty_listing_deactivates_only_expired(simulator, pool, make_settings) -> None:
-    """A complete but empty listing is not trusted: only already-expired contracts go inactive."""
+async def test_empty_listing_fails_the_underlying_and_deactivates_only_expired(
+    simulator, pool, make_settings
+) -> None:
+    """A complete but empty listing is not trusted: the underlying fails loudly and keeps its
+    unexpired contracts; expired contracts go inactive all the same."""
     await insert_contract(
-        pool, "O:NOPE991231C00001000", "NOPE", "call", dt.date.today() + dt.timedelta(days=30)
+        pool, "O:NOPE991231C00001000", "NOPE", "call", market_today() + dt.timedelta(days=30)
     )
     await insert_contract(
-        pool, "O:NOPE201231C00001000", "NOPE", "call", dt.date.today() - dt.timedelta(days=1)
+        pool, "O:NOPE201231C00001000", "NOPE", "call", market_today() - dt.timedelta(days=1)
     )
     async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
-        assert await run_options_job(make_settings(api.base_url, ("NOPE",))) == ExitCode.OK
+        assert await run_options_job(make_settings(api.base_url, ("NOPE",))) == ExitCode.FAILED
     assert await active_map(pool, ["O:NOPE991231C00001000", "O:NOPE201231C00001000"]) == {
         "O:NOPE991231C00001000": True,
         "O:NOPE201231C00001000": False,
     }
+    run = await last_run(pool)
+    assert (run["status"], run["underlyings_failed"], run["contracts_deactivated"]) == (
+        "failed",
+        1,
+        1,
+    )
+    assert "NOPE: the API listed no contracts while 1 unexpired ones are active" in run["error"]
 
 
 async def test_strike_band_is_pushed_down_and_scopes_deactivation(
@@ -225,7 +239,7 @@ async def test_strike_band_is_pushed_down_and_scopes_deactivation(
             "O:AAA991231C99999000",
             "AAA",
             "call",
-            dt.date.today() + dt.timedelta(days=30),
+            market_today() + dt.timedelta(days=30),
             strike="99999",
         )
         banded = make_settings(api.base_url, ("AAA",), strike_band_percent=5.0)
@@ -246,15 +260,16 @@ async def test_dry_run_writes_nothing(simulator, pool, make_settings) -> None:
 
 
 async def test_second_copy_is_refused(simulator, pool, make_settings) -> None:
-    """While another copy holds the job lock, a new run refuses to start (exit 4)."""
-    async with pool.acquire() as holder:
-        await holder.execute("SELECT pg_advisory_lock($1)", JOB_LOCK_KEYS["options"])
-        async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
-            with pytest.raises(AlreadyRunningError) as caught:
-                await run_options_job(make_settings(api.base_url, ("AAA",)))
-        await holder.execute("SELECT pg_advisory_unlock($1)", JOB_LOCK_KEYS["options"])
+    """While a live copy holds the run lease, a new run refuses to start (exit 4) and leaves
+    the live run alone."""
+    live = await open_run(pool, "options")
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
+        with pytest.raises(AlreadyRunningError) as caught:
+            await run_options_job(make_settings(api.base_url, ("AAA",)))
     assert caught.value.exit_code == ExitCode.ALREADY_RUNNING
-    assert await pool.fetchval("SELECT count(*) FROM ingest_runs") == 0
+    assert f"run {live.id}" in str(caught.value)
+    rows = await pool.fetch("SELECT id, status FROM ingest_runs")
+    assert [tuple(r) for r in rows] == [(live.id, "running")]
 
 
 async def test_run_left_running_is_closed_as_interrupted(simulator, pool, make_settings) -> None:
@@ -380,40 +395,65 @@ async def test_rejected_key_ends_the_run_at_once(simulator, pool, make_settings)
     assert run["error"] == message
 
 
-async def test_database_going_away_fails_the_sync_with_one_error(
+async def cut_connections(pool: asyncpg.Pool, application: str, *, every: float) -> None:
+    """Terminate the job's backends (its pool is named ``application``) every ``every`` s."""
+    import asyncio
+
+    while True:
+        await asyncio.sleep(every)
+        await pool.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = $1",
+            application,
+        )
+
+
+async def test_database_going_away_for_good_fails_with_the_real_cause(
     simulator, pool, make_settings
 ) -> None:
-    """Connections killed mid-transaction end the run with the DatabaseError itself (one
-    line from the CLI), not a group of task errors, and the run is recorded failed."""
+    """Connections killed again and again for longer than DB_RECONNECT_SECONDS end the run with
+    one DatabaseError that says the connection was lost (not a task group, not "released back
+    to the pool"), and the run is recorded failed on a connection of its own."""
     import asyncio
 
     names = tuple(f"U{c}" for c in "ABCDEFGH")
-
-    async def keep_cutting() -> None:
-        while True:
-            await asyncio.sleep(0.01)
-            if not await pool.fetchval("SELECT count(*) FROM ingest_runs"):
-                continue  # from the moment the run is recorded: the ledger has a row to close
-            # the sync's transactions only: the ledger's connection must live to record failure
-            await pool.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = 'options-history' "
-                "AND xact_start IS NOT NULL AND query LIKE '%option_contracts%'"
-            )
-
     async with simulator(underlyings=names, contracts_per_underlying=3000, latency=0.02) as api:
-        cutter = asyncio.create_task(keep_cutting())
+        settings = make_settings(
+            api.base_url, names, underlying_concurrency=2, db_reconnect_seconds=1.0
+        )
+        cutter = asyncio.create_task(cut_connections(pool, "ingest_options", every=0.05))
         try:
-            with pytest.raises(DatabaseError):
-                await asyncio.wait_for(
-                    run_options_job(make_settings(api.base_url, names, underlying_concurrency=2)),
-                    60,
-                )
+            with pytest.raises(DatabaseError) as caught:
+                await asyncio.wait_for(run_options_job(settings), 60)
         finally:
             cutter.cancel()
+    assert "the database connection was lost" in str(caught.value)
     run = await pool.fetchrow("SELECT status, error FROM ingest_runs")
     assert run["status"] == "failed"
-    assert not run["error"].startswith("ExceptionGroup")
+    assert "the database connection was lost" in run["error"]
+
+
+async def test_connections_lost_now_and_then_cost_nothing(simulator, pool, make_settings) -> None:
+    """Backends terminated mid-run (a restart, a failover, idle_session_timeout) are replaced
+    and the interrupted work is done again: the run succeeds and stores everything."""
+    import asyncio
+
+    names = tuple(f"U{c}" for c in "ABCD")
+    async with simulator(underlyings=names, contracts_per_underlying=2000, latency=0.02) as api:
+        settings = make_settings(api.base_url, names, underlying_concurrency=2)
+        cutter = asyncio.create_task(cut_connections(pool, "ingest_options", every=0.3))
+        try:
+            code = await asyncio.wait_for(run_options_job(settings), 90)
+        finally:
+            cutter.cancel()
+    assert code == ExitCode.OK
+    assert await pool.fetchval("SELECT count(*) FROM option_contracts WHERE active") == 8000
+    run = await last_run(pool)
+    assert (run["status"], run["rows_written"], run["underlyings_succeeded"]) == (
+        "succeeded",
+        8000,
+        4,
+    )
 
 
 async def test_contract_with_a_value_the_table_cannot_hold_is_rejected_alone(

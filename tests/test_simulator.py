@@ -127,6 +127,11 @@ def fixture(relative: str) -> Any:
     return orjson.loads((FIXTURES / relative).read_bytes())
 
 
+def row_tickers(pages: list[dict[str, Any]]) -> list[str]:
+    """The contract tickers of listing or chain pages, in order."""
+    return [r.get("ticker") or r["details"]["ticker"] for page in pages for r in page["results"]]
+
+
 def typical(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The first snapshot row that has every optional part (greeks, a trade today)."""
     return next(r for r in rows if "greeks" in r and "last_trade" in r and r["day"])
@@ -370,6 +375,17 @@ def test_universe_names() -> None:
         pytest.param({"requests_per_second": 0}, id="rps"),
         pytest.param({"broken_pages": {"ZZZ": 1}}, id="broken-unknown"),
         pytest.param({"broken_pages": {"AAA": 0}}, id="broken-page-0"),
+        pytest.param({"latency": -0.1}, id="latency"),
+        pytest.param({"latency_spike_rate": 1.5}, id="spike-rate"),
+        pytest.param({"latency_spike": -1.0}, id="spike"),
+        pytest.param({"throttle_bursts": -1}, id="bursts"),
+        pytest.param({"throttle_burst_length": 0}, id="burst-length"),
+        pytest.param({"looping_pages": {"ZZZ": 2}}, id="looping-unknown"),
+        pytest.param({"looping_pages": {"AAA": 1}}, id="looping-page-1"),
+        pytest.param({"malformed_contracts_rate": -0.1}, id="malformed-contracts"),
+        pytest.param({"malformed_snapshots_rate": 2.0}, id="malformed-snapshots"),
+        pytest.param({"hidden_contracts": {"ZZZ": 1}}, id="hidden-unknown"),
+        pytest.param({"hidden_contracts": {"AAA": -1}}, id="hidden-negative"),
     ],
 )
 def test_config_rejects_nonsense(knobs: dict[str, Any]) -> None:
@@ -381,7 +397,18 @@ def test_config_rejects_nonsense(knobs: dict[str, Any]) -> None:
 def test_config_round_trips_through_json() -> None:
     """to_json / from_json (the child process's input) keep every field."""
     config = SimulatorConfig(
-        underlyings=("AAA", "I:SPX"), broken_pages={"AAA": 2}, as_of=AS_OF, api_key=None
+        underlyings=("AAA", "I:SPX"),
+        broken_pages={"AAA": 2},
+        as_of=AS_OF,
+        api_key=None,
+        latency_spike_rate=0.1,
+        latency_spike=0.5,
+        throttle_bursts=7,
+        throttle_burst_length=3,
+        looping_pages={"SPX": 3},
+        malformed_contracts_rate=0.2,
+        malformed_snapshots_rate=0.3,
+        hidden_contracts={"AAA": 4},
     )
     assert SimulatorConfig.from_json(config.to_json()) == config
 
@@ -736,6 +763,235 @@ async def test_latency() -> None:
         await asyncio.gather(*(get(http, f"{url}/v2/aggs/ticker/AAA/prev") for _ in range(5)))
         elapsed = time.monotonic() - started
     assert 0.2 <= elapsed < 5  # concurrent requests sleep side by side
+
+
+async def test_latency_spikes() -> None:
+    """latency_spike_rate delays that fraction of requests, counted, as many per seed."""
+
+    async def spikes() -> int:
+        async with (
+            simulator(latency_spike_rate=0.4, latency_spike=0.01, seed=3) as url,
+            aiohttp.ClientSession(headers=AUTH) as http,
+        ):
+            for _ in range(50):
+                assert (await get(http, f"{url}/v2/aggs/ticker/AAA/prev"))[0] == 200
+            stats = (await get(http, f"{url}/_sim/stats"))[1]
+        return int(stats["latency_spikes"])
+
+    first = await spikes()
+    assert 8 <= first <= 35
+    assert await spikes() == first
+
+
+@pytest.mark.parametrize("requests_per_second", [None, 1000.0], ids=["alone", "with-bucket"])
+async def test_throttle_bursts(requests_per_second: float | None) -> None:
+    """After every N-th request the next throttle_burst_length answer 429 with Retry-After: 1."""
+    async with (
+        simulator(
+            throttle_bursts=3, throttle_burst_length=2, requests_per_second=requests_per_second
+        ) as url,
+        aiohttp.ClientSession(headers=AUTH) as http,
+    ):
+        results = [await get(http, f"{url}/v2/aggs/ticker/AAA/prev") for _ in range(12)]
+        stats = (await get(http, f"{url}/_sim/stats"))[1]
+    statuses = [status for status, _, _ in results]
+    assert statuses == [200, 200, 200, 429, 429, 200, 200, 200, 429, 429, 200, 200]
+    for status, body, response in results:
+        if status == 429:
+            assert response.headers["Retry-After"] == "1" and body["status"] == "ERROR"
+    assert stats["rate_limited"] == 4
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "knobs"),
+    [
+        pytest.param(
+            "/v3/reference/options/contracts",
+            {"underlying_ticker": "AAA", "limit": 40},
+            {},
+            id="contracts",
+        ),
+        pytest.param("/v3/snapshot/options/AAA", {"limit": 40}, {}, id="chain"),
+        pytest.param(
+            "/v3/snapshot/options/AAA", {"limit": 40}, {"cache_chain_pages": True}, id="cached"
+        ),
+    ],
+)
+async def test_looping_pages(path: str, params: dict[str, Any], knobs: dict[str, Any]) -> None:
+    """A looping page's next_url is the URL that led to it, every time; other underlyings end."""
+    async with (
+        simulator(looping_pages={"AAA": 2}, **knobs) as url,
+        aiohttp.ClientSession(headers=AUTH) as http,
+    ):
+        _, first, _ = await get(http, f"{url}{path}", **params)
+        loop = first["next_url"]
+        _, second, _ = await get(http, loop)
+        _, third, _ = await get(http, second["next_url"])
+        assert second["next_url"] == third["next_url"] == loop
+        assert row_tickers([third]) == row_tickers([second]) != row_tickers([first])
+        other = await walk(
+            http, f"{url}{path.replace('AAA', 'BBB')}", **{**params, "underlying_ticker": "BBB"}
+        )
+        stats = (await get(http, f"{url}/_sim/stats"))[1]
+    assert len(row_tickers(other)) == 120
+    assert stats["looped_pages"] == 2
+
+
+async def test_malformed_contracts() -> None:
+    """malformed_contracts_rate serves the same tickers with a datetime expiration, per seed."""
+
+    async def malformed(seed: int) -> tuple[list[str], set[str]]:
+        async with (
+            simulator(malformed_contracts_rate=0.2, seed=seed) as url,
+            aiohttp.ClientSession(headers=AUTH) as http,
+        ):
+            path = f"{url}/v3/reference/options/contracts"
+            pages = await walk(http, path, underlying_ticker="AAA", limit=50)
+            bad = {}
+            for contract in (c for page in pages for c in page["results"]):
+                root, yymmdd, _, _ = TICKER_RE.match(contract["ticker"]).groups()  # type: ignore[union-attr]
+                expiry = contract["expiration_date"]
+                if len(expiry) > 10:
+                    day = dt.datetime.strptime(expiry, "%Y-%m-%dT%H:%M:%SZ").date()
+                    bad[contract["ticker"]] = contract
+                else:
+                    day = dt.date.fromisoformat(expiry)
+                assert root == "AAA" and day.strftime("%y%m%d") == yymmdd
+            ticker = min(bad)
+            _, one, _ = await get(http, f"{path}/{ticker}")
+            assert one["results"] == bad[ticker]
+        return row_tickers(pages), set(bad)
+
+    tickers, first = await malformed(5)
+    assert 10 <= len(first) <= 40
+    assert await malformed(5) == (tickers, first)
+    assert (await malformed(6))[1] != first
+    config = SimulatorConfig(malformed_contracts_rate=0.2, seed=5)
+    assert {t for t in tickers if config.malformed_contract(t)} == first
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["live", "cached"])
+async def test_malformed_snapshots(cached: bool) -> None:
+    """malformed_snapshots_rate serves the same tickers with a string open_interest, per seed."""
+
+    async def malformed(seed: int) -> tuple[list[str], set[str]]:
+        async with (
+            simulator(malformed_snapshots_rate=0.2, seed=seed, cache_chain_pages=cached) as url,
+            aiohttp.ClientSession(headers=AUTH) as http,
+        ):
+            pages = await walk(http, f"{url}/v3/snapshot/options/AAA", limit=50)
+            bad = set()
+            for row in (r for page in pages for r in page["results"]):
+                assert TICKER_RE.match(row["details"]["ticker"])
+                interest = row["open_interest"]
+                if isinstance(interest, str):
+                    assert re.fullmatch(r"\d+x", interest)
+                    bad.add(row["details"]["ticker"])
+                else:
+                    assert interest >= 0
+            ticker = min(bad)
+            _, one, _ = await get(http, f"{url}/v3/snapshot/options/AAA/{ticker}")
+            assert isinstance(one["results"]["open_interest"], str)
+        return row_tickers(pages), bad
+
+    tickers, first = await malformed(5)
+    assert 10 <= len(first) <= 40
+    assert await malformed(5) == (tickers, first)
+    assert (await malformed(6))[1] != first
+    config = SimulatorConfig(malformed_snapshots_rate=0.2, seed=5)
+    assert {t for t in tickers if config.malformed_snapshot(t)} == first
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["live", "cached"])
+async def test_hidden_contracts(cached: bool) -> None:
+    """The chain snapshot omits the first k listed contracts, which the listing still lists."""
+    async with (
+        simulator(hidden_contracts={"AAA": 7}, cache_chain_pages=cached) as url,
+        aiohttp.ClientSession(headers=AUTH) as http,
+    ):
+        listed = row_tickers(
+            await walk(
+                http, f"{url}/v3/reference/options/contracts", underlying_ticker="AAA", limit=1000
+            )
+        )
+        chain = row_tickers(await walk(http, f"{url}/v3/snapshot/options/AAA", limit=50))
+        puts = row_tickers(
+            await walk(http, f"{url}/v3/snapshot/options/AAA", limit=50, contract_type="put")
+        )
+        hidden = (await get(http, f"{url}/v3/snapshot/options/AAA/{listed[0]}"))[0]
+        shown = (await get(http, f"{url}/v3/snapshot/options/AAA/{listed[7]}"))[0]
+        other = row_tickers(await walk(http, f"{url}/v3/snapshot/options/BBB", limit=250))
+    assert len(listed) == 120 and chain == listed[7:]
+    assert puts == [t for t in listed[7:] if TICKER_RE.match(t).group(3) == "P"]  # type: ignore[union-attr]
+    assert (hidden, shown) == (404, 200)
+    assert len(other) == 120
+
+
+async def test_every_fault_at_once() -> None:
+    """All knobs together: each fault happens, and one seed answers one client the same way."""
+    knobs = {
+        "latency_spike_rate": 0.2,
+        "latency_spike": 0.001,
+        "error_rate": 0.1,
+        "throttle_bursts": 5,
+        "throttle_burst_length": 2,
+        "truncate_rate": 0.1,
+        "broken_pages": {"BBB": 2},
+        "looping_pages": {"AAA": 2},
+        "malformed_contracts_rate": 0.2,
+        "malformed_snapshots_rate": 0.2,
+        "hidden_contracts": {"AAA": 5},
+        "seed": 11,
+    }
+
+    async def crawl() -> tuple[list[int], list[str], list[str], dict[str, Any]]:
+        log: list[int] = []
+        async with simulator(**knobs) as url, aiohttp.ClientSession(headers=AUTH) as http:
+
+            async def fetch(target: str, **params: Any) -> dict[str, Any] | None:
+                for _ in range(30):
+                    async with http.get(target, params=params or None) as response:
+                        log.append(response.status)
+                        raw = await response.read()
+                    if response.status == 200:
+                        try:
+                            return dict(orjson.loads(raw))
+                        except orjson.JSONDecodeError:
+                            continue
+                    if response.status == 500 and b"broken page" in raw:
+                        return None
+                raise AssertionError("no answer in 30 tries")
+
+            async def pages(target: str, **params: Any) -> list[dict[str, Any]]:
+                got, seen = [], set()
+                body = await fetch(target, **params)
+                while body is not None:
+                    got.append(body)
+                    if "next_url" not in body or body["next_url"] in seen:
+                        break
+                    seen.add(body["next_url"])
+                    body = await fetch(body["next_url"])
+                return got
+
+            listed = row_tickers(
+                await pages(
+                    f"{url}/v3/reference/options/contracts", underlying_ticker="AAA", limit=50
+                )
+            )
+            chain = row_tickers(await pages(f"{url}/v3/snapshot/options/AAA", limit=50))
+            await pages(f"{url}/v3/snapshot/options/BBB", limit=50)
+            full = await pages(f"{url}/v3/snapshot/options/CCC", limit=10)
+            assert len(row_tickers(full)) == 120
+            stats = (await get(http, f"{url}/_sim/stats"))[1]
+        return log, listed, chain, stats
+
+    log, listed, chain, stats = await crawl()
+    assert len(listed) == len(chain) == 100 and chain[:95] == listed[5:]
+    for key in ("errors_injected", "rate_limited", "truncated", "latency_spikes"):
+        assert stats[key] > 0, key
+    assert stats["broken_page_errors"] == 1 and stats["looped_pages"] >= 2
+    again = await crawl()
+    assert (again[0], again[1], again[2]) == (log, listed, chain)
 
 
 async def test_stats_and_reset() -> None:

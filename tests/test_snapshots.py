@@ -13,10 +13,11 @@ import pytest
 
 from options.api.normalize import SNAPSHOT_COLUMNS, normalize_snapshot
 from options.errors import DatabaseError, ExitCode, RunInterrupted
+from options.jobs.filters import market_today
 from options.jobs.snapshots import SLICE_CONTRACTS
 from options.jobs.wiring import run_options_job, run_snapshots_job
 from options.simulator import create_fixture_app, start_server
-from options.store.partitions import create_next_partition, drop_old_partitions, ensure_partition
+from options.store.partitions import PARTITIONS_AHEAD
 
 AAPL_CHAIN = "v3/snapshot/options/AAPL.json"
 NS = 1_000_000_000
@@ -39,9 +40,7 @@ async def test_fixture_snapshot_lands_exactly(fixtures_dir: Path, pool, make_set
     """Every field of the recorded AAPL chain snapshot is stored as the API sent it."""
     raw = json.loads((fixtures_dir / AAPL_CHAIN).read_text())["results"][0]
     async with await start_server(create_fixture_app(fixtures_dir)) as api:
-        code = await run_snapshots_job(
-            make_settings(api.base_url, ("AAPL",)), explicit_underlyings=True, force=True
-        )
+        code = await run_snapshots_job(make_settings(api.base_url, ("AAPL",)), force=True)
     assert code == ExitCode.OK
     row = await pool.fetchrow("SELECT * FROM option_snapshots")
     run = await last_run(pool)
@@ -127,9 +126,7 @@ def test_missing_sections_are_null_not_zero(fixtures_dir: Path, section: str) ->
 async def test_deep_itm_without_greeks_store_nulls(simulator, pool, make_settings) -> None:
     """Simulated deep in-the-money contracts arrive without greeks and are stored with NULLs."""
     async with simulator(underlyings=("AAA",), contracts_per_underlying=400) as api:
-        code = await run_snapshots_job(
-            make_settings(api.base_url, ("AAA",)), explicit_underlyings=True, force=True
-        )
+        code = await run_snapshots_job(make_settings(api.base_url, ("AAA",)), force=True)
     assert code == ExitCode.OK
     counts = await pool.fetchrow(
         "SELECT count(*) AS total, count(*) FILTER (WHERE delta IS NULL) AS no_greeks, "
@@ -144,37 +141,49 @@ async def seed_contracts(pool: asyncpg.Pool, base_url: str, names, make_settings
     assert await run_options_job(make_settings(base_url, names)) == ExitCode.OK
 
 
-async def test_selection_without_flag_adds_known_underlyings(
-    simulator, pool, make_settings
-) -> None:
-    """Without -u: UNDERLYINGS plus every underlying with active contracts, I:SPX kept as such."""
+async def test_tracked_underlyings_are_what_is_snapshotted(simulator, pool, make_settings) -> None:
+    """Without -u: the tracked underlyings, as UNDERLYINGS now names them; one left out of
+    UNDERLYINGS is no longer snapshotted although its contracts are active (I:SPX kept as such)."""
     async with simulator(
         underlyings=("AAA", "BBB", "CCC", "I:SPX"), contracts_per_underlying=60
     ) as api:
         await seed_contracts(pool, api.base_url, ("AAA", "BBB", "CCC", "I:SPX"), make_settings)
-        await pool.execute(
-            "UPDATE option_contracts SET active = false WHERE underlying_ticker = 'CCC'"
-        )
-        settings = make_settings(api.base_url, ("I:SPX", "DDD"))
+        settings = make_settings(api.base_url, ("I:SPX", "BBB"))
         assert await run_snapshots_job(settings, force=True) == ExitCode.OK
-    assert sorted(await coverage(pool)) == ["AAA", "BBB", "DDD", "SPX"]
+    assert sorted(await coverage(pool)) == ["BBB", "SPX"]
     stored = await pool.fetch(
         "SELECT underlying_ticker, count(*) FROM option_snapshots GROUP BY 1 ORDER BY 1"
     )
-    assert [(r[0], r[1]) for r in stored] == [("AAA", 60), ("BBB", 60), ("SPX", 60)]
+    assert [(r[0], r[1]) for r in stored] == [("BBB", 60), ("SPX", 60)]
+    tracked = await pool.fetch(
+        "SELECT ticker, enabled, disabled_by FROM tracked_underlyings ORDER BY ticker"
+    )
+    assert [tuple(r) for r in tracked] == [
+        ("AAA", False, "UNDERLYINGS"),
+        ("BBB", True, None),
+        ("CCC", False, "UNDERLYINGS"),
+        ("I:SPX", True, None),
+    ]
 
 
-async def test_explicit_underlying_even_when_unknown(simulator, pool, make_settings) -> None:
-    """With -u only those underlyings are snapshotted, even one with no known contracts."""
+async def test_one_off_underlying_is_snapshotted_but_never_tracked(
+    simulator, pool, make_settings
+) -> None:
+    """With -u only those underlyings are snapshotted, even one with no known contracts, and
+    it does not join the tracked set: the next scheduled run leaves it alone."""
     async with simulator(underlyings=("AAA", "BBB"), contracts_per_underlying=30) as api:
         await seed_contracts(pool, api.base_url, ("AAA",), make_settings)
-        code = await run_snapshots_job(
-            make_settings(api.base_url, ("BBB",)), explicit_underlyings=True, force=True
-        )
-    assert code == ExitCode.OK
-    cover = await coverage(pool)
-    assert list(cover) == ["BBB"]
-    assert (cover["BBB"]["contracts_active"], cover["BBB"]["snapshots_stored"]) == (0, 30)
+        settings = make_settings(api.base_url, ("AAA",))
+        assert await run_snapshots_job(settings, only=("BBB",), force=True) == ExitCode.OK
+        cover = await coverage(pool)
+        assert list(cover) == ["BBB"]
+        assert (cover["BBB"]["contracts_active"], cover["BBB"]["snapshots_stored"]) == (0, 30)
+        assert await run_snapshots_job(settings, force=True) == ExitCode.OK
+    rows = await pool.fetch(
+        "SELECT underlying_ticker, count(*) FROM snapshot_coverage GROUP BY 1 ORDER BY 1"
+    )
+    assert [tuple(r) for r in rows] == [("AAA", 1), ("BBB", 1)]
+    assert [r[0] for r in await pool.fetch("SELECT ticker FROM tracked_underlyings")] == ["AAA"]
     # the snapshot's details made the unknown contracts known
     assert (
         await pool.fetchval(
@@ -230,7 +239,7 @@ async def test_rejected_key_ends_the_run_with_coverage(simulator, pool, make_set
             api.base_url, names, api_key=Secret("pk_bad_0123456789"), http_concurrency=2
         )
         with pytest.raises(KeyRejectedError, match=r"refused the key \(POLYGON_API_KEY\)"):
-            await run_snapshots_job(settings, explicit_underlyings=True, force=True)
+            await run_snapshots_job(settings, force=True)
         requests = await api_requests(api.base_url)
     cover = await coverage(pool)
     assert list(cover) == list(names)
@@ -245,9 +254,7 @@ async def test_empty_chain_is_complete_and_warned_about(
     """A chain the API returns empty is complete with nothing stored, and a warning says so:
     a misspelled ticker must not pass in silence."""
     async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
-        code = await run_snapshots_job(
-            make_settings(api.base_url, ("ZZZZ",)), explicit_underlyings=True, force=True
-        )
+        code = await run_snapshots_job(make_settings(api.base_url, ("ZZZZ",)), force=True)
     assert code == ExitCode.OK
     cover = (await coverage(pool))["ZZZZ"]
     assert (cover["snapshots_stored"], cover["complete"], cover["pages"]) == (0, True, 1)
@@ -258,7 +265,8 @@ async def test_empty_chain_is_complete_and_warned_about(
 
 
 async def test_coverage_counts_missing_active_contracts(simulator, pool, make_settings) -> None:
-    """Active contracts the chain did not return are counted missing; the chain is complete."""
+    """Active contracts the chain did not return are counted missing, and the chain, read to
+    its end, is not complete: complete means every active contract has its row."""
     async with simulator(underlyings=("AAA",), contracts_per_underlying=300) as api:
         await seed_contracts(pool, api.base_url, ("AAA",), make_settings)
         for strike in ("00001000", "00002000"):
@@ -267,17 +275,18 @@ async def test_coverage_counts_missing_active_contracts(simulator, pool, make_se
                 "expiration_date, active, first_seen_at, last_seen_at) "
                 "VALUES ($1, 'AAA', 'call', $2, true, now(), now())",
                 f"O:AAA991231C{strike}",
-                dt.date.today() + dt.timedelta(days=60),
+                market_today() + dt.timedelta(days=60),
             )
         assert (
             await run_snapshots_job(make_settings(api.base_url, ("AAA",)), force=True)
-            == ExitCode.OK
+            == ExitCode.PARTIAL
         )
     cover = (await coverage(pool))["AAA"]
     assert cover["contracts_active"] == 302
     assert cover["snapshots_stored"] == 300
     assert cover["contracts_missing"] == 2
-    assert cover["complete"] is True
+    assert (cover["read_to_end"], cover["complete"]) == (True, False)
+    assert cover["error"] == "2 active contracts missing from the chain"
     assert cover["pages"] == 2
 
 
@@ -289,9 +298,7 @@ async def test_chain_failing_on_page_3_keeps_rows_and_is_incomplete(
     async with simulator(
         underlyings=names, contracts_per_underlying=1000, broken_pages={"BBB": 3}
     ) as api:
-        code = await run_snapshots_job(
-            make_settings(api.base_url, names), explicit_underlyings=True, force=True
-        )
+        code = await run_snapshots_job(make_settings(api.base_url, names), force=True)
     assert code == ExitCode.PARTIAL
     cover = await coverage(pool)
     assert {u: (c["snapshots_stored"], c["complete"]) for u, c in cover.items()} == {
@@ -348,7 +355,7 @@ async def snapshot_one_page_chains(
     app.router.add_get("/v1/marketstatus/upcoming", upcoming)
     async with await start_server(app) as api:
         settings = make_settings(api.base_url, tuple(chains))
-        return await run_snapshots_job(settings, explicit_underlyings=True, force=True)
+        return await run_snapshots_job(settings, force=True)
 
 
 async def api_requests(base_url: str) -> int:
@@ -358,106 +365,27 @@ async def api_requests(base_url: str) -> int:
         return int((await r.json())["requests"])
 
 
-async def test_partitions_across_midnight_utc(pool) -> None:
-    """A run just before midnight UTC creates that day's and the next day's partitions."""
-    captured = dt.datetime(2026, 11, 23, 23, 59, 59, tzinfo=dt.UTC)
-    assert await ensure_partition(pool, captured.date()) == "option_snapshots_p20261123"
-    assert await create_next_partition(pool, captured) is True
-    names = await pool.fetch(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "WHERE i.inhparent = 'option_snapshots'::regclass ORDER BY 1"
-    )
-    assert [r[0] for r in names] == ["option_snapshots_p20261123", "option_snapshots_p20261124"]
-    for moment in (captured, captured + dt.timedelta(seconds=2)):
-        await pool.execute(
-            "INSERT INTO option_snapshots (ticker, underlying_ticker, captured_at) "
-            "VALUES ('O:AAA261231C00001000', 'AAA', $1)",
-            moment,
-        )
-    rows = await pool.fetch(
-        "SELECT tableoid::regclass::text AS part, captured_at FROM option_snapshots ORDER BY 2"
-    )
-    assert [r["part"] for r in rows] == ["option_snapshots_p20261123", "option_snapshots_p20261124"]
-    # idempotent: a second run on the same day creates nothing new and fails nothing
-    assert await ensure_partition(pool, captured.date()) == "option_snapshots_p20261123"
-    assert await create_next_partition(pool, captured) is True
-
-
-async def test_retention_drops_only_whole_old_partitions(pool) -> None:
-    """--retain-days drops partitions whose whole day is older than N days, and nothing else."""
-    now = dt.datetime(2026, 11, 23, 15, 0, tzinfo=dt.UTC)
-    for days_ago in (0, 2, 4, 10):
-        await ensure_partition(pool, (now - dt.timedelta(days=days_ago)).date())
-        await create_next_partition(pool, now - dt.timedelta(days=days_ago))
-    dropped = await drop_old_partitions(pool, retain_days=3, now=now)
-    assert dropped == [
-        "option_snapshots_p20261113",
-        "option_snapshots_p20261114",
-        "option_snapshots_p20261119",
-    ]
-    left = await pool.fetch(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "WHERE i.inhparent = 'option_snapshots'::regclass ORDER BY 1"
-    )
-    assert [r[0] for r in left] == [
-        "option_snapshots_p20261120",
-        "option_snapshots_p20261121",
-        "option_snapshots_p20261122",
-        "option_snapshots_p20261123",
-        "option_snapshots_p20261124",
-    ]
-
-
-async def test_partition_ddl_gives_way_to_a_long_reader(database_url: str, pool, caplog) -> None:
-    """While a query holds option_snapshots, partition DDL waits only its lock timeout: the
-    next day's partition and retention are left for a later run, an existing partition is
-    used at once, and a missing one the run needs fails with a clear error."""
-    today = dt.date(2026, 11, 23)
-    now = dt.datetime.combine(today, dt.time(15), dt.UTC)
-    await ensure_partition(pool, today - dt.timedelta(days=10))
-    await ensure_partition(pool, today)
-    reader = await asyncpg.connect(database_url)
-    try:
-        transaction = reader.transaction()
-        await transaction.start()
-        await reader.fetchval("SELECT count(*) FROM option_snapshots")
-        assert await ensure_partition(pool, today, lock_timeout=0.2) == "option_snapshots_p20261123"
-        assert await create_next_partition(pool, now, lock_timeout=0.2) is False
-        assert await drop_old_partitions(pool, retain_days=3, now=now, lock_timeout=0.2) == []
-        with pytest.raises(DatabaseError, match="another session held option_snapshots"):
-            await ensure_partition(pool, today - dt.timedelta(days=1), lock_timeout=0.2)
-        await transaction.commit()
-    finally:
-        await reader.close()
-    assert "Partition option_snapshots_p20261124 not created yet" in caplog.text
-    assert "Retention: option_snapshots_p20261113 is in use by another session" in caplog.text
-    assert await create_next_partition(pool, now, lock_timeout=0.2) is True
-    assert await drop_old_partitions(pool, retain_days=3, now=now) == ["option_snapshots_p20261113"]
-
-
 async def test_snapshot_is_stored_while_a_long_query_reads(
     simulator, database_url: str, pool, make_settings
 ) -> None:
-    """A long query on option_snapshots neither delays nor fails the snapshot: only the next
-    day's partition waits for a later run."""
+    """A long query on option_snapshots neither delays nor fails the snapshot, and the
+    partitions made ahead are made all the same (attaching takes no lock a reader holds)."""
     async with simulator(underlyings=("AAA",), contracts_per_underlying=300) as api:
         settings = make_settings(api.base_url, ("AAA",))
-        assert await run_snapshots_job(settings, explicit_underlyings=True, force=True) == 0
-        tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
-        await pool.execute(f"DROP TABLE option_snapshots_p{tomorrow:%Y%m%d}")
+        assert await run_snapshots_job(settings, force=True) == 0
+        ahead = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=PARTITIONS_AHEAD)
+        await pool.execute(f"DROP TABLE option_snapshots_p{ahead:%Y%m%d}")
         reader = await asyncpg.connect(database_url)
         try:
             async with reader.transaction():
                 await reader.fetchval("SELECT count(*) FROM option_snapshots")
-                code = await asyncio.wait_for(
-                    run_snapshots_job(settings, explicit_underlyings=True, force=True), 30
-                )
+                code = await asyncio.wait_for(run_snapshots_job(settings, force=True), 30)
         finally:
             await reader.close()
     assert code == ExitCode.OK
     assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == 600
-    assert not await pool.fetchval(
-        "SELECT to_regclass($1) IS NOT NULL", f"option_snapshots_p{tomorrow:%Y%m%d}"
+    assert await pool.fetchval(
+        "SELECT to_regclass($1) IS NOT NULL", f"option_snapshots_p{ahead:%Y%m%d}"
     )
 
 
@@ -471,7 +399,7 @@ async def test_stop_flushes_fetched_rows_and_records_interrupted(
         settings = make_settings(api.base_url, names, http_concurrency=2)
         asyncio.get_running_loop().call_later(0.5, stop.set)
         with pytest.raises(RunInterrupted) as caught:
-            await run_snapshots_job(settings, explicit_underlyings=True, stop=stop, force=True)
+            await run_snapshots_job(settings, stop=stop, force=True)
     assert caught.value.exit_code == ExitCode.INTERRUPTED
     run = await last_run(pool)
     assert run["status"] == "interrupted"
@@ -499,7 +427,6 @@ async def test_market_closed_skips_unless_forced(
     async with simulator(underlyings=("AAA",), contracts_per_underlying=20) as api:
         code = await run_snapshots_job(
             make_settings(api.base_url, ("AAA",)),
-            explicit_underlyings=True,
             force=force,
             now=now,
         )
@@ -530,8 +457,9 @@ async def test_row_with_bad_value_is_rejected_alone(
     stored_count: int,
     rejected: int,
 ) -> None:
-    """A value the column cannot hold rejects its row only; the page's other rows are stored.
-    A boolean price or a fractional count is refused, not stored as 1.0 or truncated."""
+    """A value the column cannot hold rejects its row only; the page's other rows are stored,
+    the reject is kept with its reason and the chain is not complete. A boolean price or a
+    fractional count is refused, not stored as 1.0 or truncated."""
     template = json.loads((fixtures_dir / AAPL_CHAIN).read_text())["results"][0]
     results = []
     for n, (field, value) in enumerate(values):
@@ -543,7 +471,7 @@ async def test_row_with_bad_value_is_rejected_alone(
             (row["day"] if field == "volume" else row["last_quote"])[field] = value
         results.append(row)
 
-    assert await snapshot_one_page_chains({"AAPL": results}, make_settings) == ExitCode.OK
+    assert await snapshot_one_page_chains({"AAPL": results}, make_settings) == ExitCode.PARTIAL
     stored = await pool.fetch("SELECT ticker, bid, day_volume FROM option_snapshots ORDER BY 1")
     expected = [("O:AAPL230616C00150000", 1.25, template["day"]["volume"])]
     if stored_count == 2:  # the whole float 8.0 is a count of 8
@@ -555,6 +483,13 @@ async def test_row_with_bad_value_is_rejected_alone(
         stored_count,
         rejected,
     )
+    cover = (await coverage(pool))["AAPL"]
+    assert (cover["snapshots_stored"], cover["rows_rejected"]) == (stored_count, rejected)
+    assert (cover["read_to_end"], cover["complete"]) == (True, False)
+    kept = await pool.fetch("SELECT run_id, underlying_ticker, reason, record FROM rejected_rows")
+    assert len(kept) == rejected
+    assert all(r["run_id"] == run["id"] and r["underlying_ticker"] == "AAPL" for r in kept)
+    assert all(r["reason"] and r["record"].startswith(("{", "[")) for r in kept)
 
 
 async def test_filters_are_pushed_down_and_scope_coverage(simulator, pool, make_settings) -> None:
@@ -586,45 +521,83 @@ async def test_smallest_pool_does_not_starve(simulator, pool, make_settings) -> 
     assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == 1200
 
 
-async def test_database_going_away_fails_the_run_without_hanging(
-    simulator, database_url: str, pool, make_settings
+async def test_database_going_away_for_good_fails_with_the_real_cause(
+    simulator, pool, make_settings
 ) -> None:
-    """When PostgreSQL drops the job's connections mid-run, the job fails with one error."""
-    from options.errors import DatabaseError
+    """When PostgreSQL keeps dropping the job's connections for longer than
+    DB_RECONNECT_SECONDS, the job fails with one error naming the lost connection, the run is
+    recorded failed, and every chain stored is whole with its coverage row."""
 
     names = tuple(f"U{c}" for c in "ABCDEF")
 
     async def cut_connections() -> None:
         await asyncio.sleep(0.4)
-        await pool.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND application_name = 'options-history'"
-        )
+        while True:
+            await pool.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'ingest_snapshots'"
+            )
+            await asyncio.sleep(0.05)
 
     async with simulator(underlyings=names, contracts_per_underlying=3000, latency=0.02) as api:
-        settings = make_settings(api.base_url, names, http_concurrency=2)
+        settings = make_settings(api.base_url, names, http_concurrency=2, db_reconnect_seconds=1.0)
         cutter = asyncio.create_task(cut_connections())
-        with pytest.raises(DatabaseError):
-            await asyncio.wait_for(
-                run_snapshots_job(settings, explicit_underlyings=True, force=True), 60
+        try:
+            with pytest.raises(DatabaseError) as caught:
+                await asyncio.wait_for(run_snapshots_job(settings, force=True), 60)
+        finally:
+            cutter.cancel()
+    assert "the database connection was lost" in str(caught.value)
+    run = await last_run(pool)
+    assert run["status"] == "failed"
+    await assert_coverage_matches_rows(pool)
+
+
+async def assert_coverage_matches_rows(pool: asyncpg.Pool) -> None:
+    """Every (slot, underlying) with rows has a coverage row counting exactly those rows."""
+    mismatched = await pool.fetch(
+        """
+        SELECT coalesce(c.captured_at, s.captured_at) AS slot,
+               coalesce(c.underlying_ticker, s.underlying_ticker) AS underlying,
+               c.snapshots_stored, s.rows
+        FROM snapshot_coverage c
+        FULL JOIN (SELECT captured_at, underlying_ticker, count(*) AS rows
+                   FROM option_snapshots GROUP BY 1, 2) s
+          ON s.captured_at = c.captured_at AND s.underlying_ticker = c.underlying_ticker
+        WHERE c.snapshots_stored IS DISTINCT FROM coalesce(s.rows, 0)
+        """
+    )
+    assert [tuple(r) for r in mismatched] == []
+
+
+async def test_connections_lost_now_and_then_cost_nothing(simulator, pool, make_settings) -> None:
+    """Backends terminated mid-run are replaced and the chain being stored is stored again:
+    the run succeeds, every chain complete, no row twice."""
+    names = tuple(f"U{c}" for c in "ABCDEF")
+
+    async def cut_connections() -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            await pool.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'ingest_snapshots'"
             )
-        await cutter
 
-
-async def test_closing_a_full_queue_whose_writers_died_returns() -> None:
-    """Ending the run never waits on a full page queue that no writer will drain."""
-    from options.jobs.snapshots import QUEUE_PAGES, SnapshotRun
-
-    run = SnapshotRun.__new__(SnapshotRun)
-    run.pages = asyncio.Queue(QUEUE_PAGES)
-    for _ in range(QUEUE_PAGES):
-        run.pages.put_nowait(None)
-
-    async def dead_writer() -> None:
-        raise ConnectionError("server closed the connection")
-
-    writers = [asyncio.create_task(dead_writer()) for _ in range(2)]
-    await asyncio.gather(*writers, return_exceptions=True)
-    await asyncio.wait_for(run._close_queue(writers), 5)
-    assert run.pages.full()
+    async with simulator(underlyings=names, contracts_per_underlying=3000, latency=0.02) as api:
+        await seed_contracts(pool, api.base_url, names, make_settings)
+        settings = make_settings(api.base_url, names, http_concurrency=4)
+        cutter = asyncio.create_task(cut_connections())
+        try:
+            code = await asyncio.wait_for(run_snapshots_job(settings, force=True), 90)
+        finally:
+            cutter.cancel()
+    assert code == ExitCode.OK
+    cover = await coverage(pool)
+    assert all(row["complete"] and row["snapshots_stored"] == 3000 for row in cover.values())
+    assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == 18000
+    run = await last_run(pool)
+    assert (run["status"], run["rows_written"], run["underlyings_succeeded"]) == (
+        "succeeded",
+        18000,
+        6,
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, TypeGuard
+from typing import Annotated, Any, NamedTuple, TypeGuard
 
 import msgspec
 import orjson
@@ -60,9 +60,9 @@ def normalize_contract(raw: Any, *, underlying: str) -> ContractRow:
     """
     if not isinstance(raw, dict):
         raise Rejected(f"result is a {type(raw).__name__}, not an object")
-    ticker = raw.get("ticker")
-    if not _is_text(ticker) or not ticker.startswith("O:"):
-        raise Rejected(f"ticker {ticker!r} is not an option ticker")
+    ticker = contract_ticker(raw)
+    if ticker is None:
+        raise Rejected(f"ticker {raw.get('ticker')!r} is not an option ticker")
     additional = raw.get("additional_underlyings")
     additional_json = orjson.dumps(additional).decode() if additional is not None else None
     if additional_json is not None and "\\u0000" in additional_json:
@@ -82,24 +82,39 @@ def normalize_contract(raw: Any, *, underlying: str) -> ContractRow:
     )
 
 
+class RefusedRecord(NamedTuple):
+    """An API object that did not become a row: its ticker when readable, why, the object."""
+
+    ticker: str | None
+    reason: str
+    raw: Any
+
+
 def normalize_contracts(
     results: Iterable[Any], *, underlying: str
-) -> tuple[list[ContractRow], list[str]]:
+) -> tuple[list[ContractRow], list[RefusedRecord]]:
     """Normalize a page of contracts, keeping the last row of any ticker seen twice.
 
     Returns:
-        The rows, and one reason per rejected object.
+        The rows, and the refused objects (a refused object whose ticker could be read was
+        listed all the same: its contract must not be taken for gone).
     """
     rows: dict[str, ContractRow] = {}
-    rejects = []
+    refused = []
     for raw in results:
         try:
             row = normalize_contract(raw, underlying=underlying)
         except Rejected as exc:
-            rejects.append(str(exc))
+            refused.append(RefusedRecord(contract_ticker(raw), str(exc), raw))
             continue
         rows[row[0]] = row
-    return list(rows.values()), rejects
+    return list(rows.values()), refused
+
+
+def contract_ticker(raw: Any) -> str | None:
+    """The option ticker of a contract object, when it has a readable one."""
+    ticker = raw.get("ticker") if isinstance(raw, dict) else None
+    return ticker if _is_text(ticker) and ticker.startswith("O:") else None
 
 
 def _is_text(value: object) -> TypeGuard[str]:

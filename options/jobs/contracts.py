@@ -1,17 +1,23 @@
 """The ``ingest_options`` pipeline: list every active contract of each underlying and upsert it.
 
-Extract (the contracts endpoint, page by page), normalize (:mod:`options.api.normalize`), load (one
-bulk upsert per page). Each underlying is synced in one transaction: its pages are upserted as
-they arrive and, once its listing has been read to the end, the contracts of that underlying
-that the listing no longer shows are marked inactive. A listing that fails part-way rolls back,
-so a failed underlying keeps its contracts exactly as they were.
+Extract (the contracts endpoint, page by page), normalize (:mod:`options.api.normalize`), load
+(one bulk upsert per page). Each underlying is synced in one transaction: its pages are upserted
+as they arrive and, once its listing has been read to the end, the contracts of that underlying
+that the listing no longer shows are marked inactive, behind a guard against mass
+deactivation; its rejected rows, its tracked-underlying row and the run's counts commit in the
+same transaction. A listing that fails part-way rolls back, so a failed underlying keeps its
+contracts exactly as they were. A contract whose row was refused but whose ticker could be read
+was listed all the same: it counts as seen. Expired contracts of every underlying are
+deactivated once per run (:func:`deactivate_expired`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -20,11 +26,19 @@ from opentelemetry import trace
 from options.api.normalize import CONTRACT_COLUMNS, ContractRow, normalize_contracts
 from options.api.polygon import PolygonClient
 from options.config import Settings
-from options.errors import ApiError, DatabaseError, KeyRejectedError
+from options.errors import (
+    ApiError,
+    DatabaseError,
+    DeactivationRefused,
+    KeyRejectedError,
+    RunInterrupted,
+)
 from options.jobs.filters import ListingScope, contract_underlying, listing_scope, market_today
 from options.ops.logs import StatusReporter
-from options.store.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
-from options.store.runs import RunStats, until_stopped
+from options.store.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error, reconnecting
+from options.store.rejects import Reject, keep_rejects
+from options.store.runs import Run, RunStats, count_committed, record_failure
+from options.store.underlyings import note_contract_sync, note_error, record_error
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -51,17 +65,39 @@ ON CONFLICT (ticker) DO UPDATE SET
 # Contracts first met in a snapshot: the daily sync owns them from then on.
 UPSERT_NEW_CONTRACTS = f"{INSERT_CONTRACTS}\nON CONFLICT (ticker) DO NOTHING\n"
 
-# Contracts of the underlying that this sync did not see, within the part of the chain the
-# listing covered (the filters), plus any that have already expired.
-DEACTIVATE_CONTRACTS = """
-UPDATE option_contracts SET active = false
-WHERE underlying_ticker = $1 AND active AND last_seen_at < $2
-  AND (expiration_date < $3
-       OR ($4 AND ($5::text[] IS NULL OR contract_type = ANY($5))
-              AND ($6::date IS NULL OR expiration_date <= $6)
-              AND ($7::numeric IS NULL OR strike_price >= $7)
-              AND ($8::numeric IS NULL OR strike_price <= $8)))
+# The unexpired contracts of the underlying inside the part of the chain the listing covered
+# (the filters): $1 underlying, $3 today, $4..$7 the scope's bounds.
+_IN_SCOPE = """
+underlying_ticker = $1 AND active
+  AND (expiration_date >= $3 OR expiration_date IS NULL)
+  AND ($4::text[] IS NULL OR contract_type = ANY($4))
+  AND ($5::date IS NULL OR expiration_date <= $5)
+  AND ($6::numeric IS NULL OR strike_price >= $6)
+  AND ($7::numeric IS NULL OR strike_price <= $7)
 """
+
+# How many of those this sync did not see ($2: the sync's timestamp), and how many there are.
+COUNT_UNSEEN = f"""
+SELECT count(*) FILTER (WHERE last_seen_at < $2), count(*) FROM option_contracts
+WHERE {_IN_SCOPE}
+"""
+
+DEACTIVATE_UNSEEN = f"""
+UPDATE option_contracts SET active = false WHERE last_seen_at < $2 AND {_IN_SCOPE}
+"""
+
+# A contract listed in a row that was refused is still listed: it must not be deactivated.
+MARK_SEEN = """
+UPDATE option_contracts SET last_seen_at = $2, active = true
+WHERE ticker = ANY($1::text[]) AND last_seen_at < $2
+"""
+
+DEACTIVATE_EXPIRED = """
+UPDATE option_contracts SET active = false WHERE active AND expiration_date < $1
+"""
+
+# Whatever the share, this many unseen contracts may always go (a small chain's churn).
+DEACTIVATION_GUARD_FLOOR = 10
 
 
 @dataclass
@@ -80,33 +116,36 @@ async def sync_contracts(
     settings: Settings,
     client: PolygonClient,
     pool: asyncpg.Pool | None,
-    stats: RunStats,
+    run: Run | None,
+    underlyings: Sequence[str],
     *,
     seen_at: dt.datetime,
     stop: asyncio.Event | None = None,
     progress: StatusReporter | None = None,
 ) -> list[UnderlyingResult]:
-    """Sync the contracts of every configured underlying, several side by side.
+    """Sync the contracts of ``underlyings``, several side by side, each in one transaction.
 
     Args:
-        settings: underlyings, filters and concurrency.
+        settings: filters, concurrency and the deactivation guard.
         client: the API client.
         pool: the database pool; ``None`` for a dry run, which fetches and counts only.
-        stats: the run's counts, updated as underlyings finish.
+        run: the run whose lease and counts each transaction checks and adds to (``None`` for a
+            dry run).
+        underlyings: the tickers to sync.
         seen_at: the run's timestamp, written to ``last_seen_at`` of every contract seen.
         stop: when set (signal, deadline), underlyings in progress roll back and the run stops.
         progress: receives a progress line as underlyings finish (``systemctl status``).
 
     Returns:
-        One result per underlying, in the configured order.
+        One result per underlying synced or failed, in the given order.
 
     Raises:
-        DatabaseError: PostgreSQL failed; the run stops (API errors only fail their underlying).
+        DatabaseError: PostgreSQL failed (after waiting for it to come back); the run stops.
         KeyRejectedError: the API refused the key; the run stops.
         RunInterrupted: ``stop`` was set first.
     """
     stop = stop or asyncio.Event()
-    underlyings = settings.require_underlyings()
+    stats = run.stats if run is not None else RunStats()
     stats.underlyings_requested = len(underlyings)
     today = market_today()
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -115,35 +154,50 @@ async def sync_contracts(
     results: dict[str, UnderlyingResult] = {}
     workers = min(settings.underlying_concurrency, len(underlyings))
     if pool is not None:
-        # one connection stays with the run ledger; the others serve the transactions
+        # a connection stays free for the heartbeat and the failures' records
         workers = max(1, min(workers, pool.get_max_size() - 1))
+    halt = asyncio.Event()
 
     async def worker() -> None:
-        while not queue.empty():
+        while not queue.empty() and not halt.is_set() and not stop.is_set():
             underlying = queue.get_nowait()
             result = UnderlyingResult(underlying)
             results[underlying] = result
             try:
                 await sync_underlying(
-                    settings, client, pool, underlying, result, seen_at=seen_at, today=today
+                    settings,
+                    client,
+                    pool,
+                    run,
+                    underlying,
+                    result,
+                    seen_at=seen_at,
+                    today=today,
+                    stop=stop,
                 )
-            except KeyRejectedError:
-                raise  # every underlying would fail the same way: the run ends
-            except ApiError as exc:
-                exc.underlying = exc.underlying or underlying
+            except (KeyRejectedError, DatabaseError):
+                halt.set()  # every underlying would fail the same way: the run ends
+                raise
+            except (ApiError, DeactivationRefused) as exc:
                 result.error = str(exc)
-                stats.underlyings_failed += 1
                 stats.failures.append(f"{underlying}: {exc}")
                 logger.error(
                     "Underlying %s failed, its contracts are left untouched: %s", underlying, exc
                 )
+                if run is not None and pool is not None:
+                    await record_failure(pool, run, f"{underlying}: {exc}")
+                    await record_error(pool, contract_underlying(underlying), str(exc))
+                stats.underlyings_failed += 1
+            except RunInterrupted:
+                del results[underlying]  # rolled back: as if never started
+                return
             else:
-                stats.underlyings_succeeded += 1
+                if result.error is None:
+                    stats.underlyings_succeeded += 1
+                else:
+                    stats.underlyings_failed += 1
             finally:
                 stats.rows_fetched += result.fetched
-                stats.rows_rejected += result.rejected
-                stats.rows_written += result.written
-                stats.contracts_deactivated += result.deactivated
                 stats.api_requests = client.requests_sent
                 if progress is not None:
                     finished = stats.underlyings_succeeded + stats.underlyings_failed
@@ -153,22 +207,23 @@ async def sync_contracts(
                         f"{stats.underlyings_failed} failed"
                     )
 
-    async def run_workers() -> None:
-        try:
-            async with asyncio.TaskGroup() as group:
-                for _ in range(workers):
-                    group.create_task(worker())
-        except BaseExceptionGroup as failed:
-            # one worker's error (database gone, key refused) ended the run and cancelled the
-            # others, whose underlyings rolled back: raise that error, not the group
-            raise _first_error(failed)  # noqa: B904 (its own cause is kept)
-
     try:
-        await until_stopped(run_workers(), stop)
+        async with asyncio.TaskGroup() as group:
+            for _ in range(workers):
+                group.create_task(worker())
+    except BaseExceptionGroup as failed:
+        # one worker's error (database gone, key refused) ended the run and stopped the
+        # others, whose underlyings rolled back: raise that error, not the group
+        raise _first_error(failed)  # noqa: B904 (its own cause is kept)
     finally:
         _log_totals(stats, len(underlyings))
         if progress is not None:
             progress.flush()
+    if stop.is_set() and len(results) < len(underlyings):
+        raise RunInterrupted(
+            f"stopped before every underlying was synced: {len(underlyings) - len(results)} "
+            "left untouched (the others are stored)"
+        )
     return [results[u] for u in underlyings if u in results]
 
 
@@ -194,78 +249,162 @@ async def sync_underlying(
     settings: Settings,
     client: PolygonClient,
     pool: asyncpg.Pool | None,
+    run: Run | None,
     underlying: str,
     result: UnderlyingResult,
     *,
     seen_at: dt.datetime,
     today: dt.date,
+    stop: asyncio.Event,
 ) -> None:
     """List one underlying's contracts and store them in one transaction.
 
+    A connection lost mid-way rolls the transaction back and the underlying is listed again on
+    a new connection (for up to :data:`~options.store.db.RECONNECT_SECONDS`).
+
     Raises:
         ApiError: the listing failed; nothing of this underlying was changed.
+        DeactivationRefused: the listing would deactivate too much; nothing was changed.
+        RunInterrupted: ``stop`` was set mid-listing; nothing was changed.
         DatabaseError: PostgreSQL failed.
     """
     with tracer.start_as_current_span("contracts.sync_underlying") as span:
         span.set_attribute("polygon.underlying", underlying)
         scope = await listing_scope(settings, client, underlying, today=today)
-        conn: asyncpg.Connection | None = None
-        transaction: asyncpg.transaction.Transaction | None = None
-
-        async def begin() -> asyncpg.Connection:
-            # the connection is taken at the first write, not while the first page is fetched
-            nonlocal conn, transaction
-            if conn is None:
-                assert pool is not None
-                conn = await pool.acquire(timeout=ACQUIRE_TIMEOUT)
-                transaction = conn.transaction()
-                await transaction.start()
-            return conn
-
+        fresh = result
         try:
-            async for page in client.list_contracts(
-                contract_underlying(underlying), scope.api_params()
-            ):
-                rows, rejects = normalize_contracts(page.results, underlying=underlying)
-                offset = result.fetched
-                result.fetched += len(page.results)
-                if rejects:
-                    result.rejected += len(rejects)
-                    logger.warning(
-                        "%s: rejected %d contracts, first: %s", underlying, len(rejects), rejects[0]
+            async for attempt in reconnecting(what=f"syncing {underlying}"):
+                with attempt:
+                    fresh = UnderlyingResult(underlying)  # a rolled-back attempt counts nothing
+                    await _sync_once(
+                        settings,
+                        client,
+                        pool,
+                        run,
+                        underlying,
+                        fresh,
+                        scope,
+                        seen_at=seen_at,
+                        today=today,
+                        stop=stop,
                     )
-                logger.info(
-                    "Retrieved batch at offset %d for %s: %d contracts (page %d)",
-                    offset,
-                    underlying,
-                    len(page.results),
-                    page.number,
-                )
-                if pool is None or not rows:
-                    continue
-                result.written += await upsert_contracts(await begin(), rows, seen_at=seen_at)
-            if pool is None:
-                return
-            result.deactivated = await deactivate_unseen(
-                await begin(),
-                underlying,
-                scope,
-                seen_at=seen_at,
-                today=today,
-                listing_empty=result.fetched == 0,
-            )
-            assert transaction is not None
-            await transaction.commit()
-            transaction = None
         except DB_ERRORS as exc:
             raise DatabaseError(f"{underlying}: {describe_db_error(exc)}") from exc
         finally:
-            if conn is not None:
-                if transaction is not None:
-                    result.written = result.deactivated = 0
-                    await _rollback_quietly(transaction)
-                await pool.release(conn)  # type: ignore[union-attr]
+            # what was fetched and refused counts either way; what was written only if kept
+            result.fetched, result.rejected = fresh.fetched, fresh.rejected
+            result.error = fresh.error
+        result.written, result.deactivated = fresh.written, fresh.deactivated
         span.set_attribute("contracts.fetched", result.fetched)
+
+
+async def _sync_once(
+    settings: Settings,
+    client: PolygonClient,
+    pool: asyncpg.Pool | None,
+    run: Run | None,
+    underlying: str,
+    result: UnderlyingResult,
+    scope: ListingScope,
+    *,
+    seen_at: dt.datetime,
+    today: dt.date,
+    stop: asyncio.Event,
+) -> None:
+    key = contract_underlying(underlying)
+    seen_rejected: set[str] = set()
+    rejects: list[Reject] = []
+    async with contextlib.AsyncExitStack() as stack:
+        conn: asyncpg.Connection | None = None
+
+        async def begin() -> asyncpg.Connection:
+            # the connection is taken at the first write, not while the first page is fetched
+            nonlocal conn
+            if conn is None:
+                assert pool is not None
+                acquired = await stack.enter_async_context(pool.acquire(timeout=ACQUIRE_TIMEOUT))
+                await stack.enter_async_context(acquired.transaction())
+                conn = acquired
+            return conn
+
+        pages = client.list_contracts(key, scope.api_params())
+        stack.push_async_callback(pages.aclose)
+        async for page in pages:
+            rows, refused = normalize_contracts(page.results, underlying=underlying)
+            offset = result.fetched
+            result.fetched += len(page.results)
+            if refused:
+                result.rejected += len(refused)
+                logger.warning(
+                    "%s: rejected %d contracts, first: %s",
+                    underlying,
+                    len(refused),
+                    refused[0].reason,
+                )
+                seen_rejected.update(r.ticker for r in refused if r.ticker is not None)
+                if run is not None:
+                    rejects.extend(
+                        Reject.of(r.raw, r.reason, ticker=r.ticker)
+                        for r in refused
+                        if run.keep.take_one()
+                    )
+            logger.info(
+                "Retrieved batch at offset %d for %s: %d contracts (page %d)",
+                offset,
+                underlying,
+                len(page.results),
+                page.number,
+            )
+            if stop.is_set():
+                raise RunInterrupted(f"{underlying}: stopped mid-listing, left untouched")
+            if pool is None or not rows:
+                continue
+            result.written += await upsert_contracts(await begin(), rows, seen_at=seen_at)
+        if pool is None or run is None:
+            return
+        conn = await begin()
+        if seen_rejected:
+            await conn.execute(MARK_SEEN, list(seen_rejected), seen_at)
+        result.deactivated = await deactivate_unseen(
+            conn,
+            underlying,
+            scope,
+            seen_at=seen_at,
+            today=today,
+            listing_empty=result.written == 0 and not seen_rejected,
+            max_percent=settings.max_deactivation_percent,
+        )
+        if result.rejected and not result.written:
+            result.error = (
+                f"all {result.rejected} contracts of the listing were rejected; nothing stored "
+                "(see rejected_rows)"
+            )
+        await keep_rejects(conn, run.id, rejects, underlying=key)
+        if result.error is None:
+            await note_contract_sync(conn, key, seen_at)
+        else:
+            await note_error(conn, key, result.error)
+        counts = {
+            "underlyings_succeeded": result.error is None,
+            "underlyings_failed": result.error is not None,
+            "rows_written": result.written,
+            "rows_rejected": result.rejected,
+            "contracts_deactivated": result.deactivated,
+        }
+        await count_committed(
+            conn,
+            run,
+            {name: int(value) for name, value in counts.items()},
+            failures=[f"{underlying}: {result.error}"] if result.error else (),
+        )
+    # the transaction committed when the stack closed
+    run.stats.add(
+        {
+            "rows_written": result.written,
+            "rows_rejected": result.rejected,
+            "contracts_deactivated": result.deactivated,
+        }
+    )
 
 
 async def upsert_contracts(
@@ -285,49 +424,66 @@ async def deactivate_unseen(
     seen_at: dt.datetime,
     today: dt.date,
     listing_empty: bool,
+    max_percent: float,
 ) -> int:
-    """Mark inactive the contracts of ``underlying`` within ``scope`` that this sync did not see.
+    """Mark inactive the unexpired contracts of ``underlying`` within ``scope`` that this sync
+    did not see, unless that is more than the guard allows.
 
-    A complete listing with no contracts at all is not trusted to mean that every contract
-    vanished (a plan change or an API fault looks the same); then only contracts whose
-    expiration date has passed are deactivated.
+    A complete listing that stored nothing is not trusted to mean that every contract vanished
+    (a plan change or an API fault looks the same), nor is one that would take more than
+    ``max_percent`` of the unexpired active contracts in scope (and more than
+    :data:`DEACTIVATION_GUARD_FLOOR`): the underlying fails instead, loudly, and nothing of it
+    changes. Expired contracts are deactivated for every underlying by
+    :func:`deactivate_expired`.
 
     Returns:
         The number of contracts deactivated.
+
+    Raises:
+        DeactivationRefused: the guard refused; roll the underlying back.
     """
-    if listing_empty:
-        active = await conn.fetchval(
-            "SELECT count(*) FROM option_contracts WHERE underlying_ticker = $1 AND active "
-            "AND expiration_date >= $2",
-            contract_underlying(underlying),
-            today,
-        )
-        if active:
-            logger.warning(
-                "%s: the API listed no contracts while %d unexpired ones are active; "
-                "only expired contracts are deactivated",
-                underlying,
-                active,
-            )
-    status = await conn.execute(
-        DEACTIVATE_CONTRACTS,
+    args = (
         contract_underlying(underlying),
         seen_at,
         today,
-        not listing_empty,
         [scope.contract_type] if scope.contract_type else None,
         scope.max_expiration,
         scope.min_strike,
         scope.max_strike,
     )
-    count = int(status.rsplit(" ", 1)[1])
+    unseen, total = await conn.fetchrow(COUNT_UNSEEN, *args)
+    if unseen and listing_empty:
+        raise DeactivationRefused(
+            f"{underlying}: the API listed no contracts while {total} unexpired ones are active "
+            "here; nothing deactivated (if its options are gone for good: ingest_admin "
+            f"underlyings disable {underlying})",
+            underlying=underlying,
+        )
+    if unseen > DEACTIVATION_GUARD_FLOOR and unseen * 100 > max_percent * total:
+        raise DeactivationRefused(
+            f"{underlying}: the listing would deactivate {unseen} of {total} unexpired active "
+            f"contracts, more than MAX_DEACTIVATION_PERCENT={max_percent:g}; nothing changed "
+            "(if the listing is right, run once with a higher MAX_DEACTIVATION_PERCENT)",
+            underlying=underlying,
+        )
+    count = int((await conn.execute(DEACTIVATE_UNSEEN, *args)).rsplit(" ", 1)[1])
     if count:
         logger.info("%s: %d contracts no longer listed, marked inactive", underlying, count)
     return count
 
 
-async def _rollback_quietly(transaction: asyncpg.transaction.Transaction) -> None:
+async def deactivate_expired(pool: asyncpg.Pool, run: Run, *, today: dt.date) -> int:
+    """Mark inactive every contract, of any underlying, whose expiration date has passed."""
     try:
-        await transaction.rollback()
+        async for attempt in reconnecting(what="deactivating expired contracts"):
+            with attempt:
+                async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                    status = await conn.execute(DEACTIVATE_EXPIRED, today)
+                    count = int(status.rsplit(" ", 1)[1])
+                    await count_committed(conn, run, {"contracts_deactivated": count})
     except DB_ERRORS as exc:
-        logger.warning("Rollback failed: %s", describe_db_error(exc))
+        raise DatabaseError(f"deactivating expired contracts: {describe_db_error(exc)}") from exc
+    run.stats.add({"contracts_deactivated": count})
+    if count:
+        logger.info("%d expired contracts marked inactive", count)
+    return count

@@ -1,25 +1,28 @@
-"""The ``ingest_snapshots`` pipeline: a snapshot of every active contract, streamed into COPY.
+"""The ``ingest_snapshots`` pipeline: a snapshot of every planned chain, each stored whole.
 
 Extract: chains are read with ``/v3/snapshot/options/{underlying}`` at 250 rows a page, many
 underlyings side by side; a large chain is split into independent slices by expiration date so
-its pages do not all wait in line. Normalize: :func:`options.api.normalize.snapshot_row` for pages
-msgspec decoded and type-checked, :func:`options.api.normalize.normalize_snapshot` for a page it
-refused. Load: pages flow through a bounded queue into batched COPYs into the day's partition
-while other pages are still being fetched, so memory is bounded by the queue, not by the
-universe.
+its pages do not all wait in line. Normalize: :func:`options.api.normalize.snapshot_row` for
+pages msgspec decoded and type-checked, :func:`options.api.normalize.normalize_snapshot` for a
+page it refused. Load: a chain whose every slice has ended goes to a bounded queue, and writers
+store each chain in one transaction with its coverage row
+(:func:`options.store.slots.commit_chains`), several small chains to a transaction, while other
+chains are still being fetched. Memory is bounded by the chains in flight and the queue, never
+by the universe.
 
-Every underlying gets a ``snapshot_coverage`` row saying how much of its chain was stored and
-whether it was read to the end. A chain that breaks part-way keeps the rows already fetched and
-is marked ``complete = false``; the run then ends ``partial``.
+The durable unit is the chain: its rows, its ``snapshot_coverage`` row and the run's counts
+commit together, so a chain is stored whole, or stored in part and marked incomplete (its
+reason in the coverage row), or visibly not stored (its coverage row still says so). A stop
+(signal, deadline, a refused key) ends the slices in flight after their current page; the
+chains read so far are stored, marked incomplete where they were cut short.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +44,12 @@ from options.api.normalize import (
 )
 from options.api.polygon import PolygonClient
 from options.config import Settings
-from options.errors import ApiError, DatabaseError, KeyRejectedError, RunInterrupted
+from options.errors import (
+    ApiError,
+    DatabaseError,
+    KeyRejectedError,
+    RunInterrupted,
+)
 from options.jobs.contracts import UPSERT_NEW_CONTRACTS
 from options.jobs.filters import ListingScope, contract_underlying, listing_scope, market_today
 from options.ops.logs import StatusReporter
@@ -49,57 +57,77 @@ from options.store.db import (
     ACQUIRE_TIMEOUT,
     DB_ERRORS,
     bounded_db_connection,
-    bounded_db_connection_gen,
     describe_db_error,
     epoch_microsecond_timestamps,
+    reconnecting,
 )
+from options.store.rejects import Reject
 from options.store.runs import Run
+from options.store.slots import ChainCommit, PlannedChain, commit_chains
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 SLICE_CONTRACTS = 2_500  # a known chain larger than this (10 pages) is split by expiration
-COPY_BATCH_ROWS = 10_000
-QUEUE_PAGES = 64  # pages waiting for the writer: bounds memory at ~16,000 rows
+COPY_BATCH_ROWS = 10_000  # small chains ready together are stored in one transaction up to this
+READY_CHAINS = 8  # chains read and waiting for a writer: bounds memory with the chains in flight
 WRITERS = 2
 
 
-@dataclass
+@dataclass(eq=False)
 class Chain:
-    """One underlying's snapshot in progress: what is known, seen, stored, and how it ended."""
+    """One underlying's snapshot in progress: what is known, fetched, and how it ended."""
 
     underlying: str
     key: str
+    resumed: bool = False
     expected: set[str] = field(default_factory=set)
     known: set[str] = field(default_factory=set)
     seen: set[str] = field(default_factory=set)
+    rows: list[SnapshotRow] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    rejected: int = 0
     slices: int = 1
     slices_done: int = 0
     slices_ended: int = 0
     pages: int = 0
-    stored: int = 0
-    rejected: int = 0
-    active: int = 0
-    missing: int = 0
     errors: list[str] = field(default_factory=list)
+    committed: ChainCommit | None = None
 
     @property
-    def complete(self) -> bool:
-        """Read to the end: every slice's last page had no ``next_url`` and every page parsed."""
+    def read_to_end(self) -> bool:
+        """Every slice's last page had no ``next_url`` and every page parsed."""
         return not self.errors and self.slices_done == self.slices
 
-    def end_slice(self, *, done: bool) -> None:
-        """Count one slice as ended; when the last one ends, keep the counts, free the sets."""
+    @property
+    def settled(self) -> bool:
+        """Every slice has ended, read to the end or not."""
+        return self.slices_ended >= self.slices
+
+    def end_slice(self, *, done: bool, error: str | None = None) -> bool:
+        """Count one slice as ended; returns whether that was the chain's last."""
+        if error is not None:
+            self.errors.append(error)
         self.slices_ended += 1
         self.slices_done += done
-        if self.slices_ended >= self.slices:
-            self.settle()
+        return self.settled
 
-    def settle(self) -> None:
-        """Turn the ticker sets into counts, so a finished chain holds no per-contract memory."""
-        self.active = len(self.expected)
-        self.missing = len(self.expected - self.seen)
+    def to_commit(self) -> ChainCommit:
+        """What the writer stores; the chain gives up its rows (they are the writer's now)."""
+        commit = ChainCommit(
+            key=self.key,
+            rows=self.rows,
+            expected=self.expected,
+            rejects=self.rejects,
+            rejected=self.rejected,
+            pages=self.pages,
+            read_to_end=self.read_to_end,
+            error="; ".join(self.errors) or None,
+            resumed=self.resumed,
+        )
+        self.rows, self.rejects = [], []
         self.expected, self.known, self.seen = set(), set(), set()
+        return commit
 
 
 @dataclass(frozen=True)
@@ -126,36 +154,8 @@ class Slice:
         return params
 
 
-async def select_underlyings(
-    settings: Settings, pool: asyncpg.Pool, *, explicit: bool
-) -> list[str]:
-    """The underlyings to snapshot.
-
-    ``--underlying`` alone when given (even with no known contracts); otherwise
-    ``UNDERLYINGS`` together with every underlying that has active contracts. An index known
-    as ``SPX`` in ``option_contracts`` is asked for as ``I:SPX`` when configured that way.
-    """
-    if explicit:
-        return list(settings.underlyings)
-    chosen = {contract_underlying(u): u for u in settings.underlyings}
-    async for underlying in active_underlyings(pool):
-        chosen.setdefault(underlying, underlying)
-    return list(chosen.values())
-
-
-@bounded_db_connection_gen
-async def active_underlyings(conn: asyncpg.Connection) -> AsyncIterator[str]:
-    """Stream the underlyings that have active contracts, in order (thousands are fine)."""
-    async with conn.transaction():
-        async for row in conn.cursor(
-            "SELECT DISTINCT underlying_ticker FROM option_contracts WHERE active "
-            "ORDER BY underlying_ticker"
-        ):
-            yield row["underlying_ticker"]
-
-
 class SnapshotRun:
-    """Fetchers, the bounded queue and the COPY writers of one run."""
+    """Fetchers, the queue of chains read and the writers of one slot."""
 
     def __init__(
         self,
@@ -177,96 +177,114 @@ class SnapshotRun:
         self.partition = partition
         self.today = market_today()
         # last in, first out: a planned chain's slices are fetched before the next chain is
-        # planned, so only the chains in flight hold their ticker sets (memory flat in universe)
+        # planned, so only the chains in flight hold their rows (memory flat in the universe)
         self.work: asyncio.LifoQueue[Chain | Slice] = asyncio.LifoQueue()
-        self.pages: asyncio.Queue[tuple[Chain, list[SnapshotRow]] | None] = asyncio.Queue(
-            QUEUE_PAGES
-        )
+        self.ready: asyncio.Queue[Chain | None] = asyncio.Queue(READY_CHAINS)
+        self.halt = asyncio.Event()  # stop starting work: a signal, the deadline, a refused key
+        self.refused: KeyRejectedError | None = None
         self.chains: list[Chain] = []
         self.progress = progress
 
-    async def execute(self, underlyings: Sequence[str], stop: asyncio.Event) -> list[Chain]:
-        """Snapshot ``underlyings``; on ``stop``, flush what was fetched and raise RunInterrupted.
+    async def execute(self, planned: Sequence[PlannedChain], stop: asyncio.Event) -> list[Chain]:
+        """Snapshot the ``planned`` chains; on ``stop``, store what was read and raise
+        RunInterrupted.
 
         Raises:
             RunInterrupted: ``stop`` was set before every chain was read.
-            KeyRejectedError: the API refused the key; what was fetched is stored.
-            DatabaseError: PostgreSQL failed.
+            KeyRejectedError: the API refused the key; what was read is stored.
+            DatabaseError: PostgreSQL failed (after waiting for it to come back).
+            LeaseLostError: another copy closed this run as dead.
         """
-        self.chains = [Chain(u, contract_underlying(u)) for u in underlyings]
+        self.chains = [Chain(p.requested, p.key, resumed=self.run.resumed) for p in planned]
         for chain in reversed(self.chains):
             self.work.put_nowait(chain)
-        # each writer holds a connection for the whole run; one stays with the run ledger and
-        # one must stay free for the fetchers' short queries
-        count = max(1, min(WRITERS, self.pool.get_max_size() - 2))
-        writers = [asyncio.create_task(self._write()) for _ in range(count)]
-        # fetchers hold no database connection, so HTTP_CONCURRENCY is their only bound
+        # writers hold a connection only while storing; fetchers hold none between queries
+        writers = [asyncio.create_task(self._write()) for _ in range(WRITERS)]
         fetchers = [
             asyncio.create_task(self._fetch()) for _ in range(self.settings.http_concurrency)
         ]
         finished = asyncio.create_task(self.work.join())
+        halted = asyncio.create_task(self.halt.wait())
         stopped = asyncio.create_task(stop.wait())
-        watched = {finished, stopped, *fetchers, *writers}
-        refused: KeyRejectedError | None = None
         try:
-            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-            for task in done & {*fetchers, *writers}:
-                task.result()  # a fetcher or writer died: raise its error
-        except KeyRejectedError as exc:
-            refused = exc  # store what was fetched and the coverage, then end the run
+            while not finished.done():
+                watched: set[asyncio.Future[Any]] = {finished, *fetchers, *writers}
+                if not halted.done():
+                    watched |= {halted, stopped}
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                for task in done & {*fetchers, *writers}:
+                    task.result()  # a fetcher or writer died: raise its error
+                    raise AssertionError("fetchers and writers run until cancelled")
+                if stopped in done:
+                    self.halt.set()  # fetchers end their slices after the current page
+            for _ in writers:
+                await self._put_ready(None, writers)
+            await asyncio.gather(*writers)
         finally:
-            for task in (*fetchers, finished, stopped):
+            for task in (*fetchers, *writers, finished, halted, stopped):
                 task.cancel()
-            await asyncio.gather(*fetchers, finished, stopped, return_exceptions=True)
-            # whatever was fetched is stored, even when the run is being stopped
-            await self._close_queue(writers)
-            results = await asyncio.gather(*writers, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        await self._record_coverage()
+            await asyncio.gather(
+                *fetchers, *writers, finished, halted, stopped, return_exceptions=True
+            )
+        self._log_totals()
         if self.progress is not None:
             self.progress.flush()
-        if refused is not None:
-            raise refused
-        if stop.is_set():
-            raise RunInterrupted("stopped before every chain was read; what was fetched is stored")
+        if self.refused is not None:
+            raise self.refused
+        if stop.is_set() and any(
+            c.committed is None or not c.committed.read_to_end for c in self.chains
+        ):
+            raise RunInterrupted("stopped before every chain was read; what was read is stored")
         return self.chains
 
-    async def _close_queue(self, writers: Sequence[asyncio.Task[None]]) -> None:
-        """Send each writer its end mark once the queue has room, unless every writer died.
+    async def _put_ready(self, chain: Chain | None, writers: Sequence[asyncio.Task[None]]) -> None:
+        """Queue ``chain`` for the writers once there is room, unless every writer died (a
+        plain ``put`` would wait forever on a full queue whose writers are gone)."""
+        while True:
+            try:
+                self.ready.put_nowait(chain)
+                return
+            except asyncio.QueueFull:
+                if all(writer.done() for writer in writers):
+                    return
+                await asyncio.sleep(0.01)
 
-        A plain ``await put()`` would wait forever on a full queue whose writers are gone
-        (PostgreSQL went away): the run must fail, not hang.
-        """
-        for _ in writers:
-            while not all(writer.done() for writer in writers):
-                try:
-                    self.pages.put_nowait(None)
-                    break
-                except asyncio.QueueFull:
-                    await asyncio.sleep(0.01)
+    # -- extract and normalize --------------------------------------------------------------
 
     async def _fetch(self) -> None:
         while True:
             item = await self.work.get()
             try:
-                if isinstance(item, Chain):
-                    await self._plan(item)
-                else:
-                    await self._fetch_slice(item)
+                chain = item if isinstance(item, Chain) else item.chain
+                try:
+                    if isinstance(item, Chain):
+                        await self._plan(item)
+                    else:
+                        await self._fetch_slice(item)
+                except (DatabaseError, asyncio.CancelledError):
+                    raise
+                except KeyRejectedError as exc:
+                    self.refused = exc  # every chain would fail the same way: end the run
+                    self.halt.set()
+                    await self._end_slice(chain, done=False, error=str(exc))
+                except ApiError as exc:
+                    await self._end_slice(chain, done=False, error=str(exc))
+                except Exception as exc:  # one chain's surprise must not stop the others
+                    logger.exception(
+                        "%s: unexpected error while reading the chain", chain.underlying
+                    )
+                    await self._end_slice(
+                        chain, done=False, error=f"unexpected {type(exc).__name__}: {exc}"
+                    )
             finally:
                 self.work.task_done()
 
     async def _plan(self, chain: Chain) -> None:
         """Learn what the database knows of the chain, then queue its slices."""
-        try:
-            scope = await listing_scope(
-                self.settings, self.client, chain.underlying, today=self.today
-            )
-        except ApiError as exc:
-            self._fail(chain, exc)
+        if self.halt.is_set():
+            chain.slices = chain.slices_ended = 0  # never started: its coverage says so
             return
+        scope = await listing_scope(self.settings, self.client, chain.underlying, today=self.today)
         rows = await _known_contracts(self.pool, chain.key, self.today, scope)
         chain.known = {row[0] for row in rows}
         chain.expected = {row[0] for row in rows if row[1]}
@@ -277,19 +295,44 @@ class SnapshotRun:
 
     async def _fetch_slice(self, part: Slice) -> None:
         chain = part.chain
-        try:
-            async for page in self.client.chain_snapshot(
+        if self.halt.is_set():
+            await self._end_slice(chain, done=False, error=STOPPED)
+            return
+        with tracer.start_as_current_span("snapshots.slice") as span:
+            span.set_attribute("polygon.underlying", chain.underlying)
+            pages = self.client.chain_snapshot(
                 chain.underlying, part.api_params(), decoder=decode_chain_page
+            )
+            try:
+                async for page in pages:
+                    chain.pages += 1
+                    await self._accept(chain, page.results)
+                    if self.halt.is_set():
+                        await self._end_slice(chain, done=False, error=STOPPED)
+                        return
+            finally:
+                await pages.aclose()
+        await self._end_slice(chain, done=True)
+
+    async def _end_slice(self, chain: Chain, *, done: bool, error: str | None = None) -> None:
+        if error is not None and error != STOPPED:
+            logger.error(
+                "%s: chain not read to the end, %d rows kept: %s",
+                chain.underlying,
+                len(chain.rows),
+                error,
+            )
+        if chain.end_slice(done=done, error=error):
+            if (
+                chain.pages == 0
+                and not chain.read_to_end
+                and chain.errors == [STOPPED] * len(chain.errors)
             ):
-                chain.pages += 1
-                await self._accept(chain, page.results)
-        except ApiError as exc:
-            self._fail(chain, exc)
-        else:
-            chain.end_slice(done=True)
+                return  # stopped before its first page: left as not stored
+            await self.ready.put(chain)
 
     async def _accept(self, chain: Chain, results: list[Any]) -> None:
-        rows: list[SnapshotRow] = []
+        rows = chain.rows
         new_contracts: list[ContractRow] = []
         seen, known, key, captured_at = chain.seen, chain.known, chain.key, self.captured_at_us
         # typed results (the decoder's fast path) or dicts (a page the decoder refused)
@@ -301,18 +344,17 @@ class SnapshotRun:
                 row = build(raw, underlying=key, captured_at=captured_at)
                 ticker = row[0]
                 if ticker in seen:
-                    continue  # a row repeated across pages must not break the batch's COPY
+                    continue  # a row repeated across pages is stored once
                 if ticker not in known:
                     new_contracts.append(snapshot_contract(raw, underlying=key))
                     known.add(ticker)
             except Rejected as exc:
-                chain.rejected += 1
-                if chain.rejected == 1:
-                    logger.warning("%s: rejected a snapshot: %s", chain.underlying, exc)
+                self._reject(chain, raw, str(exc))
                 continue
             seen.add(ticker)
             rows.append(row)
         self.run.stats.rows_fetched += len(results)
+        self.run.stats.api_requests = self.client.requests_sent
         if new_contracts:
             await _add_contracts(self.pool, new_contracts, self.captured_at)
             logger.info(
@@ -320,168 +362,151 @@ class SnapshotRun:
                 chain.underlying,
                 len(new_contracts),
             )
-        if rows:
-            await self.pages.put((chain, rows))
+
+    def _reject(self, chain: Chain, raw: Any, reason: str) -> None:
+        chain.rejected += 1
+        if chain.rejected == 1:
+            logger.warning("%s: rejected a snapshot: %s", chain.underlying, reason)
+        if self.run.keep.take_one():
+            chain.rejects.append(Reject.of(raw, reason, ticker=_readable_ticker(raw)))
+
+    # -- load -------------------------------------------------------------------------------
 
     async def _write(self) -> None:
-        """Take pages off the queue and COPY them in batches into the day's partition."""
-        conn = await self.pool.acquire(timeout=ACQUIRE_TIMEOUT)
-        try:
-            async with epoch_microsecond_timestamps(conn):
-                await self._write_batches(conn)
-        except DB_ERRORS as exc:
-            raise DatabaseError(f"storing snapshots: {describe_db_error(exc)}") from exc
-        finally:
-            await self.pool.release(conn)
+        """Take chains read to their end (or cut short) and store each with its coverage."""
+        while True:
+            chain = await self.ready.get()
+            if chain is None:
+                return
+            batch = [chain]
+            rows = len(chain.rows)
+            while rows < COPY_BATCH_ROWS and not self.ready.empty():
+                more = self.ready.get_nowait()
+                if more is None:
+                    self.ready.put_nowait(None)  # another writer's end mark, or ours: keep it
+                    break
+                batch.append(more)
+                rows += len(more.rows)
+            await self._store(batch)
 
-    async def _write_batches(self, conn: asyncpg.Connection) -> None:
-        batch: list[SnapshotRow] = []
-        counts: dict[str, tuple[Chain, int]] = {}
-        done = False
-        while not done:
-            item = await self.pages.get()
-            if item is None:
-                done = True
-            else:
-                chain, rows = item
-                batch.extend(rows)
-                previous = counts.get(chain.key, (chain, 0))[1]
-                counts[chain.key] = (chain, previous + len(rows))
-            if batch and (done or len(batch) >= COPY_BATCH_ROWS or self.pages.empty()):
-                await self._copy(conn, batch, counts)
-                batch = []
-                counts = {}
-
-    async def _copy(
-        self,
-        conn: asyncpg.Connection,
-        batch: list[SnapshotRow],
-        counts: dict[str, tuple[Chain, int]],
-    ) -> None:
-        """COPY one batch; if a value is refused, check the rows one by one and COPY the good."""
+    async def _store(self, batch: list[Chain]) -> None:
+        commits = [chain.to_commit() for chain in batch]
+        for chain, commit in zip(batch, commits, strict=True):
+            chain.committed = commit
         try:
-            await self._copy_rows(conn, batch, counts)
+            done = await self._commit(commits)
         except (TypeError, ValueError, OverflowError, asyncpg.DataError):
-            # the COPY failed as a whole, so nothing of this batch is stored yet
-            good = []
-            for row in batch:
-                try:
-                    good.append(check_snapshot_row(row))
-                except Rejected as exc:
-                    chain, count = counts[row[1]]
-                    counts[row[1]] = (chain, count - 1)
-                    chain.rejected += 1
-                    logger.warning("%s: rejected a snapshot: %s", chain.underlying, exc)
-            await self._copy_rows(conn, good, counts)
-        stored = 0
-        for chain, count in counts.values():
-            chain.stored += count
-            stored += count
-        self.run.stats.rows_written += stored
-        if self.progress is not None:
-            settled = sum(c.slices_ended >= c.slices for c in self.chains)
-            self.progress.update(
-                f"{settled}/{len(self.chains)} chains read, "
-                f"{self.run.stats.rows_written:,} snapshots stored"
-            )
-
-    async def _copy_rows(
-        self,
-        conn: asyncpg.Connection,
-        rows: list[SnapshotRow],
-        counts: dict[str, tuple[Chain, int]],
-    ) -> None:
-        """COPY ``rows`` into the partition, keeping the first snapshot of a contract that
-        another chain of this run already stored (an adjusted contract can be listed under two
-        underlyings); ``counts`` is set to what each chain really stored."""
-        try:
-            await conn.copy_records_to_table(self.partition, records=rows, columns=SNAPSHOT_COLUMNS)
-            return
-        except asyncpg.UniqueViolationError:
-            pass  # nothing of this COPY is stored: store it again, skipping what exists
-        columns = ", ".join(SNAPSHOT_COLUMNS)
-        async with conn.transaction():
-            await conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS snapshot_batch "
-                "(LIKE option_snapshots) ON COMMIT DELETE ROWS"
-            )
-            await conn.copy_records_to_table(
-                "snapshot_batch", records=rows, columns=SNAPSHOT_COLUMNS
-            )
-            inserted = await conn.fetch(
-                f"INSERT INTO {self.partition} ({columns}) SELECT {columns} FROM snapshot_batch "
-                "ON CONFLICT DO NOTHING RETURNING underlying_ticker"
-            )
-        stored = collections.Counter(row[0] for row in inserted)
-        for key, (chain, count) in counts.items():
-            skipped = count - stored[key]
-            if skipped:
-                logger.warning(
-                    "%s: %d snapshots skipped, of contracts another underlying's chain "
-                    "already returned in this run",
-                    chain.underlying,
-                    skipped,
-                )
-            counts[key] = (chain, stored[key])
-
-    def _fail(self, chain: Chain, exc: ApiError) -> None:
-        """End a slice of ``chain`` as not read to the end; a rejected key ends the run."""
-        chain.errors.append(str(exc))
-        logger.error(
-            "%s: chain not read to the end, %d rows kept: %s",
-            chain.underlying,
-            len(chain.seen),
-            exc,
-        )
-        chain.end_slice(done=False)
-        if isinstance(exc, KeyRejectedError):
-            raise exc  # every chain would fail the same way
-
-    async def _record_coverage(self) -> None:
-        for chain in self.chains:
-            if chain.slices_ended < chain.slices:
-                chain.settle()  # stopped part-way: count what was seen so far
+            # a value the table cannot hold: nothing was stored; check row by row, store the rest
+            for commit in commits:
+                commit.rows = self._checked(commit)
+            done = await self._commit(commits)
         stats = self.run.stats
-        stats.underlyings_requested = len(self.chains)
-        stats.underlyings_succeeded = sum(c.complete for c in self.chains)
-        stats.underlyings_failed = len(self.chains) - stats.underlyings_succeeded
-        stats.rows_rejected = sum(c.rejected for c in self.chains)
-        stats.api_requests = self.client.requests_sent
-        stats.failures = [f"{c.underlying}: {'; '.join(c.errors)}" for c in self.chains if c.errors]
-        stats.failures += [
-            f"{c.underlying}: not read to the end"
-            for c in self.chains
-            if not c.errors and not c.complete
-        ]
+        for commit in done:
+            stats.rows_written += commit.stored_now
+            stats.rows_rejected += commit.rejected
+            if commit.complete:
+                stats.underlyings_succeeded += 1
+            else:
+                stats.underlyings_failed += 1
+        if self.progress is not None:
+            settled = sum(c.committed is not None for c in self.chains)
+            self.progress.update(
+                f"{settled}/{len(self.chains)} chains stored, {stats.rows_written:,} snapshots"
+            )
+
+    def _checked(self, commit: ChainCommit) -> list[SnapshotRow]:
+        good = []
+        for row in commit.rows:
+            try:
+                good.append(check_snapshot_row(row))
+            except Rejected as exc:
+                commit.rejected += 1
+                logger.warning("%s: rejected a snapshot: %s", commit.key, exc)
+                if self.run.keep.take_one():
+                    commit.rejects.append(Reject.of(row, str(exc), ticker=row[0]))
+        return good
+
+    async def _commit(self, commits: list[ChainCommit]) -> list[ChainCommit]:
+        """One transaction for the batch, on a fresh connection; a lost connection is retried
+        (the commit skips what an earlier attempt stored)."""
+        keys = ", ".join(c.key for c in commits)
+        try:
+            async for attempt in reconnecting(what=f"storing the chains of {keys}"):
+                with attempt:
+                    async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                        async with epoch_microsecond_timestamps(conn):
+                            return await commit_chains(
+                                conn,
+                                self.run,
+                                commits,
+                                partition=self.partition,
+                                columns=SNAPSHOT_COLUMNS,
+                                captured_at=self.captured_at_us,
+                                now=epoch_microseconds(dt.datetime.now(dt.UTC)),
+                            )
+        except asyncpg.DataError:
+            raise  # a value the table cannot hold: the caller checks the rows
+        except DB_ERRORS as exc:
+            raise DatabaseError(f"storing the chains of {keys}: {describe_db_error(exc)}") from exc
+        raise AssertionError("unreachable: reconnecting() returns or raises")
+
+    def _log_totals(self) -> None:
+        stats = self.run.stats
+        stored = [c.committed for c in self.chains if c.committed is not None]
         for chain in self.chains:
-            if chain.complete and chain.pages and not (chain.stored or chain.rejected):
+            commit = chain.committed
+            if (
+                commit is not None
+                and commit.read_to_end
+                and chain.pages
+                and not (commit.stored or commit.rejected)
+            ):
                 logger.warning(
                     "%s: the API returned an empty chain%s",
                     chain.underlying,
-                    f"; {chain.missing} active contracts known here are missing"
-                    if chain.missing
+                    f"; {commit.missing} active contracts known here are missing"
+                    if commit.missing
                     else ": no options are listed for it (a misspelled ticker?)",
                 )
-        await _write_coverage(self.pool, self.chains, self.captured_at, self.run.id)
         logger.info(
-            "Stored %d snapshots of %d underlyings (%d complete), %d active contracts missing",
+            "Stored %d snapshots of %d of %d underlyings (%d complete), %d active contracts "
+            "missing",
             stats.rows_written,
+            len(stored),
             len(self.chains),
-            stats.underlyings_succeeded,
-            sum(c.missing for c in self.chains),
+            sum(c.complete for c in stored),
+            sum(c.missing for c in stored),
         )
 
 
-def plan_slices(chain: Chain, expirations: Sequence[dt.date], scope: ListingScope) -> list[Slice]:
+STOPPED = "stopped (signal, deadline or refused key) before the chain was read to the end"
+
+
+def _readable_ticker(raw: Any) -> str | None:
+    """The contract ticker of a refused result, when it can be read."""
+    if isinstance(raw, SnapshotResult):
+        ticker: object = raw.details.ticker
+    elif isinstance(raw, dict) and isinstance(raw.get("details"), dict):
+        ticker = raw["details"].get("ticker")
+    else:
+        return None
+    return ticker if isinstance(ticker, str) and "\x00" not in ticker else None
+
+
+def plan_slices(
+    chain: Chain, expirations: Sequence[dt.date | None], scope: ListingScope
+) -> list[Slice]:
     """Split a chain into expiration ranges of about SLICE_CONTRACTS known contracts each.
 
     The ranges tile the whole date line (the first is open below, the last open above), so a
-    contract with an expiration the database has never seen is still inside exactly one slice.
+    contract with an expiration the database has never seen, or none at all, is still inside
+    exactly one slice (the API is asked with the dates it has).
     """
-    if len(expirations) <= SLICE_CONTRACTS:
+    dated = [day for day in expirations if day is not None]
+    if len(expirations) <= SLICE_CONTRACTS or not dated:
         return [Slice(chain, scope)]
     counts: dict[dt.date, int] = {}
-    for day in expirations:
+    for day in dated:
         counts[day] = counts.get(day, 0) + 1
     bounds: list[dt.date] = []  # last expiration of each slice but the last
     running = 0
@@ -543,28 +568,6 @@ async def _add_contracts(
     await conn.execute(UPSERT_NEW_CONTRACTS, *zip(*rows, strict=True), seen_at)
 
 
-@bounded_db_connection
-async def _write_coverage(
-    conn: asyncpg.Connection, chains: Sequence[Chain], captured_at: dt.datetime, run_id: int
-) -> None:
-    await conn.executemany(
-        """
-        INSERT INTO snapshot_coverage (captured_at, underlying_ticker, run_id, contracts_active,
-            snapshots_stored, contracts_missing, complete, pages, error)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-        """,
-        [
-            (
-                captured_at,
-                c.key,
-                run_id,
-                c.active,
-                c.stored,
-                c.missing,
-                c.complete,
-                c.pages,
-                "; ".join(c.errors) or None,
-            )
-            for c in chains
-        ],
-    )
+def planned_chains(underlyings: Sequence[str]) -> list[PlannedChain]:
+    """The chains of a new slot, one per underlying (an index is asked for as ``I:SPX``)."""
+    return [PlannedChain(u, contract_underlying(u)) for u in underlyings]

@@ -8,25 +8,35 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import asyncpg
 
 from options.api.polygon import PolygonClient
 from options.config import Settings
-from options.errors import ConfigError, ExitCode
-from options.jobs.contracts import sync_contracts
-from options.jobs.snapshots import SnapshotRun, select_underlyings
+from options.errors import ConfigError, ExitCode, OptionsError
+from options.jobs.contracts import deactivate_expired, sync_contracts
+from options.jobs.filters import market_today
+from options.jobs.snapshots import SnapshotRun, planned_chains
 from options.ops.logs import StatusReporter
 from options.ops.market import market_session
-from options.store.db import apply_migrations, create_pool
-from options.store.partitions import create_next_partition, drop_old_partitions, ensure_partition
-from options.store.runs import STATUS_EXIT_CODES, RunStats, recorded_run
+from options.store.db import Limits, apply_migrations, create_pool, reconnect_window
+from options.store.partitions import drop_old_partitions, ensure_partitions
+from options.store.runs import STATUS_EXIT_CODES, Run, RunStats, recorded_run
+from options.store.slots import Slot, adopt_slot, close_slot, find_resumable_slot, plan_slot
+from options.store.underlyings import (
+    Tracked,
+    add_tracked,
+    list_tracked,
+    set_tracked_enabled,
+    sync_configured,
+)
 
 logger = logging.getLogger(__name__)
 
 POOL_CLOSE_TIMEOUT = 10.0
+AHEAD_LOCK_TIMEOUT = 2.0  # partitions of the days ahead: a later run can make them
 
 
 def open_client(settings: Settings) -> PolygonClient:
@@ -43,9 +53,19 @@ def open_client(settings: Settings) -> PolygonClient:
 
 
 @asynccontextmanager
-async def open_database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    """The job's pool, with the schema migrated; closed on the way out."""
-    pool = await create_pool(settings.require_database_url(), max_size=settings.db_pool_size)
+async def open_database(settings: Settings, *, job: str) -> AsyncIterator[asyncpg.Pool]:
+    """The job's pool, with the schema migrated; closed on the way out.
+
+    Also sets how long the job's tasks wait for a database that went away
+    (``DB_RECONNECT_SECONDS``).
+    """
+    reconnect_window.set(settings.db_reconnect_seconds)
+    pool = await create_pool(
+        settings.require_database_url(),
+        max_size=settings.db_pool_size,
+        limits=Limits(settings.db_statement_timeout, settings.db_lock_timeout),
+        application_name=f"ingest_{job}",
+    )
     try:
         await apply_migrations(pool)
         yield pool
@@ -65,28 +85,90 @@ async def migrate(settings: Settings) -> list[str]:
         await pool.close()
 
 
+async def manage_underlyings(settings: Settings, action: str, tickers: Sequence[str]) -> list[str]:
+    """``ingest_admin underlyings``: ``list`` the tracked underlyings, or ``add``, ``disable``
+    or ``enable`` ``tickers``; returns the lines to print."""
+    async with open_database(settings, job="admin") as pool:
+        if action == "list":
+            return format_tracked(await list_tracked(pool))
+        lines = []
+        for ticker in tickers:
+            if action == "add":
+                lines.append(await add_tracked(pool, ticker))
+            else:
+                lines.append(await set_tracked_enabled(pool, ticker, enabled=action == "enable"))
+        return lines
+
+
+def format_tracked(rows: Sequence[Tracked]) -> list[str]:
+    """The tracked underlyings as a table."""
+    if not rows:
+        return ["no underlyings are tracked (set UNDERLYINGS, or ingest_admin underlyings add)"]
+
+    def when(moment: dt.datetime | None) -> str:
+        return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC") if moment else "-"
+
+    table = [
+        ("ticker", "status", "origin", "contracts synced", "last complete snapshot", "last error")
+    ]
+    for row in rows:
+        status = "enabled" if row.enabled else f"disabled ({row.disabled_by})"
+        error = f"{when(row.last_error_at)}: {row.last_error}" if row.last_error else "-"
+        table.append(
+            (
+                row.ticker,
+                status,
+                row.origin,
+                when(row.last_contract_sync_at),
+                when(row.last_complete_snapshot_at),
+                error[:120],
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)) + line[-1]
+        for line in table
+    ]
+
+
+async def tracked_underlyings(settings: Settings, pool: asyncpg.Pool) -> list[str]:
+    """The enabled tracked underlyings, after mirroring ``UNDERLYINGS`` into the table."""
+    tracked = await sync_configured(pool, settings.underlyings)
+    if not tracked:
+        raise ConfigError(
+            "no underlyings are tracked: set UNDERLYINGS (comma-separated, e.g. AAPL,SPY,I:SPX), "
+            "run `ingest_admin underlyings add TICKER`, or pass --underlying/-u TICKER for "
+            "one run",
+            variable="UNDERLYINGS",
+        )
+    return tracked
+
+
 async def run_options_job(
     settings: Settings,
     *,
+    only: Sequence[str] = (),
     dry_run: bool = False,
     stop: asyncio.Event | None = None,
     progress: StatusReporter | None = None,
 ) -> ExitCode:
-    """``ingest_options``: sync the contracts of every configured underlying.
+    """``ingest_options``: sync the contracts of every tracked underlying (or of ``only``).
 
-    ``stop`` (set by a signal or the deadline) rolls back the underlyings in progress and ends
-    the run ``interrupted``.
+    ``only`` (``--underlying``) syncs just those, this once, without tracking them. ``stop``
+    (set by a signal or the deadline) rolls back the underlyings in progress and ends the run
+    ``interrupted``. Expired contracts of every underlying are deactivated each run.
     """
-    settings.require_underlyings()
     settings.require_api_key()
     if dry_run:
-        stats = RunStats()
+        underlyings = list(only) or list(settings.require_underlyings())
         async with open_client(settings) as client:
+            stats = RunStats()
             results = await sync_contracts(
                 settings,
                 client,
                 None,
-                stats,
+                None,
+                underlyings,
                 seen_at=dt.datetime.now(dt.UTC),
                 stop=stop,
                 progress=progress,
@@ -96,52 +178,67 @@ async def run_options_job(
             logger.info(
                 "Dry run: %s lists %d contracts (%s)", result.underlying, result.fetched, outcome
             )
+            stats.underlyings_succeeded += result.error is None
+        stats.underlyings_requested = len(underlyings)
         return STATUS_EXIT_CODES[stats.status()]
-    settings.require_database_url()
-    logger.info(
-        "Syncing contracts of %d underlyings into %s",
-        len(settings.underlyings),
-        settings.database_location(),
-    )
-    async with open_client(settings) as client, open_database(settings) as pool:
-        async with recorded_run(pool, "options") as run:
+    dsn = settings.require_database_url()
+    async with open_client(settings) as client, open_database(settings, job="options") as pool:
+        underlyings = list(only) or await tracked_underlyings(settings, pool)
+        logger.info(
+            "Syncing contracts of %d underlyings into %s",
+            len(underlyings),
+            settings.database_location(),
+        )
+        async with recorded_run(pool, "options", dsn=dsn) as run:
             await sync_contracts(
                 settings,
                 client,
                 pool,
-                run.stats,
+                run,
+                underlyings,
                 seen_at=run.started_at,
                 stop=stop,
                 progress=progress,
             )
+            await deactivate_expired(pool, run, today=market_today())
         return STATUS_EXIT_CODES[run.status]
 
 
 async def run_snapshots_job(
     settings: Settings,
     *,
-    explicit_underlyings: bool = False,
+    only: Sequence[str] = (),
+    resume: bool = False,
     retain_days: int | None = None,
     stop: asyncio.Event | None = None,
     force: bool = False,
     progress: StatusReporter | None = None,
     now: dt.datetime | None = None,
 ) -> ExitCode:
-    """``ingest_snapshots``: store one snapshot of every active contract, under one timestamp.
+    """``ingest_snapshots``: store one snapshot of every tracked underlying's chain, under one
+    ``captured_at``, each chain with its coverage row.
 
     Args:
         settings: the job's settings.
-        explicit_underlyings: ``settings.underlyings`` came from ``--underlying``: snapshot
-            exactly those, instead of those plus every underlying with active contracts.
+        only: ``--underlying``: snapshot exactly these, this once, without tracking them.
+        resume: complete the latest slot that has chains not stored (or not read to the end)
+            under its own ``captured_at``, instead of taking a new one. Without it, a run does
+            the same by itself when the latest slot is younger than
+            ``SNAPSHOT_RESUME_WINDOW``.
         retain_days: drop daily partitions older than this many days (``None``: keep all).
-        stop: set by a signal or the deadline: fetched rows are flushed, the run is
+        stop: set by a signal or the deadline: chains read are stored, the run is
             ``interrupted``.
         force: snapshot even when the market is closed.
-        now: the moment the market-hours decision is made for (``None``: the clock).
         progress: where progress lines go (``systemctl status``).
+        now: the moment the market-hours decision is made for (``None``: the clock).
     """
     settings.require_api_key()
     settings.require_database_url()
+    if resume and only:
+        raise ConfigError(
+            "--resume completes the chains the interrupted slot planned: it takes no --underlying",
+            variable="--resume",
+        )
     stop = stop or asyncio.Event()
     async with open_client(settings) as client:
         session = await market_session(client, now)
@@ -154,34 +251,46 @@ async def run_snapshots_job(
                 )
                 return ExitCode.OK
             logger.info("Market closed (%s); taking the snapshot anyway (--force)", session.reason)
-        return await _snapshot(settings, client, explicit_underlyings, retain_days, stop, progress)
+        return await _snapshot(settings, client, only, resume, retain_days, stop, progress)
 
 
 async def _snapshot(
     settings: Settings,
     client: PolygonClient,
-    explicit_underlyings: bool,
+    only: Sequence[str],
+    resume: bool,
     retain_days: int | None,
     stop: asyncio.Event,
     progress: StatusReporter | None,
 ) -> ExitCode:
-    async with open_database(settings) as pool:
-        underlyings = await select_underlyings(settings, pool, explicit=explicit_underlyings)
-        if not underlyings:
-            raise ConfigError(
-                "no underlyings to snapshot: set UNDERLYINGS, pass --underlying/-u, or run "
-                "ingest_options first",
-                variable="UNDERLYINGS",
-            )
-        logger.info(
-            "Snapshotting %d underlyings into %s", len(underlyings), settings.database_location()
-        )
-        async with recorded_run(pool, "snapshots") as run:
-            captured_at = run.started_at
-            await pool.execute(
-                "UPDATE ingest_runs SET captured_at = $2 WHERE id = $1", run.id, captured_at
-            )
-            partition = await ensure_partition(pool, captured_at.astimezone(dt.UTC).date())
+    dsn = settings.require_database_url()
+    async with open_database(settings, job="snapshots") as pool:
+        underlyings = list(only) or await tracked_underlyings(settings, pool)
+        slot = await _slot_to_resume(settings, pool, resume=resume, only=only)
+        if resume and slot is None:
+            logger.info("Nothing to resume: every chain of the latest slots is stored")
+            return ExitCode.OK
+        async with recorded_run(pool, "snapshots", dsn=dsn, resumed=slot is not None) as run:
+            if slot is not None:
+                captured_at, planned = slot.captured_at, slot.chains
+                await adopt_slot(pool, run, slot)
+                logger.info(
+                    "Resuming the slot of %s: %d chains not stored completely",
+                    captured_at.isoformat(),
+                    len(planned),
+                )
+            else:
+                captured_at, planned = run.started_at, planned_chains(underlyings)
+                await plan_slot(pool, run, captured_at, planned)
+                logger.info(
+                    "Snapshotting %d underlyings into %s",
+                    len(planned),
+                    settings.database_location(),
+                )
+            run.stats.underlyings_requested = len(planned)
+            day = captured_at.astimezone(dt.UTC).date()
+            # only the slot's own day before the snapshot (normally it exists: no DDL at all)
+            partition = await ensure_partitions(pool, day, days_ahead=0)
             snapshot = SnapshotRun(
                 settings,
                 client,
@@ -191,10 +300,44 @@ async def _snapshot(
                 partition=partition,
                 progress=progress,
             )
-            await snapshot.execute(underlyings, stop)
-            # maintenance after the rows are stored: a reader's lock cannot delay the snapshot
-            await create_next_partition(pool, captured_at)
+            try:
+                await snapshot.execute(planned, stop)
+            finally:
+                await _say_why_unstored(pool, run, captured_at)
+            # the week ahead after the rows are stored, so nothing waits on partition DDL
+            await ensure_partitions(pool, day, lock_timeout=AHEAD_LOCK_TIMEOUT)
             retain = retain_days if retain_days is not None else settings.snapshot_retain_days
             if retain is not None:
                 await drop_old_partitions(pool, retain_days=retain, now=captured_at)
         return STATUS_EXIT_CODES[run.status]
+
+
+async def _say_why_unstored(pool: asyncpg.Pool, run: Run, captured_at: dt.datetime) -> None:
+    """Mark the chains the run did not store as left by it (their rows say "not stored yet"
+    until then); a database that is gone only costs that note."""
+    try:
+        left = await asyncio.shield(close_slot(pool, run, captured_at))
+    except OptionsError as exc:
+        logger.warning("Could not note the chains left unstored: %s", exc)
+        return
+    if left:
+        logger.warning("%d chains of the slot were not stored (see snapshot_coverage)", left)
+
+
+async def _slot_to_resume(
+    settings: Settings, pool: asyncpg.Pool, *, resume: bool, only: Sequence[str]
+) -> Slot | None:
+    """The slot this run completes instead of taking a new one, if any.
+
+    ``--resume``: the latest slot with chains left, at any age. A scheduled run: the latest
+    slot, if it has chains left and is younger than ``SNAPSHOT_RESUME_WINDOW`` (an interrupted
+    run restarted at once finishes its slot; later, a new slot is worth more than old ones
+    filled in with newer prices). A one-off ``--underlying`` run never resumes.
+    """
+    if resume:
+        return await find_resumable_slot(pool, max_age=None, only_latest=False)
+    if only or not settings.snapshot_resume_window:
+        return None
+    return await find_resumable_slot(
+        pool, max_age=settings.snapshot_resume_window, only_latest=True
+    )

@@ -2,7 +2,9 @@
 
 It serves a deterministic synthetic universe (``create_app``) or recorded responses byte for byte
 (``create_fixture_app``), speaks the real API's shapes, auth, pagination and limits, and can
-misbehave on purpose: latency, 5xx, 429 with Retry-After, truncated pages, always-broken pages.
+misbehave on purpose: latency and its spikes, 5xx, 429 with Retry-After (steady or in bursts),
+truncated pages, always-broken pages, next_url loops, malformed rows, and contracts missing from
+the chain snapshot.
 
 Modules: ``config`` (the knobs), ``universe`` (contracts and market state), ``app`` (routes,
 auth, pagination, faults), ``recorded`` (the fixture app), ``server`` (ways to run it).

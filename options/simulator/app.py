@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import bisect
 import datetime as dt
 import math
 import random
@@ -71,12 +72,19 @@ class SimulatorState:
         self.universe = Universe(config, config.as_of or dt.datetime.now(dt.UTC).date())
         self.error_rng = random.Random(f"{config.seed}:errors")
         self.truncate_rng = random.Random(f"{config.seed}:truncate")
+        self.spike_rng = random.Random(f"{config.seed}:spikes")
         self.bucket = (
             TokenBucket(config.requests_per_second) if config.requests_per_second else None
         )
-        self.broken_pages = {
-            self.universe.resolve(name): page for name, page in config.broken_pages.items()
+        resolve = self.universe.resolve
+        self.broken_pages = {resolve(name): page for name, page in config.broken_pages.items()}
+        self.looping_pages = {resolve(name): page for name, page in config.looping_pages.items()}
+        self.hidden_contracts = {
+            resolve(name): count for name, count in config.hidden_contracts.items() if count
         }
+        # Throttle bursts: requests let through since the last burst, and 429s left in this one.
+        self.since_burst = 0
+        self.burst_left = 0
         # (underlying, filter, offset, limit) -> (rendered results, more pages follow)
         self.chain_pages: dict[tuple[Any, ...], tuple[bytes, bool]] = {}
         self.reset()
@@ -89,6 +97,8 @@ class SimulatorState:
         self.rate_limited = 0
         self.truncated = 0
         self.broken_page_errors = 0
+        self.latency_spikes = 0
+        self.looped_pages = 0
 
     def stats(self) -> dict[str, Any]:
         """Return the counters as ``/_sim/stats`` shows them."""
@@ -99,6 +109,8 @@ class SimulatorState:
             "rate_limited": self.rate_limited,
             "truncated": self.truncated,
             "broken_page_errors": self.broken_page_errors,
+            "latency_spikes": self.latency_spikes,
+            "looped_pages": self.looped_pages,
         }
 
 
@@ -157,22 +169,25 @@ async def _api_middleware(request: web.Request, handler: _Handler) -> web.Stream
     resource = request.match_info.route.resource
     state.requests += 1
     state.by_endpoint[resource.canonical if resource and route_error is None else "unmatched"] += 1
-    if config.latency:
-        await asyncio.sleep(config.latency)
+    delay = config.latency
+    if config.latency_spike_rate and state.spike_rng.random() < config.latency_spike_rate:
+        state.latency_spikes += 1
+        delay += config.latency_spike
+    if delay:
+        await asyncio.sleep(delay)
     if route_error is not None:
         api_status = "NOT_FOUND" if route_error.status == 404 else "ERROR"
         return error_response(route_error.status, route_error.reason, api_status=api_status)
     if config.api_key is not None and _api_key(request) != config.api_key:
         return error_response(401, "Unknown API Key")
+    if config.throttle_bursts and _in_burst(state):
+        state.rate_limited += 1
+        return _too_many_requests(1)
     if state.bucket is not None:
         wait = state.bucket.take()
         if wait:
             state.rate_limited += 1
-            return error_response(
-                429,
-                "You've exceeded the maximum requests per second, please wait.",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
+            return _too_many_requests(max(1, math.ceil(wait)))
     if config.error_rate and state.error_rng.random() < config.error_rate:
         state.errors_injected += 1
         status = state.error_rng.choice((500, 502, 503))
@@ -181,6 +196,26 @@ async def _api_middleware(request: web.Request, handler: _Handler) -> web.Stream
         return await handler(request)
     except ApiFailure as exc:
         return error_response(exc.status, exc.message, api_status=exc.api_status)
+
+
+def _in_burst(state: SimulatorState) -> bool:
+    """Advance the burst cycle by one request; return whether this request is throttled."""
+    if state.burst_left:
+        state.burst_left -= 1
+        return True
+    state.since_burst += 1
+    if state.since_burst == state.config.throttle_bursts:
+        state.since_burst = 0
+        state.burst_left = state.config.throttle_burst_length
+    return False
+
+
+def _too_many_requests(retry_after: int) -> web.Response:
+    return error_response(
+        429,
+        "You've exceeded the maximum requests per second, please wait.",
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 def _api_key(request: web.Request) -> str | None:
@@ -254,6 +289,10 @@ def _page_state(
 
 def _next_url(request: web.Request, page: dict[str, Any], *, underlying: int, offset: int) -> str:
     cursor = _encode_cursor({**page, "i": underlying, "o": offset, "n": page["n"] + 1})
+    return _cursor_url(request, cursor)
+
+
+def _cursor_url(request: web.Request, cursor: str) -> str:
     # Built from the request's own host so it works on any port; it never carries the key.
     return f"{request.scheme}://{request.host}{request.rel_url.raw_path}?cursor={cursor}"
 
@@ -285,6 +324,27 @@ def _check_broken(state: SimulatorState, name: str | None, page: int) -> None:
         raise ApiFailure(500, f"Simulated broken page {page} of {name}.")
 
 
+def _loop_url(
+    request: web.Request, state: SimulatorState, name: str | None, page: int
+) -> str | None:
+    """Return the URL that led to a looping page (its own ``next_url``), else ``None``."""
+    if name is None or state.looping_pages.get(name) != page:
+        return None
+    state.looped_pages += 1
+    # Page n >= 2 always comes from a cursor: hand the same one back.
+    return _cursor_url(request, request.query["cursor"])
+
+
+def _chain_positions(state: SimulatorState, chain: Chain, flt: ContractFilter) -> Sequence[int]:
+    """Return the positions the chain snapshot serves: those passing ``flt``, less hidden ones."""
+    positions = chain.select(flt)
+    hidden = state.hidden_contracts.get(chain.name)
+    if hidden:
+        # Positions are ascending, so the hidden ones (below ``hidden``) lead.
+        positions = positions[bisect.bisect_left(positions, hidden) :]
+    return positions
+
+
 # --- handlers ----------------------------------------------------------------------------------
 
 
@@ -294,12 +354,14 @@ async def _list_contracts(request: web.Request) -> web.Response:
     page, flt = _page_state(request, "contracts", CONTRACTS_MAX_LIMIT)
     if page.get("x"):
         return _list_response(state, _list_body((), _request_id(), None))
+    loop_url = None
     if page.get("u") is None:
         names: Sequence[str] = universe.names
     else:
         name = universe.resolve(str(page["u"]))
         names = () if name is None else (name,)
         _check_broken(state, name, page["n"])
+        loop_url = _loop_url(request, state, name, page["n"])
     limit, index, offset = page["l"], page["i"], page["o"]
     results: list[bytes] = []
     next_url = None
@@ -316,7 +378,7 @@ async def _list_contracts(request: web.Request) -> web.Response:
             offset += len(take)
             continue
         index, offset = index + 1, 0
-    return _list_response(state, _list_body(results, _request_id(), next_url))
+    return _list_response(state, _list_body(results, _request_id(), loop_url or next_url))
 
 
 async def _get_contract(request: web.Request) -> web.Response:
@@ -346,8 +408,9 @@ async def _chain_snapshot(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"request_id": _request_id(), "results": [], "status": "OK"}
     if name is not None:
         _check_broken(state, name, page["n"])
+        loop_url = _loop_url(request, state, name, page["n"])
         chain = state.universe.chain(name)
-        positions = chain.select(flt)
+        positions = _chain_positions(state, chain, flt)
         start, stop = page["o"], page["o"] + page["l"]
         body["results"] = snapshot_rows(
             chain,
@@ -355,7 +418,9 @@ async def _chain_snapshot(request: web.Request) -> web.Response:
             _minute(),
             deep_itm_without_greeks=state.config.deep_itm_without_greeks,
         )
-        if stop < len(positions):
+        if loop_url is not None:
+            body["next_url"] = loop_url
+        elif stop < len(positions):
             body["next_url"] = _next_url(request, page, underlying=0, offset=stop)
     return _list_response(state, orjson.dumps(body))
 
@@ -368,11 +433,12 @@ def _cached_chain_page(
     name: str,
 ) -> web.Response:
     _check_broken(state, name, page["n"])
+    loop_url = _loop_url(request, state, name, page["n"])
     key = (name, orjson.dumps(page["f"], option=orjson.OPT_SORT_KEYS), page["o"], page["l"])
     cached = state.chain_pages.get(key)
     if cached is None:
         chain = state.universe.chain(name)
-        positions = chain.select(flt)
+        positions = _chain_positions(state, chain, flt)
         start, stop = page["o"], page["o"] + page["l"]
         rows = snapshot_rows(
             chain,
@@ -383,9 +449,9 @@ def _cached_chain_page(
         cached = (orjson.dumps(rows)[1:-1], stop < len(positions))
         state.chain_pages[key] = cached
     results, more = cached
-    next_url = (
-        _next_url(request, page, underlying=0, offset=page["o"] + page["l"]) if more else None
-    )
+    next_url = loop_url
+    if next_url is None and more:
+        next_url = _next_url(request, page, underlying=0, offset=page["o"] + page["l"])
     return _list_response(state, _list_body([results] if results else [], _request_id(), next_url))
 
 
@@ -396,6 +462,8 @@ async def _option_snapshot(request: web.Request) -> web.Response:
     if name is None or found is None or found[0].name != name:
         raise ApiFailure(404, "Option contract not found.", api_status="NOT_FOUND")
     chain, position = found
+    if position < state.hidden_contracts.get(name, 0):
+        raise ApiFailure(404, "Option contract not found.", api_status="NOT_FOUND")
     (row,) = snapshot_rows(
         chain, (position,), _minute(), deep_itm_without_greeks=state.config.deep_itm_without_greeks
     )

@@ -24,6 +24,8 @@ SHAPES = 509
 OPTION_EXCHANGES = (300, 301, 302, 303, 304, 307, 308, 309, 312, 313, 315, 316, 319, 322, 323)
 TRADE_CONDITIONS = ([209], [219], [227], [232], [209, 219])
 TIMEFRAME = "REAL-TIME"
+# Where open interest sits in a contract's Static tuple (see _build_statics).
+_OPEN_INTEREST = 8
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -145,6 +147,11 @@ def _build_statics(chain: Chain) -> list[Static]:
                 fragment(details.encode()),
             )
         )
+    for i in chain.malformed_snapshots:
+        # A string where a number belongs; details.ticker stays readable.
+        static = statics[i]
+        oi = _OPEN_INTEREST
+        statics[i] = (*static[:oi], f"{static[oi]}x", *static[oi + 1 :])
     return statics
 
 

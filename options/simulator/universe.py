@@ -97,6 +97,8 @@ class Chain:
         "expirations",
         "is_call",
         "is_index",
+        "malformed_contracts",
+        "malformed_snapshots",
         "name",
         "phases",
         "root",
@@ -137,6 +139,9 @@ class Chain:
         self._by_ticker: dict[str, int] | None = None
         self._contract_json: list[bytes] | None = None
         self.statics: list[Static] | None = None
+        # Positions served malformed on purpose; the Universe fills them from the config.
+        self.malformed_contracts: frozenset[int] = frozenset()
+        self.malformed_snapshots: frozenset[int] = frozenset()
         self._filtered: OrderedDict[tuple[tuple[str, str], ...], list[int]] = OrderedDict()
 
     def _lay_out(self, contracts: int, rng: random.Random) -> None:
@@ -221,13 +226,22 @@ class Chain:
             style = f'"exercise_style":"{self.exercise_style}","expiration_date":"'
             middle = f'","primary_exchange":"{exchange}","shares_per_contract":'
             tail = f'","underlying_ticker":"{self.underlying_ticker}"}}'
+            expirations: Sequence[str] = self.expirations
+            if self.malformed_contracts:
+                # A datetime where a date belongs: a strict normalizer rejects the row, while
+                # its ticker stays readable.
+                bad = self.malformed_contracts
+                expirations = [
+                    f"{expiry}T00:00:00Z" if i in bad else expiry
+                    for i, expiry in enumerate(expirations)
+                ]
             rendered = [
                 f'{{{kinds[is_call]},{style}{expiry}{middle}{shares},"strike_price":'
                 f'{json_number(strike)},"ticker":"{ticker}{tail}'.encode()
                 for ticker, is_call, expiry, shares, strike in zip(
                     self.tickers,
                     self.is_call,
-                    self.expirations,
+                    expirations,
                     self.shares,
                     self.strikes,
                     strict=True,
@@ -273,6 +287,15 @@ class Universe:
             contracts=self.config.contracts_per_underlying,
             as_of=self.as_of,
         )
+        config = self.config
+        if config.malformed_contracts_rate:
+            chain.malformed_contracts = frozenset(
+                i for i, ticker in enumerate(chain.tickers) if config.malformed_contract(ticker)
+            )
+        if config.malformed_snapshots_rate:
+            chain.malformed_snapshots = frozenset(
+                i for i, ticker in enumerate(chain.tickers) if config.malformed_snapshot(ticker)
+            )
         self._chains[name] = chain
         if len(self._chains) > self._capacity:
             self._chains.popitem(last=False)

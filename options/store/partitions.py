@@ -1,29 +1,49 @@
-"""The daily partitions of ``option_snapshots``: created ahead of the runs, dropped whole by
-retention.
+"""The daily partitions of ``option_snapshots``: attached ahead of the runs, detached and dropped
+whole by retention, without ever locking readers or writers out of the table.
 
 A partition holds the snapshots captured on one UTC day and is named after it
-(``option_snapshots_p20261123``). Only partitions with that prefix are ever dropped. Creating or
-dropping one locks the table against readers, so neither waits long on a reader's lock: the
-day's partition is made the day before, after a run's rows are stored.
+(``option_snapshots_p20261123``). Only tables named so (the prefix and a date) are ever dropped.
+
+``CREATE TABLE ... PARTITION OF`` and ``DROP TABLE`` of a partition take ACCESS EXCLUSIVE on
+``option_snapshots``: they wait behind every reader, and while they wait every new reader and
+writer queues behind them. So neither is used. A partition is made as a plain table
+(``LIKE option_snapshots``, with its primary key and a CHECK constraint matching the day's
+bounds, so attaching it needs no validation scan) and then attached with ``ATTACH PARTITION``,
+which takes SHARE UPDATE EXCLUSIVE on the parent: readers and writers go on, and only other
+schema changes, VACUUM or ANALYZE of the parent, or partition maintenance make it wait. Each
+partition is made in one transaction, so a killed process leaves no half-made table; a table of
+the name that is not attached (made by hand, or by an earlier version) is attached as it is.
+:data:`PARTITIONS_AHEAD` days are made ahead, so a run after a weekend or a holiday finds its
+day's partition waiting.
+
+Retention detaches with ``DETACH PARTITION ... CONCURRENTLY``, which waits (up to the lock
+timeout) for the transactions that use ``option_snapshots`` but blocks none of them, then drops
+the detached table, which locks only that table. A detach interrupted while waiting leaves the
+partition "detach pending": invisible to new queries, and blocking any other concurrent detach
+until ``DETACH PARTITION ... FINALIZE`` completes it, which the next retention does first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+from collections.abc import AsyncIterator
 
 import asyncpg
 
 from options.errors import DatabaseError
-from options.store.db import bounded_db_connection
+from options.store.db import DB_ERRORS, bounded_db_connection
 
 logger = logging.getLogger(__name__)
 
 PARTITION_PREFIX = "option_snapshots_p"
-# Partition DDL locks option_snapshots against every reader, and readers queue behind a waiting
-# lock: how long to wait for one, in seconds.
-TODAY_LOCK_TIMEOUT = 30.0  # the run's own partition: without it nothing can be stored
-AHEAD_LOCK_TIMEOUT = 2.0  # tomorrow's partition, or retention: a later run can do it
+PARTITIONS_AHEAD = 7  # a week: a run after a long weekend or a holiday makes no partition first
+# Waiting for the parent's lock blocks no reader or writer: the run's own partition may wait long
+PARTITION_LOCK_TIMEOUT = 30.0
+# Retention is maintenance a later run can do: it does not hold the run up for long readers
+RETENTION_LOCK_TIMEOUT = 5.0
+RETENTION_LOCK_KEY = 0x6F7074686973_20  # "opthis" + 0x20: one retention at a time per database
 
 
 def partition_name(day: dt.date) -> str:
@@ -31,72 +51,129 @@ def partition_name(day: dt.date) -> str:
     return f"{PARTITION_PREFIX}{day:%Y%m%d}"
 
 
-async def ensure_partition(
-    pool: asyncpg.Pool, day: dt.date, *, lock_timeout: float = TODAY_LOCK_TIMEOUT
+@bounded_db_connection
+async def ensure_partitions(
+    conn: asyncpg.Connection,
+    day: dt.date,
+    *,
+    days_ahead: int = PARTITIONS_AHEAD,
+    lock_timeout: float = PARTITION_LOCK_TIMEOUT,
 ) -> str:
-    """Create the partition of ``day`` (UTC) unless it exists; return its name.
+    """Make sure the partitions of ``day`` (UTC) and of the ``days_ahead`` days after it are
+    attached, making only the missing ones; return the name of ``day``'s partition.
 
-    Normally the day before made it (:func:`create_next_partition`), and then nothing waits.
+    Safe to call from several processes at once. When every partition exists this reads the
+    catalog and takes no lock. A partition of a later day that cannot be made now is left, with
+    a warning, for a later run (the days after it too, as they would wait as long).
+
+    Args:
+        day: the UTC day whose partition the caller is about to write to.
+        days_ahead: how many following days to make ready too.
+        lock_timeout: how long, in seconds, each partition's DDL waits for a lock.
 
     Raises:
-        DatabaseError: it does not exist and another session kept ``option_snapshots`` locked
-            (a long query holds it) for ``lock_timeout`` seconds, or PostgreSQL failed.
+        DatabaseError: ``day``'s partition is missing and another session kept
+            ``option_snapshots`` locked (a schema change, VACUUM or ANALYZE, partition
+            maintenance) for ``lock_timeout`` seconds, or PostgreSQL failed.
+        ValueError: ``days_ahead`` is negative.
     """
-    name = await _create_partition(pool, day, lock_timeout)
-    if name is None:
-        raise DatabaseError(
-            f"cannot create partition {partition_name(day)}: another session held "
-            f"option_snapshots for more than {lock_timeout:g} s (a long query?), and nothing "
-            "can be stored without it"
-        )
-    return name
-
-
-async def create_next_partition(
-    pool: asyncpg.Pool, captured_at: dt.datetime, *, lock_timeout: float = AHEAD_LOCK_TIMEOUT
-) -> bool:
-    """Create the partition of the UTC day after ``captured_at``'s, unless it exists, so a run
-    just after midnight waits on no DDL. Returns whether it exists now.
-
-    Creating a partition locks ``option_snapshots`` against readers; while a long query holds
-    the table this gives up after ``lock_timeout`` seconds with a warning, rather than stall
-    that query's successors: any later run of the day can make it.
-    """
-    day = captured_at.astimezone(dt.UTC).date() + dt.timedelta(days=1)
-    if await _create_partition(pool, day, lock_timeout) is None:
-        logger.warning(
-            "Partition %s not created yet: another session holds option_snapshots; "
-            "a later run will create it",
-            partition_name(day),
-        )
-        return False
-    return True
-
-
-@bounded_db_connection
-async def _create_partition(
-    conn: asyncpg.Connection, day: dt.date, lock_timeout: float
-) -> str | None:
-    """Create ``day``'s partition unless it exists; ``None`` when its lock was not granted."""
-    name = partition_name(day)
-    end = day + dt.timedelta(days=1)
-    try:
-        async with conn.transaction():
-            await _set_lock_timeout(conn, lock_timeout)
-            # an existing partition is found before any lock is taken on option_snapshots
-            await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF option_snapshots "
-                f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') "
-                f"TO ('{end.isoformat()} 00:00:00+00')"
+    if days_ahead < 0:
+        raise ValueError(f"days_ahead must be 0 or more, not {days_ahead}")
+    days = [day + dt.timedelta(days=n) for n in range(days_ahead + 1)]
+    attached = await _attached(conn, [partition_name(d) for d in days])
+    for missing in (d for d in days if partition_name(d) not in attached):
+        try:
+            await _attach_partition(conn, missing, lock_timeout)
+        except asyncpg.LockNotAvailableError as exc:
+            if missing == day:
+                raise DatabaseError(
+                    f"cannot attach partition {partition_name(day)}: another session kept "
+                    f"option_snapshots locked for more than {lock_timeout:g} s (a schema change, "
+                    "VACUUM or ANALYZE, or partition maintenance?), and nothing can be stored "
+                    "without it"
+                ) from exc
+            logger.warning(
+                "Partitions from %s on not attached yet: another session kept option_snapshots "
+                "locked for more than %g s; a later run will attach them",
+                partition_name(missing),
+                lock_timeout,
             )
-    except asyncpg.LockNotAvailableError:
-        return None
-    return name
+            break
+    return partition_name(day)
+
+
+async def _attached(conn: asyncpg.Connection, names: list[str]) -> set[str]:
+    """Those of ``names`` that are partitions of ``option_snapshots`` (no lock is taken)."""
+    rows = await conn.fetch(
+        """
+        SELECT n FROM unnest($1::text[]) AS n
+        JOIN pg_inherits i ON i.inhrelid = to_regclass(n)
+        WHERE i.inhparent = 'option_snapshots'::regclass
+        """,
+        names,
+    )
+    return {row["n"] for row in rows}
+
+
+async def _attach_partition(conn: asyncpg.Connection, day: dt.date, lock_timeout: float) -> None:
+    """Make ``day``'s partition as a table and attach it, in one transaction, unless another
+    session just did.
+
+    Raises:
+        asyncpg.LockNotAvailableError: a lock was not granted within ``lock_timeout`` seconds.
+    """
+    name = partition_name(day)
+    start = f"'{day.isoformat()} 00:00:00+00'"
+    end = f"'{(day + dt.timedelta(days=1)).isoformat()} 00:00:00+00'"
+    async with conn.transaction():
+        await _set_lock_timeout(conn, lock_timeout)
+        # the lock ATTACH takes, taken first: concurrent callers take turns here, and none
+        # holds a weaker lock on the parent while waiting for this one (no upgrade deadlock)
+        await conn.execute("LOCK TABLE ONLY option_snapshots IN SHARE UPDATE EXCLUSIVE MODE")
+        exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name)
+        if exists:
+            if await _attached(conn, [name]):
+                return  # another session attached it while we waited
+            # left unattached: attach it as it is; ATTACH checks its columns and adds any
+            # index of the parent's it lacks, the primary key included
+            await conn.execute(f"ALTER TABLE {name} DROP CONSTRAINT IF EXISTS {name}_bounds")
+        else:
+            # INCLUDING ALL copies the primary key, which ATTACH then makes a partition of the
+            # parent's primary key index instead of building another
+            await conn.execute(f"CREATE TABLE {name} (LIKE option_snapshots INCLUDING ALL)")
+        # implies the partition constraint, so ATTACH skips the scan that would prove it
+        await conn.execute(
+            f"ALTER TABLE {name} ADD CONSTRAINT {name}_bounds "
+            f"CHECK (captured_at >= {start} AND captured_at < {end})"
+        )
+        await conn.execute(
+            f"ALTER TABLE option_snapshots ATTACH PARTITION {name} "
+            f"FOR VALUES FROM ({start}) TO ({end})"
+        )
+        # redundant now; dropping it locks only the new partition, which this transaction holds
+        await conn.execute(f"ALTER TABLE {name} DROP CONSTRAINT {name}_bounds")
+    logger.info("Attached partition %s", name)
 
 
 async def _set_lock_timeout(conn: asyncpg.Connection, seconds: float) -> None:
     """Within the current transaction, wait at most ``seconds`` for a lock."""
-    await conn.execute(f"SET LOCAL lock_timeout = '{max(1, round(seconds * 1000))}ms'")
+    await conn.execute("SELECT set_config('lock_timeout', $1, true)", _milliseconds(seconds))
+
+
+@contextlib.asynccontextmanager
+async def _session_lock_timeout(conn: asyncpg.Connection, seconds: float) -> AsyncIterator[None]:
+    """Within the block, statements outside a transaction wait at most ``seconds`` for a lock."""
+    await conn.execute("SELECT set_config('lock_timeout', $1, false)", _milliseconds(seconds))
+    try:
+        yield
+    finally:
+        # a broken connection is not reused; the original error is the one to report
+        with contextlib.suppress(*DB_ERRORS):
+            await conn.execute("RESET lock_timeout")
+
+
+def _milliseconds(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
 
 
 @bounded_db_connection
@@ -105,47 +182,107 @@ async def drop_old_partitions(
     *,
     retain_days: int,
     now: dt.datetime,
-    lock_timeout: float = AHEAD_LOCK_TIMEOUT,
+    lock_timeout: float = RETENTION_LOCK_TIMEOUT,
 ) -> list[str]:
     """Drop whole partitions whose day ended more than ``retain_days`` days before ``now``.
 
-    Their ``snapshot_coverage`` rows go with them. A partition another session keeps locked
-    for ``lock_timeout`` seconds is left for a later run. Returns the names dropped.
+    Their ``snapshot_coverage`` rows go with them, in the transaction that drops the table. A
+    partition left "detach pending", or left detached but not dropped, by an interrupted
+    earlier call is finished first. While a transaction that used ``option_snapshots`` stays
+    open for ``lock_timeout`` seconds, the rest is left for a later run with a warning; only
+    one call at a time works on a database, others return at once.
+
+    Returns:
+        The names dropped, in order.
     """
     cutoff = now.astimezone(dt.UTC).date() - dt.timedelta(days=retain_days)
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK_KEY):
+        logger.info("Retention: another session is dropping old partitions; skipped")
+        return []
+    try:
+        dropped = await _drop_partitions_before(conn, cutoff, lock_timeout)
+    finally:
+        with contextlib.suppress(*DB_ERRORS):  # the server frees it with a broken connection
+            await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK_KEY)
+    if dropped:
+        logger.info("Retention: dropped %d partitions older than %s", len(dropped), cutoff)
+    return dropped
+
+
+async def _drop_partitions_before(
+    conn: asyncpg.Connection, cutoff: dt.date, lock_timeout: float
+) -> list[str]:
+    """Detach and drop our partitions (and detached leftovers) of the days before ``cutoff``."""
     rows = await conn.fetch(
         """
-        SELECT c.relname FROM pg_inherits i
-        JOIN pg_class c ON c.oid = i.inhrelid
-        WHERE i.inhparent = 'option_snapshots'::regclass ORDER BY c.relname
-        """
+        SELECT c.relname, i.inhrelid IS NOT NULL AS attached,
+               coalesce(i.inhdetachpending, false) AS pending
+        FROM pg_class c
+        LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
+        WHERE c.relnamespace = (
+                SELECT relnamespace FROM pg_class WHERE oid = 'option_snapshots'::regclass)
+          AND c.relkind = 'r' AND starts_with(c.relname, $1)
+          AND (i.inhparent IS NULL OR i.inhparent = 'option_snapshots'::regclass)
+        -- a pending detach blocks every other one: finish it first
+        ORDER BY pending DESC, c.relname
+        """,
+        PARTITION_PREFIX,
     )
     dropped = []
     for row in rows:
         name = row["relname"]
-        if not name.startswith(PARTITION_PREFIX):
-            continue  # not one of ours: leave it alone
+        day = _partition_day(name)
+        if day is None or day + dt.timedelta(days=1) > cutoff:
+            continue  # not one of ours, or not old enough
         try:
-            day = dt.datetime.strptime(name.removeprefix(PARTITION_PREFIX), "%Y%m%d").date()
-        except ValueError:
-            continue
-        if day + dt.timedelta(days=1) <= cutoff:
-            try:
-                async with conn.transaction():
-                    await _set_lock_timeout(conn, lock_timeout)
-                    await conn.execute(f"DROP TABLE {name}")
-                    await conn.execute(
-                        "DELETE FROM snapshot_coverage "
-                        "WHERE captured_at >= $1 AND captured_at < $2",
-                        dt.datetime.combine(day, dt.time(), dt.UTC),
-                        dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC),
-                    )
-            except asyncpg.LockNotAvailableError:
-                logger.warning(
-                    "Retention: %s is in use by another session; a later run will drop it", name
+            if row["pending"]:
+                await _detach(conn, f"{name} FINALIZE", lock_timeout)
+            elif row["attached"]:
+                await _detach(conn, f"{name} CONCURRENTLY", lock_timeout)
+        except asyncpg.LockNotAvailableError:
+            # DETACH waits for every transaction that uses option_snapshots: the next ones
+            # would wait as long, and a detach left pending blocks them anyway
+            logger.warning(
+                "Retention: %s is in use by another session; a later run will drop it", name
+            )
+            break
+        except asyncpg.ObjectNotInPrerequisiteStateError as exc:
+            logger.warning(
+                "Retention: cannot detach %s now (%s); a later run will drop it",
+                name,
+                str(exc).splitlines()[0],
+            )
+            break
+        try:
+            async with conn.transaction():
+                await _set_lock_timeout(conn, lock_timeout)
+                await conn.execute(f"DROP TABLE {name}")
+                await conn.execute(
+                    "DELETE FROM snapshot_coverage WHERE captured_at >= $1 AND captured_at < $2",
+                    dt.datetime.combine(day, dt.time(), dt.UTC),
+                    dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC),
                 )
-                continue
-            dropped.append(name)
-    if dropped:
-        logger.info("Retention: dropped %d partitions older than %s", len(dropped), cutoff)
-    return dropped
+        except asyncpg.LockNotAvailableError:
+            # a session reading the detached table by name: the next call drops it
+            logger.warning(
+                "Retention: %s is in use by another session; a later run will drop it", name
+            )
+            continue
+        dropped.append(name)
+    return sorted(dropped)
+
+
+async def _detach(conn: asyncpg.Connection, partition: str, lock_timeout: float) -> None:
+    """Run ``ALTER TABLE option_snapshots DETACH PARTITION <partition>`` outside a transaction
+    (CONCURRENTLY refuses to run in one), waiting at most ``lock_timeout`` seconds for a lock."""
+    async with _session_lock_timeout(conn, lock_timeout):
+        await conn.execute(f"ALTER TABLE option_snapshots DETACH PARTITION {partition}")
+
+
+def _partition_day(name: str) -> dt.date | None:
+    """The day of one of our partitions named ``name``; ``None`` for any other name."""
+    try:
+        day = dt.datetime.strptime(name.removeprefix(PARTITION_PREFIX), "%Y%m%d").date()
+    except ValueError:
+        return None
+    return day if partition_name(day) == name else None

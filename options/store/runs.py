@@ -1,20 +1,34 @@
-"""The run ledger (``ingest_runs``) and the lock that keeps one copy of each job running.
+"""The run ledger (``ingest_runs``) and the lease that keeps one copy of each job running.
 
-:func:`recorded_run` wraps a job: it takes the job's advisory lock (or raises
-:class:`AlreadyRunningError`), closes rows left ``running`` by a copy that died, writes the
-``running`` row, and always writes a final status, whatever way the job ends.
+A run holds a lease, not a session lock: its ``ingest_runs`` row is ``running`` and carries a
+heartbeat that a background task renews every few seconds on whichever pooled connection is
+free, so no connection sits idle for the whole run (``idle_session_timeout``, a NAT or a proxy
+could close it). A unique index allows one ``running`` row per job. A new copy that finds one
+takes over only if that run is dead: its heartbeat is older than the lease, or it ran on this
+host and its process is gone (a SIGKILL is recognised at once); otherwise it exits 4.
+
+The counts that say what a run stored are not bookkeeping on the side: each job adds them
+with :func:`count_committed` inside the transaction that stores the rows, which also checks
+that the run still holds its lease. Whenever a run stops, its row says exactly what it
+committed, and a run that lost its lease can commit nothing more.
+
+:func:`recorded_run` wraps a job: it opens the run, keeps the heartbeat going, and writes the
+final status on a fresh connection, whatever way the job ends (the original error is logged
+before anything else is tried).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
+from pathlib import Path
 
 import asyncpg
 
@@ -22,16 +36,26 @@ from options.errors import (
     AlreadyRunningError,
     DatabaseError,
     ExitCode,
+    LeaseLostError,
     OptionsError,
     RunInterrupted,
 )
-from options.store.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
+from options.store.db import (
+    ACQUIRE_TIMEOUT,
+    CONNECT_TIMEOUT,
+    DB_ERRORS,
+    bounded_db_connection,
+    describe_db_error,
+    reconnecting,
+)
+from options.store.rejects import RejectBudget
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 JOB_LOCK_KEYS = {"options": 0x6F7074686973_10, "snapshots": 0x6F7074686973_11}
+LEASE_SECONDS = 60.0  # a run whose heartbeat is older than this is dead
+HEARTBEAT_SECONDS = 5.0
+FINAL_WRITE_SECONDS = 30.0  # how long the final status waits for a database that went away
 MAX_ERROR_TEXT = 4000
 
 STATUS_EXIT_CODES = {
@@ -41,10 +65,24 @@ STATUS_EXIT_CODES = {
     "interrupted": ExitCode.INTERRUPTED,
 }
 
+# the counts only a committing transaction may add to (see count_committed)
+COMMITTED_COUNTS = (
+    "underlyings_succeeded",
+    "underlyings_failed",
+    "rows_written",
+    "rows_rejected",
+    "contracts_deactivated",
+)
+
 
 @dataclass
 class RunStats:
-    """Counts a job adds up while it runs; written to ``ingest_runs`` at the end."""
+    """A run's counts as this process knows them (the database row is the record).
+
+    The committed counts are added after each transaction that stored them commits; the
+    others (requested, fetched, API requests) are progress, written by the heartbeat and at
+    the end.
+    """
 
     underlyings_requested: int = 0
     underlyings_succeeded: int = 0
@@ -57,131 +95,418 @@ class RunStats:
     failures: list[str] = field(default_factory=list)
 
     def status(self) -> str:
-        """The final status these counts call for when the job ran to its end."""
-        if self.underlyings_failed == 0:
+        """The final status these counts call for when the job ran to its end: ``partial``
+        when something was stored but not every underlying completely."""
+        if self.underlyings_succeeded >= self.underlyings_requested:
             return "succeeded"
-        return "partial" if self.underlyings_succeeded else "failed"
+        return "partial" if self.underlyings_succeeded or self.rows_written else "failed"
+
+    def add(self, counts: Mapping[str, int]) -> None:
+        """Add committed counts (after their transaction committed)."""
+        for name, value in counts.items():
+            setattr(self, name, getattr(self, name) + value)
 
 
 @dataclass
 class Run:
-    """A job run in progress: its ledger id, its start time and its counts."""
+    """A job run in progress: its ledger id, its start time, its counts.
+
+    Attributes:
+        resumed: the run completes a snapshot slot an earlier run planned.
+        keep: how many more rejected records the run may keep in ``rejected_rows``.
+    """
 
     id: int
     job: str
     started_at: datetime
     stats: RunStats = field(default_factory=RunStats)
     status: str = "running"
+    resumed: bool = False
+    keep: RejectBudget = field(default_factory=RejectBudget)
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """Who holds a run: enough to tell, on the same host, whether that process still lives."""
+
+    host: str
+    boot_id: str | None
+    pid: int
+    started: int | None  # the process's start time in clock ticks since boot (/proc)
+
+    @classmethod
+    def current(cls) -> ProcessIdentity:
+        """This process."""
+        pid = os.getpid()
+        return cls(socket.gethostname(), _boot_id(), pid, _process_start(pid))
+
+    def judge(self, row: Mapping[str, object], *, lease_seconds: float) -> str | None:
+        """Why the run in ``row`` is dead, or ``None`` when it may still be running."""
+        silent = row["silent_seconds"]
+        if row["heartbeat_at"] is None:
+            return "it never sent a heartbeat"
+        assert isinstance(silent, float | int)
+        if silent > lease_seconds:
+            return f"no heartbeat for {silent:.0f} s (the lease is {lease_seconds:g} s)"
+        if row["host"] != self.host:
+            return None
+        if row["boot_id"] and self.boot_id and row["boot_id"] != self.boot_id:
+            return "its host has rebooted since"
+        pid = row["pid"]
+        if not isinstance(pid, int):
+            return None
+        if not _process_alive(pid):
+            return f"its process {pid} is gone"
+        started = _process_start(pid)
+        if row["pid_started"] is not None and started is not None and started != row["pid_started"]:
+            return f"its process {pid} is gone (the pid now belongs to another process)"
+        return None
 
 
 @asynccontextmanager
-async def recorded_run(pool: asyncpg.Pool, job: str) -> AsyncIterator[Run]:
-    """Hold the job's lock and its ``ingest_runs`` row for the duration of the block.
+async def recorded_run(
+    pool: asyncpg.Pool,
+    job: str,
+    *,
+    dsn: str,
+    lease_seconds: float = LEASE_SECONDS,
+    resumed: bool = False,
+) -> AsyncIterator[Run]:
+    """Hold the job's lease and its ``ingest_runs`` row for the duration of the block.
 
-    On a normal exit the status follows :meth:`RunStats.status`; an :class:`OptionsError` or
-    any other exception ends it ``failed``; cancellation (a signal) ends it ``interrupted``.
-    The exception, if any, is re-raised after the row is written.
+    On a normal exit the status follows :meth:`RunStats.status`; :class:`RunInterrupted` or a
+    cancellation (a second signal) ends it ``interrupted``; any other exception ends it
+    ``failed``. The exception, if any, is logged first and re-raised after the row is written.
+    The final row is written on a new connection (the pool may be what failed).
 
     Raises:
-        AlreadyRunningError: another copy of this job holds the lock.
+        AlreadyRunningError: a live copy of this job holds the lease.
+        LeaseLostError: another copy found this run dead and closed it; nothing more was
+            committed after that.
         DatabaseError: the ledger cannot be written.
     """
-    key = JOB_LOCK_KEYS[job]
+    run = await open_run(pool, job, lease_seconds=lease_seconds, resumed=resumed)
+    heartbeat = Heartbeat(pool, run, interval=min(HEARTBEAT_SECONDS, lease_seconds / 4))
+    heartbeat.start()
     try:
-        conn = await pool.acquire(timeout=ACQUIRE_TIMEOUT)
-    except DB_ERRORS as exc:
-        raise DatabaseError(f"cannot start the run: {describe_db_error(exc)}") from exc
-    try:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
-            raise AlreadyRunningError(
-                f"another ingest_{job} is running (it holds the run lock); this copy exits"
-            )
-        try:
-            run = await _open_run(conn, job)
-            try:
-                yield run
-            except asyncio.CancelledError:
-                await _close_run(conn, run, "interrupted", "cancelled by a second signal")
-                raise
-            except RunInterrupted as exc:
-                await _close_run(conn, run, "interrupted", str(exc))
-                raise
-            except OptionsError as exc:
-                await _close_run(conn, run, "failed", str(exc))
-                raise
-            except Exception as exc:
-                await _close_run(conn, run, "failed", f"{type(exc).__name__}: {exc}")
-                raise
-            else:
-                error = "; ".join(run.stats.failures) or None
-                await _close_run(conn, run, run.stats.status(), error)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", key)
-    except DB_ERRORS as exc:
-        raise DatabaseError(f"run ledger: {describe_db_error(exc)}") from exc
-    finally:
-        await pool.release(conn)
+        yield run
+    except BaseException as exc:
+        lost = heartbeat.lost
+        await heartbeat.stop()
+        if lost is not None:
+            if isinstance(exc, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+            logger.error("%s", lost)
+            if isinstance(exc, asyncio.CancelledError):
+                raise lost from None  # the heartbeat cancelled the run: say why
+            raise lost from exc
+        status, error = _outcome(exc)
+        if status == "failed":
+            logger.error("Run %d of ingest_%s failed: %s", run.id, job, error)
+        await close_run(dsn, run, status, error)
+        raise
+    else:
+        await heartbeat.stop()
+        await close_run(dsn, run, run.stats.status(), None)
 
 
-async def until_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T:
-    """Await ``awaitable``; if ``stop`` is set first, cancel it and raise RunInterrupted.
+def _outcome(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, asyncio.CancelledError):
+        return "interrupted", "cancelled by a second signal"
+    if isinstance(exc, RunInterrupted):
+        return "interrupted", str(exc)
+    if isinstance(exc, OptionsError):
+        return "failed", str(exc)
+    if isinstance(exc, DB_ERRORS):
+        return "failed", describe_db_error(exc)
+    return "failed", f"{type(exc).__name__}: {exc}"
 
-    ``stop`` is set by SIGINT/SIGTERM or by the ``--deadline``: the job stops starting new work,
-    lets the cancelled work clean up (roll back, flush), and the run is recorded ``interrupted``.
+
+async def open_run(
+    pool: asyncpg.Pool, job: str, *, lease_seconds: float = LEASE_SECONDS, resumed: bool = False
+) -> Run:
+    """Insert the job's ``running`` row, closing first a run of the same job that is dead.
+
+    Raises:
+        AlreadyRunningError: a live copy holds the lease.
+        DatabaseError: PostgreSQL failed.
     """
-    work = asyncio.ensure_future(awaitable)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-    if work.cancelled():
-        raise RunInterrupted("stopped before the work was done; unfinished underlyings untouched")
-    return work.result()
+    token = secrets.token_hex(8)  # tells this opening apart from every other, even of this process
+    return await _open_run(pool, job, ProcessIdentity.current(), token, lease_seconds, resumed)
 
 
-async def _open_run(conn: asyncpg.Connection, job: str) -> Run:
-    stale = await conn.execute(
-        """
-        UPDATE ingest_runs
-        SET status = 'interrupted', finished_at = now(),
-            error = 'the process ended without recording a result'
-        WHERE job = $1 AND status = 'running'
+@bounded_db_connection
+async def _open_run(
+    conn: asyncpg.Connection,
+    job: str,
+    me: ProcessIdentity,
+    token: str,
+    lease_seconds: float,
+    resumed: bool,
+) -> Run:
+    async with conn.transaction():
+        # starters of one job take turns: the look and the insert below see the same rows
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", JOB_LOCK_KEYS[job])
+        holders = await conn.fetch(
+            """
+            SELECT id, started_at, lease_token, host, boot_id, pid, pid_started, heartbeat_at,
+                   extract(epoch FROM clock_timestamp() - heartbeat_at)::float8 AS silent_seconds
+            FROM ingest_runs WHERE job = $1 AND status = 'running'
+            """,
+            job,
+        )
+        for holder in holders:
+            if holder["lease_token"] == token:
+                # this very call inserted it, and the connection was lost before the answer
+                return Run(holder["id"], job, holder["started_at"], resumed=resumed)
+            dead = me.judge(holder, lease_seconds=lease_seconds)
+            if dead is None:
+                raise AlreadyRunningError(
+                    f"another ingest_{job} is running (run {holder['id']}, process "
+                    f"{holder['pid']} on {holder['host']}, heartbeat "
+                    f"{holder['silent_seconds']:.0f} s ago); this copy exits"
+                )
+            await conn.execute(
+                """
+                UPDATE ingest_runs SET status = 'interrupted', finished_at = clock_timestamp(),
+                    error = $2
+                WHERE id = $1
+                """,
+                holder["id"],
+                f"the run stopped without recording a result: {dead}",
+            )
+            logger.warning("Closed run %d left running by a copy that died: %s", holder["id"], dead)
+        try:
+            row = await conn.fetchrow(
+                """
+                INSERT INTO ingest_runs (job, started_at, heartbeat_at, host, boot_id, pid,
+                    pid_started, resumed, lease_token)
+                VALUES ($1, now(), now(), $2, $3, $4, $5, $6, $7)
+                RETURNING id, started_at
+                """,
+                job,
+                me.host,
+                me.boot_id,
+                me.pid,
+                me.started,
+                resumed,
+                token,
+            )
+        except asyncpg.UniqueViolationError:
+            # ingest_runs_one_running_idx: a copy that does not take turns got there first
+            raise AlreadyRunningError(
+                f"another ingest_{job} started at the same moment; this copy exits"
+            ) from None
+    return Run(id=row["id"], job=job, started_at=row["started_at"], resumed=resumed)
+
+
+async def count_committed(
+    conn: asyncpg.Connection,
+    run: Run,
+    counts: Mapping[str, int],
+    failures: Sequence[str] = (),
+) -> None:
+    """Inside the transaction that stores them, add ``counts`` (and the reasons of
+    ``failures``, to the run's error text) to the run's row.
+
+    Also the lease check of that transaction: if another copy has closed this run (found it
+    dead), nothing may be committed any more.
+
+    Raises:
+        LeaseLostError: the run is no longer ``running``; roll the transaction back.
+    """
+    names = [name for name in COMMITTED_COUNTS if counts.get(name)]
+    sets = "".join(f"{name} = {name} + ${i}, " for i, name in enumerate(names, start=4))
+    found = await conn.fetchval(
+        f"""
+        UPDATE ingest_runs SET {sets}
+            error = CASE WHEN $2::text IS NULL THEN error
+                         ELSE left(concat_ws('; ', error, $2::text), $3) END
+        WHERE id = $1 AND status = 'running' RETURNING id
         """,
-        job,
+        run.id,
+        "; ".join(failures) or None,
+        MAX_ERROR_TEXT,
+        *(counts[name] for name in names),
     )
-    if stale != "UPDATE 0":
-        logger.warning("Closed %s left running by an earlier copy", stale.split()[-1] + " run(s)")
-    row = await conn.fetchrow(
-        "INSERT INTO ingest_runs (job, started_at) VALUES ($1, now()) RETURNING id, started_at",
-        job,
-    )
-    return Run(id=row["id"], job=job, started_at=row["started_at"])
+    if found is None:
+        raise LeaseLostError(run_lost_message(run))
 
 
-async def _close_run(conn: asyncpg.Connection, run: Run, status: str, error: str | None) -> None:
+def run_lost_message(run: Run) -> str:
+    """The error of a run another copy closed as dead."""
+    return (
+        f"run {run.id} of ingest_{run.job} lost its lease: another copy found it silent and "
+        "closed it; this copy stops (what it committed before stays)"
+    )
+
+
+@bounded_db_connection
+async def record_failure(conn: asyncpg.Connection, run: Run, failure: str) -> None:
+    """Count one failed underlying whose failure committed nothing else, with its reason."""
+    await conn.execute(
+        """
+        UPDATE ingest_runs SET underlyings_failed = underlyings_failed + 1,
+            error = left(concat_ws('; ', error, $2::text), $3)
+        WHERE id = $1 AND status = 'running'
+        """,
+        run.id,
+        failure,
+        MAX_ERROR_TEXT,
+    )
+
+
+class Heartbeat:
+    """Renews a run's lease every ``interval`` seconds and writes its progress counts.
+
+    If the row is no longer ``running`` (another copy closed it as dead), the lease is lost:
+    the run's task is cancelled and :attr:`lost` says why. A database that does not answer is
+    logged and tried again at the next beat: the lease only expires after
+    :data:`LEASE_SECONDS`, and commits check it anyway.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, run: Run, *, interval: float) -> None:
+        self.pool = pool
+        self.run = run
+        self.interval = interval
+        self.lost: LeaseLostError | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._owner: asyncio.Task[object] | None = None
+
+    def start(self) -> None:
+        """Start beating for the current task."""
+        self._owner = asyncio.current_task()
+        self._task = asyncio.create_task(self._beat())
+
+    async def stop(self) -> None:
+        """Stop beating (the final status is written next)."""
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _beat(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                alive = await self._renew()
+            except DB_ERRORS as exc:
+                if not failing:
+                    logger.warning("Run heartbeat failed, retrying: %s", describe_db_error(exc))
+                failing = True
+                continue
+            failing = False
+            if not alive:
+                self.lost = LeaseLostError(run_lost_message(self.run))
+                if self._owner is not None:
+                    self._owner.cancel()
+                return
+
+    async def _renew(self) -> bool:
+        stats = self.run.stats
+        async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            found = await conn.fetchval(
+                """
+                UPDATE ingest_runs SET heartbeat_at = now(), rows_fetched = $2, api_requests = $3,
+                    underlyings_requested = $4
+                WHERE id = $1 AND status = 'running' RETURNING id
+                """,
+                self.run.id,
+                stats.rows_fetched,
+                stats.api_requests,
+                stats.underlyings_requested,
+                timeout=self.interval * 2,
+            )
+        return found is not None
+
+
+async def close_run(dsn: str, run: Run, status: str, error: str | None) -> None:
+    """Write the run's final status on a new connection, retrying while the database is away.
+
+    ``error`` (the run's own error) goes before the failures already in the row. Only the
+    progress counts are written here; the committed counts are already in the row.
+    Shielded: a second signal does not stop the final row from being written.
+
+    Raises:
+        DatabaseError: the row could not be written within :data:`FINAL_WRITE_SECONDS`.
+    """
     run.status = status
-    stats = dataclasses.asdict(run.stats)
-    stats.pop("failures")
     if error and len(error) > MAX_ERROR_TEXT:
         error = error[: MAX_ERROR_TEXT - 1] + "…"
-    # shield: a cancelled job must still get its final row written
-    await asyncio.shield(
-        conn.execute(
-            """
-            UPDATE ingest_runs SET status = $2, finished_at = clock_timestamp(), error = $3,
-                underlyings_requested = $4, underlyings_succeeded = $5, underlyings_failed = $6,
-                rows_fetched = $7, rows_written = $8, rows_rejected = $9,
-                contracts_deactivated = $10, api_requests = $11
-            WHERE id = $1
-            """,
-            run.id,
-            status,
-            error,
-            *stats.values(),
+    try:
+        closed = await asyncio.shield(_write_final(dsn, run, status, error))
+    except DB_ERRORS as exc:
+        raise DatabaseError(
+            f"cannot record the end of run {run.id} ({status}): {describe_db_error(exc)}; "
+            "the next run will close it"
+        ) from exc
+    if not closed:
+        logger.warning(
+            "Run %d was already closed by another copy; its row is left as it is", run.id
         )
-    )
+        return
     logger.info("Run %d of ingest_%s ended %s", run.id, run.job, status)
+
+
+async def _write_final(dsn: str, run: Run, status: str, error: str | None) -> bool:
+    stats = run.stats
+    async for attempt in reconnecting(seconds=FINAL_WRITE_SECONDS, what="recording the run"):
+        with attempt:
+            conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
+            try:
+                found = await conn.fetchval(
+                    """
+                    UPDATE ingest_runs SET status = $2, finished_at = clock_timestamp(),
+                        error = left(concat_ws('; ', $3::text, error), $7),
+                        rows_fetched = $4, api_requests = $5, underlyings_requested = $6
+                    WHERE id = $1 AND status = 'running' RETURNING id
+                    """,
+                    run.id,
+                    status,
+                    error,
+                    stats.rows_fetched,
+                    stats.api_requests,
+                    stats.underlyings_requested,
+                    MAX_ERROR_TEXT,
+                    timeout=CONNECT_TIMEOUT,
+                )
+            finally:
+                with suppress(*DB_ERRORS):
+                    await conn.close(timeout=2)
+            return found is not None
+    raise AssertionError("unreachable: reconnecting() returns or raises")
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot, or None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after its last ')'
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])  # field 22 of the whole line
+    except (IndexError, ValueError):
+        return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True

@@ -1,0 +1,384 @@
+"""Snapshot slots: one ``captured_at``, its planned chains, and each chain's durable commit.
+
+A slot is planned in one transaction: the run's ``captured_at`` and one ``snapshot_coverage``
+row per underlying, ``committed_at`` NULL ("not stored yet"). A chain is then stored by
+:func:`commit_chains` in one transaction with its coverage row, its rejected rows, its
+tracked-underlying row and the run's counts: however the process dies, a chain's rows and its
+coverage agree, and a slot's chains are each stored whole, stored in part and marked
+incomplete, or visibly not stored. A later run can resume the slot under the same
+``captured_at`` (:func:`find_resumable_slot`).
+
+The writer connection encodes ``timestamptz`` as epoch microseconds
+(:func:`options.store.db.epoch_microsecond_timestamps`), so every timestamp passed in
+:func:`commit_chains` is an int.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from options.store.db import bounded_db_connection
+from options.store.rejects import Reject, keep_rejects
+from options.store.runs import Run, count_committed
+
+logger = logging.getLogger(__name__)
+
+NOT_STORED_YET = "not stored yet"
+
+
+@dataclass(frozen=True)
+class PlannedChain:
+    """One underlying of a slot: as the API is asked (``I:SPX``) and as the data names it."""
+
+    requested: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A slot to resume: its time and the chains not yet stored completely."""
+
+    captured_at: dt.datetime
+    chains: list[PlannedChain]
+
+
+@dataclass
+class ChainCommit:
+    """What one chain brings to its commit, and (after it) what was stored.
+
+    Attributes:
+        key: ``underlying_ticker`` of its rows and coverage row.
+        rows: the rows fetched, one per contract (a contract seen twice is kept once).
+        expected: the active contracts in scope that the chain should hold.
+        rejects: the records refused, kept up to the run's budget.
+        rejected: how many were refused in all.
+        pages: pages read.
+        read_to_end: every query ended on a page without ``next_url``, every page parsed.
+        error: why the chain was not read to the end, if it was not.
+        resumed: the slot may already hold rows of this chain (a resumed slot): rows are
+            added beside them, never over them.
+    """
+
+    key: str
+    rows: list[tuple[Any, ...]]
+    expected: set[str]
+    rejects: list[Reject] = field(default_factory=list)
+    rejected: int = 0
+    pages: int = 0
+    read_to_end: bool = False
+    error: str | None = None
+    resumed: bool = False
+    # set by commit_chains
+    stored: int = 0
+    stored_now: int = 0
+    active: int = 0
+    missing: int = 0
+    complete: bool = False
+
+    def reason(self) -> str | None:
+        """Why the chain is incomplete (``None`` when it is complete)."""
+        if self.complete:
+            return None
+        if self.error:
+            return self.error
+        parts = []
+        if self.missing:
+            parts.append(f"{self.missing} active contracts missing from the chain")
+        if self.rejected:
+            parts.append(f"{self.rejected} rows rejected")
+        return "; ".join(parts) or "not read to the end"
+
+
+@bounded_db_connection
+async def plan_slot(
+    conn: asyncpg.Connection, run: Run, captured_at: dt.datetime, chains: Sequence[PlannedChain]
+) -> None:
+    """Record the slot: the run's ``captured_at`` and a not-yet-stored coverage row per chain."""
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE ingest_runs SET captured_at = $2, underlyings_requested = $3 WHERE id = $1",
+            run.id,
+            captured_at,
+            len(chains),
+        )
+        await conn.executemany(
+            """
+            INSERT INTO snapshot_coverage (captured_at, underlying_ticker, requested_ticker,
+                run_id, contracts_active, snapshots_stored, contracts_missing, complete, pages,
+                error)
+            VALUES ($1, $2, $3, $4, 0, 0, 0, false, 0, $5)
+            """,
+            [(captured_at, c.key, c.requested, run.id, NOT_STORED_YET) for c in chains],
+        )
+
+
+@bounded_db_connection
+async def find_resumable_slot(
+    conn: asyncpg.Connection, *, max_age: float | None, only_latest: bool
+) -> Slot | None:
+    """The latest slot with chains not stored, or not read to the end, or ``None``.
+
+    Args:
+        max_age: ignore slots older than this many seconds (``None``: any age).
+        only_latest: look at the latest slot only (a scheduled run must not go back past a
+            newer slot); otherwise the latest slot that has such chains.
+    """
+    captured_at = await conn.fetchval(
+        """
+        SELECT max(c.captured_at) FROM snapshot_coverage c
+        WHERE (c.committed_at IS NULL OR NOT c.read_to_end)
+          AND ($1::float8 IS NULL OR c.captured_at > now() - make_interval(secs => $1))
+          AND (NOT $2 OR c.captured_at = (SELECT max(captured_at) FROM snapshot_coverage))
+        """,
+        max_age,
+        only_latest,
+    )
+    if captured_at is None:
+        return None
+    rows = await conn.fetch(
+        """
+        SELECT underlying_ticker, coalesce(requested_ticker, underlying_ticker) AS requested
+        FROM snapshot_coverage
+        WHERE captured_at = $1 AND (committed_at IS NULL OR NOT read_to_end)
+        ORDER BY underlying_ticker
+        """,
+        captured_at,
+    )
+    return Slot(captured_at, [PlannedChain(r["requested"], r["underlying_ticker"]) for r in rows])
+
+
+@bounded_db_connection
+async def adopt_slot(conn: asyncpg.Connection, run: Run, slot: Slot) -> None:
+    """Make ``run`` the run that resumes ``slot``."""
+    await conn.execute(
+        "UPDATE ingest_runs SET captured_at = $2, underlyings_requested = $3 WHERE id = $1",
+        run.id,
+        slot.captured_at,
+        len(slot.chains),
+    )
+
+
+@bounded_db_connection
+async def close_slot(conn: asyncpg.Connection, run: Run, captured_at: dt.datetime) -> int:
+    """Say why the chains the run did not store are missing; returns how many there are."""
+    status = await conn.execute(
+        """
+        UPDATE snapshot_coverage SET error = $3
+        WHERE captured_at = $1 AND committed_at IS NULL AND run_id = $2
+        """,
+        captured_at,
+        run.id,
+        f"not stored: run {run.id} ended before this chain was read",
+    )
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def commit_chains(
+    conn: asyncpg.Connection,
+    run: Run,
+    chains: Sequence[ChainCommit],
+    *,
+    partition: str,
+    columns: Sequence[str],
+    captured_at: int,
+    now: int,
+) -> list[ChainCommit]:
+    """Store ``chains`` in one transaction: rows, coverage, rejects, tracked rows, run counts.
+
+    Safe to run again after a connection was lost mid-way: a chain whose coverage row says
+    this run committed it already is skipped. A contract another chain of the slot already
+    stored (an adjusted contract listed under two underlyings) keeps its first row.
+
+    Args:
+        partition: the slot's day partition of ``option_snapshots``.
+        columns: the columns of the rows, in order.
+        captured_at: the slot, in epoch microseconds (the connection's timestamptz codec).
+        now: the commit time, in epoch microseconds.
+
+    Returns:
+        The chains this call stored (with ``stored``, ``missing``, ``complete`` set).
+
+    Raises:
+        LeaseLostError: the run no longer holds its lease; nothing was stored.
+        asyncpg.DataError, TypeError, ValueError, OverflowError: a value the table cannot
+            hold; nothing was stored (check the rows and call again without it).
+    """
+    async with conn.transaction():
+        previous = {
+            row["underlying_ticker"]: row
+            for row in await conn.fetch(
+                """
+                SELECT underlying_ticker, run_id, committed_at, snapshots_stored, rows_rejected
+                FROM snapshot_coverage WHERE captured_at = $1 AND underlying_ticker = ANY($2)
+                FOR UPDATE
+                """,
+                captured_at,
+                [c.key for c in chains],
+            )
+        }
+        todo = []
+        for chain in chains:
+            before = previous.get(chain.key)
+            if before is not None and before["run_id"] == run.id and before["committed_at"]:
+                continue  # an earlier attempt of this call committed it
+            todo.append(chain)
+        if not todo:
+            return []
+        stored = await _store_rows(conn, todo, partition, columns)
+        for chain in todo:
+            before = previous.get(chain.key)
+            tickers = stored[chain.key]
+            chain.stored_now = len(tickers)
+            chain.stored = chain.stored_now + (before["snapshots_stored"] if before else 0)
+            if before is not None and before["committed_at"] is not None:
+                # a resumed chain: what the slot held before counts, rejects included
+                chain.rejected += before["rows_rejected"]
+                if chain.expected:
+                    tickers = tickers | await _stored_tickers(conn, partition, chain, captured_at)
+            chain.active = len(chain.expected)
+            chain.missing = len(chain.expected - tickers)
+            chain.complete = chain.read_to_end and not chain.missing and not chain.rejected
+        await conn.executemany(
+            """
+            INSERT INTO snapshot_coverage AS c (captured_at, underlying_ticker, run_id,
+                contracts_active, snapshots_stored, contracts_missing, complete, pages, error,
+                rows_rejected, read_to_end, committed_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+            ON CONFLICT (captured_at, underlying_ticker) DO UPDATE SET
+                run_id = EXCLUDED.run_id, contracts_active = EXCLUDED.contracts_active,
+                snapshots_stored = EXCLUDED.snapshots_stored,
+                contracts_missing = EXCLUDED.contracts_missing, complete = EXCLUDED.complete,
+                pages = c.pages + EXCLUDED.pages, error = EXCLUDED.error,
+                rows_rejected = EXCLUDED.rows_rejected,
+                read_to_end = EXCLUDED.read_to_end, committed_at = EXCLUDED.committed_at
+            """,
+            [
+                (
+                    captured_at,
+                    c.key,
+                    run.id,
+                    c.active,
+                    c.stored,
+                    c.missing,
+                    c.complete,
+                    c.pages,
+                    c.reason(),
+                    c.rejected,
+                    c.read_to_end,
+                    now,
+                )
+                for c in todo
+            ],
+        )
+        for chain in todo:
+            await keep_rejects(
+                conn, run.id, chain.rejects, underlying=chain.key, captured_at=captured_at
+            )
+        await conn.execute(
+            """
+            UPDATE tracked_underlyings t SET last_snapshot_at = $1,
+                last_complete_snapshot_at = CASE WHEN u.complete THEN $1
+                                                 ELSE t.last_complete_snapshot_at END,
+                last_error = CASE WHEN u.error IS NULL THEN t.last_error ELSE u.error END,
+                last_error_at = CASE WHEN u.error IS NULL THEN t.last_error_at ELSE $2 END
+            FROM unnest($3::text[], $4::bool[], $5::text[]) AS u(key, complete, error)
+            WHERE regexp_replace(t.ticker, '^I:', '') = u.key
+            """,
+            captured_at,
+            now,
+            [c.key for c in todo],
+            [c.complete for c in todo],
+            [c.error for c in todo],
+        )
+        complete = sum(c.complete for c in todo)
+        await count_committed(
+            conn,
+            run,
+            {
+                "underlyings_succeeded": complete,
+                "underlyings_failed": len(todo) - complete,
+                "rows_written": sum(c.stored_now for c in todo),
+                "rows_rejected": sum(c.rejected for c in todo),
+            },
+            failures=[f"{c.key}: {c.reason()}" for c in todo if not c.complete],
+        )
+    return todo
+
+
+async def _store_rows(
+    conn: asyncpg.Connection,
+    chains: Sequence[ChainCommit],
+    partition: str,
+    columns: Sequence[str],
+) -> dict[str, set[str]]:
+    """Insert the chains' rows; returns the tickers stored per chain."""
+    fresh = [c for c in chains if not c.resumed]
+    rows = [row for c in fresh for row in c.rows]
+    stored: dict[str, set[str]] = {c.key: set() for c in chains}
+    if rows:
+        try:
+            async with conn.transaction():  # a savepoint: a duplicate undoes only this COPY
+                await conn.copy_records_to_table(partition, records=rows, columns=columns)
+        except asyncpg.UniqueViolationError:
+            fresh = []  # another chain stored one of these contracts: keep its row
+        else:
+            for chain in fresh:
+                stored[chain.key] = {row[0] for row in chain.rows}
+    careful = [c for c in chains if c not in fresh]
+    rows = [row for c in careful for row in c.rows]
+    if rows:
+        for ticker, key in await _insert_skipping_stored(conn, rows, partition, columns):
+            stored[key].add(ticker)
+        skipped = collections.Counter(c.key for c in careful for _ in c.rows)
+        for chain in careful:
+            lost = skipped[chain.key] - len(stored[chain.key])
+            if lost and not chain.resumed:
+                logger.warning(
+                    "%s: %d snapshots skipped, of contracts another underlying's chain "
+                    "already returned in this slot",
+                    chain.key,
+                    lost,
+                )
+    return stored
+
+
+async def _insert_skipping_stored(
+    conn: asyncpg.Connection,
+    rows: list[tuple[Any, ...]],
+    partition: str,
+    columns: Sequence[str],
+) -> list[asyncpg.Record]:
+    """Insert ``rows`` except those whose (ticker, captured_at) the slot already holds."""
+    names = ", ".join(columns)
+    await conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS snapshot_batch (LIKE option_snapshots) "
+        "ON COMMIT DELETE ROWS"
+    )
+    await conn.copy_records_to_table("snapshot_batch", records=rows, columns=columns)
+    inserted = await conn.fetch(
+        f"INSERT INTO {partition} ({names}) SELECT {names} FROM snapshot_batch "
+        "ON CONFLICT DO NOTHING RETURNING ticker, underlying_ticker"
+    )
+    await conn.execute("DELETE FROM snapshot_batch")
+    return inserted
+
+
+async def _stored_tickers(
+    conn: asyncpg.Connection, partition: str, chain: ChainCommit, captured_at: int
+) -> set[str]:
+    """The expected contracts of a resumed chain that the slot held before this commit."""
+    rows = await conn.fetch(
+        f"SELECT ticker FROM {partition} WHERE captured_at = $1 AND ticker = ANY($2) "
+        "AND underlying_ticker = $3",
+        captured_at,
+        list(chain.expected),
+        chain.key,
+    )
+    return {row[0] for row in rows}
