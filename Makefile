@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test check lint bench clean
+.PHONY: install demo test chaos check lint bench clean
 
 install: $(VENV)/.installed
 
@@ -18,12 +18,15 @@ demo: install  ## run the jobs against the simulator and a local PostgreSQL
 test: install  ## the test suite, against a real PostgreSQL
 	$(BIN)/pytest
 
+chaos: install  ## the chaos suite: both jobs killed, faulted and cut off, invariants checked
+	$(BIN)/pytest -m chaos
+
 lint: install
 	$(BIN)/ruff format --check options cli tests benchmarks
 	$(BIN)/ruff check options cli tests benchmarks
 	$(BIN)/mypy
 
-check: lint test  ## what CI runs
+check: lint test chaos  ## what CI runs
 
 bench: install  ## both benchmarks (see README); the snapshot baseline needs the official client
 	$(BIN)/pip install --quiet --disable-pip-version-check massive==2.9.1

@@ -16,6 +16,7 @@ import click
 from options.config import Settings, parse_cli_underlyings, parse_duration
 from options.errors import ExitCode, OptionsError
 from options.ops.logs import LOG_FORMATS, StatusReporter, configure_logging, journal_stream_matches
+from options.store.db import is_connection_lost
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("cli")
@@ -132,6 +133,17 @@ def parse_deadline(raw: str | None) -> float | None:
         fail(exc)
 
 
+def quiet_lost_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's handler of errors nobody awaited: a query cancelled while its job was
+    failing leaves asyncpg a future that the lost connection fails later; that is an echo of
+    the error already reported, logged at DEBUG. Anything else is reported as usual."""
+    error = context.get("exception")
+    if error is not None and is_connection_lost(error):
+        logger.debug("%s: %r", context.get("message"), error)
+        return
+    loop.default_exception_handler(context)
+
+
 def run(
     main: Callable[[asyncio.Event], Awaitable[int]], *, deadline: float | None = None
 ) -> NoReturn:
@@ -163,6 +175,7 @@ def run(
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
+        loop.set_exception_handler(quiet_lost_connections)
         if deadline is not None:
             loop.call_later(deadline, on_deadline)
         return await main(stop)

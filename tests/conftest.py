@@ -133,3 +133,35 @@ def fixtures_dir() -> Path:
     if not FIXTURES_DIR.is_dir():
         pytest.skip("recorded fixtures not present (../shared/polygon-fixtures)")
     return FIXTURES_DIR
+
+
+async def black_out(database_url: str, *, after: float, seconds: float) -> None:
+    """After ``after`` s, refuse new connections to the database and end every session on it
+    (as a database going away does), for ``seconds`` s."""
+    import asyncio
+
+    await asyncio.sleep(after)
+    name = urlsplit(database_url).path.lstrip("/")
+    admin = await asyncpg.connect(with_database(database_url, "postgres"))
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            )
+            await asyncio.sleep(seconds)
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    finally:
+        await admin.close()
+
+
+async def wait_for_value(pool: asyncpg.Pool, query: str, *, interval: float = 0.02) -> object:
+    """Poll ``query`` until it returns a true value; return that value."""
+    import asyncio
+
+    while True:
+        value = await pool.fetchval(query)
+        if value:
+            return value
+        await asyncio.sleep(interval)

@@ -227,3 +227,35 @@ def test_index_and_stock_of_one_name_are_refused(given: tuple[str, str]) -> None
     assert "keep I:SPX for the index or SPX for the stock" in str(caught.value)
     with pytest.raises(ConfigError, match="--underlying names both"):
         parse_cli_underlyings(list(given))
+
+
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("https://api.massive.com", True),
+        ("http://127.0.0.1:8080", True),
+        ("http://localhost:8080", True),
+        ("http://[::1]:8080", True),
+        ("http://api.massive.com", False),
+        ("http://10.0.0.5:8080", False),
+    ],
+    ids=["https", "loopback-v4", "localhost", "loopback-v6", "cleartext-host", "cleartext-lan"],
+)
+def test_cleartext_base_url_only_for_loopback(url: str, accepted: bool) -> None:
+    """The key never travels in cleartext: http:// is refused unless the host is loopback (the
+    simulator), with one line naming the variable and what is accepted."""
+    if accepted:
+        assert Settings.from_env({"POLYGON_BASE_URL": url}, env_file=None).base_url == url
+        return
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"POLYGON_BASE_URL": url}, env_file=None)
+    message = str(caught.value)
+    assert message.startswith(f"POLYGON_BASE_URL='{url}' would send the API key in cleartext")
+    assert "expected https://HOST[:PORT]" in message
+    assert "\n" not in message
+
+
+def test_clone_env_file_is_not_read_by_tests(tmp_path: Path) -> None:
+    """Tests run outside the clone: a developer's own .env there changes nothing here."""
+    assert Path.cwd() == tmp_path
+    assert Settings.from_env({}, env_file=None) == Settings()

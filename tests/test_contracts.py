@@ -11,10 +11,16 @@ import asyncpg
 import pytest
 
 from options.config import Secret
-from options.errors import AlreadyRunningError, DatabaseError, ExitCode, KeyRejectedError
+from options.errors import (
+    AlreadyRunningError,
+    DatabaseError,
+    ExitCode,
+    KeyRejectedError,
+    RunInterrupted,
+)
 from options.jobs.filters import market_today
 from options.jobs.wiring import run_options_job
-from options.simulator import create_fixture_app, start_server
+from options.simulator import SimulatorConfig, create_fixture_app, start_server
 from options.store.runs import open_run
 
 FIXTURE_PAGES = (
@@ -408,29 +414,31 @@ async def cut_connections(pool: asyncpg.Pool, application: str, *, every: float)
         )
 
 
-async def test_database_going_away_for_good_fails_with_the_real_cause(
-    simulator, pool, make_settings
+async def test_database_going_away_fails_with_the_real_cause(
+    simulator, pool, database_url: str, make_settings
 ) -> None:
-    """Connections killed again and again for longer than DB_RECONNECT_SECONDS end the run with
-    one DatabaseError that says the connection was lost (not a task group, not "released back
-    to the pool"), and the run is recorded failed on a connection of its own."""
+    """When the database ends the job's sessions and refuses new ones, the run ends with one
+    DatabaseError naming that cause (not a task group, not "released back to the pool"), and
+    the run is recorded failed on a connection of its own once the database is back."""
     import asyncio
+
+    from tests.conftest import black_out
 
     names = tuple(f"U{c}" for c in "ABCDEFGH")
     async with simulator(underlyings=names, contracts_per_underlying=3000, latency=0.02) as api:
         settings = make_settings(
             api.base_url, names, underlying_concurrency=2, db_reconnect_seconds=1.0
         )
-        cutter = asyncio.create_task(cut_connections(pool, "ingest_options", every=0.05))
-        try:
-            with pytest.raises(DatabaseError) as caught:
-                await asyncio.wait_for(run_options_job(settings), 60)
-        finally:
-            cutter.cancel()
-    assert "the database connection was lost" in str(caught.value)
+        outage = asyncio.create_task(black_out(database_url, after=0.3, seconds=3.0))
+        with pytest.raises(DatabaseError) as caught:
+            await asyncio.wait_for(run_options_job(settings), 60)
+        await outage
+    message = str(caught.value)
+    assert "the database connection was lost" in message or "not currently accepting" in message
+    assert "released back to the pool" not in message
     run = await pool.fetchrow("SELECT status, error FROM ingest_runs")
     assert run["status"] == "failed"
-    assert "the database connection was lost" in run["error"]
+    assert run["error"].startswith(message.split(": ", 1)[0])
 
 
 async def test_connections_lost_now_and_then_cost_nothing(simulator, pool, make_settings) -> None:
@@ -499,3 +507,140 @@ async def test_contract_with_a_value_the_table_cannot_hold_is_rejected_alone(
     assert [r[0] for r in stored] == ["O:AAA300118C00010000"]
     run = await last_run(pool)
     assert (run["rows_fetched"], run["rows_written"], run["rows_rejected"]) == (9, 1, 8)
+
+
+async def test_contract_in_a_rejected_row_is_still_listed(simulator, pool, make_settings) -> None:
+    """A contract whose row the normalizer refuses (an expiration sent as a datetime) was
+    listed all the same: it stays active, its last_seen_at moves, and the reject is kept."""
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=200) as api:
+        settings = make_settings(api.base_url, ("AAA",))
+        assert await run_options_job(settings) == ExitCode.OK
+    before = await contracts_by_ticker(pool)
+    config = SimulatorConfig(malformed_contracts_rate=0.1)
+    bad = sorted(t for t in before if config.malformed_contract(t))
+    assert 5 < len(bad) < 50
+    async with simulator(
+        underlyings=("AAA",), contracts_per_underlying=200, malformed_contracts_rate=0.1
+    ) as api:
+        assert await run_options_job(make_settings(api.base_url, ("AAA",))) == ExitCode.OK
+    after = await contracts_by_ticker(pool)
+    assert all(row["active"] for row in after.values())
+    assert all(after[t]["last_seen_at"] > before[t]["last_seen_at"] for t in bad)
+    run = await last_run(pool)
+    assert (run["rows_rejected"], run["contracts_deactivated"]) == (len(bad), 0)
+    kept = await pool.fetch("SELECT ticker, reason, record FROM rejected_rows ORDER BY ticker")
+    assert [r["ticker"] for r in kept] == bad
+    assert all("not a YYYY-MM-DD date" in r["reason"] for r in kept)
+    assert all("T00:00:00Z" in r["record"] for r in kept)
+
+
+async def test_listing_with_every_row_rejected_deactivates_nothing(
+    simulator, pool, make_settings
+) -> None:
+    """A listing whose every row is refused stores nothing, deactivates nothing, and fails its
+    underlying loudly instead of ending the run succeeded."""
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=120) as api:
+        assert await run_options_job(make_settings(api.base_url, ("AAA",))) == ExitCode.OK
+    async with simulator(
+        underlyings=("AAA",), contracts_per_underlying=120, malformed_contracts_rate=1.0
+    ) as api:
+        code = await run_options_job(make_settings(api.base_url, ("AAA",)))
+    assert code == ExitCode.FAILED
+    assert await pool.fetchval("SELECT count(*) FROM option_contracts WHERE active") == 120
+    run = await last_run(pool)
+    assert (run["status"], run["underlyings_failed"], run["rows_rejected"]) == ("failed", 1, 120)
+    assert "all 120 contracts of the listing were rejected" in run["error"]
+
+
+@pytest.mark.parametrize(
+    ("percent", "code", "deactivated"),
+    [(20.0, ExitCode.FAILED, 0), (50.0, ExitCode.OK, 40)],
+    ids=["refused", "allowed"],
+)
+async def test_guard_refuses_to_deactivate_too_large_a_share(
+    simulator, pool, make_settings, percent: float, code: ExitCode, deactivated: int
+) -> None:
+    """A listing that would deactivate more than MAX_DEACTIVATION_PERCENT of an underlying's
+    unexpired active contracts fails that underlying and changes nothing of it."""
+    for n in range(40):
+        await insert_contract(
+            pool, f"O:AAA991231C{n:08d}", "AAA", "call", market_today() + dt.timedelta(days=30)
+        )
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=50) as api:
+        settings = make_settings(api.base_url, ("AAA",), max_deactivation_percent=percent)
+        assert await run_options_job(settings) == code
+    assert await pool.fetchval("SELECT count(*) FROM option_contracts WHERE NOT active") == (
+        deactivated
+    )
+    run = await last_run(pool)
+    assert run["contracts_deactivated"] == deactivated
+    if code == ExitCode.FAILED:
+        assert "would deactivate 40 of 90 unexpired active contracts" in run["error"]
+        assert "MAX_DEACTIVATION_PERCENT=20" in run["error"]
+        # the whole underlying rolled back: the 50 listed contracts were not stored either
+        assert await pool.fetchval("SELECT count(*) FROM option_contracts") == 40
+
+
+async def test_expired_contracts_of_every_underlying_are_deactivated(
+    simulator, pool, make_settings
+) -> None:
+    """Each run marks inactive the expired contracts of every underlying, also of those it does
+    not sync (a one-off ticker, one left out of UNDERLYINGS)."""
+    yesterday = market_today() - dt.timedelta(days=1)
+    await insert_contract(pool, "O:ZZZ201231C00001000", "ZZZ", "call", yesterday)
+    await insert_contract(pool, "O:ZZZ991231C00001000", "ZZZ", "call", market_today())
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
+        assert await run_options_job(make_settings(api.base_url, ("AAA",))) == ExitCode.OK
+    assert await active_map(pool, ["O:ZZZ201231C00001000", "O:ZZZ991231C00001000"]) == {
+        "O:ZZZ201231C00001000": False,
+        "O:ZZZ991231C00001000": True,  # expires today: still trading
+    }
+
+
+async def test_first_seen_at_never_moves(simulator, pool, make_settings) -> None:
+    """first_seen_at is the first sighting, by the snapshot job or the daily sync, and no
+    later sync moves it."""
+    from options.jobs.wiring import run_snapshots_job
+
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=30) as api:
+        settings = make_settings(api.base_url, ("AAA",))
+        assert await run_snapshots_job(settings, force=True) == ExitCode.OK
+        first = {t: r["first_seen_at"] for t, r in (await contracts_by_ticker(pool)).items()}
+        assert len(first) == 30
+        for _ in range(2):
+            assert await run_options_job(settings) == ExitCode.OK
+    after = await contracts_by_ticker(pool)
+    assert {t: r["first_seen_at"] for t, r in after.items()} == first
+    assert all(r["last_seen_at"] > r["first_seen_at"] for r in after.values())
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3, 0.5, 0.8], ids=lambda d: f"stop-at-{d}s")
+async def test_ledger_counts_what_was_committed_whenever_the_stop_comes(
+    simulator, pool, make_settings, delay: float
+) -> None:
+    """Whenever the stop lands (between pages, while a transaction commits), the run row
+    counts exactly the underlyings and contracts that were committed."""
+    import asyncio
+
+    names = tuple(f"U{c}" for c in "ABCDEF")
+    stop = asyncio.Event()
+    async with simulator(underlyings=names, contracts_per_underlying=1500, latency=0.01) as api:
+        settings = make_settings(api.base_url, names, underlying_concurrency=3)
+        asyncio.get_running_loop().call_later(delay, stop.set)
+        try:
+            code = await run_options_job(settings, stop=stop)
+        except RunInterrupted as exc:
+            code = exc.exit_code
+    run = await last_run(pool)
+    seen = await pool.fetchval(
+        "SELECT count(*) FROM option_contracts WHERE last_seen_at = $1", run["started_at"]
+    )
+    synced = await pool.fetchval(
+        "SELECT count(*) FROM tracked_underlyings WHERE last_contract_sync_at = $1",
+        run["started_at"],
+    )
+    assert (run["rows_written"], run["underlyings_succeeded"]) == (seen, synced)
+    assert seen == 1500 * synced
+    assert run["status"] == ("succeeded" if code == ExitCode.OK else "interrupted")
+    if code == ExitCode.INTERRUPTED:
+        assert f"{6 - synced} left untouched" in run["error"]

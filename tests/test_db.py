@@ -157,3 +157,47 @@ async def pool_terminate(database_url: str, pid: int) -> None:
         await asyncio.sleep(0.1)
     finally:
         await other.close()
+
+
+async def test_migration_lock_wait_is_bounded(pool: asyncpg.Pool) -> None:
+    """A session sitting on the migration lock makes a job fail after a bounded wait, with an
+    error naming that session, instead of hanging forever."""
+    from options.store.db import MIGRATION_LOCK_KEY, _take_migration_lock
+
+    async with pool.acquire() as holder, pool.acquire() as waiter:
+        await holder.execute("SELECT set_config('application_name', 'stuck-migrator', false)")
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        with pytest.raises(DatabaseError, match=r"held by backend \d+, stuck-migrator"):
+            await _take_migration_lock(waiter, patience=0.5)
+        await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        await _take_migration_lock(waiter, patience=0.5)
+        await waiter.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+
+
+async def test_pool_connections_carry_their_limits(database_url: str) -> None:
+    """Every pooled connection has statement and lock timeouts, keeps its own transactions from
+    idling forever, and has TCP keepalives on."""
+    from options.store.db import Limits, create_pool
+
+    pool = await create_pool(database_url, max_size=2, limits=Limits(12.5, 3.0))
+    try:
+        async with pool.acquire() as conn:
+            settings = {
+                name: await conn.fetchval(f"SHOW {name}")
+                for name in (
+                    "statement_timeout",
+                    "lock_timeout",
+                    "idle_in_transaction_session_timeout",
+                    "application_name",
+                )
+            }
+            assert settings == {
+                "statement_timeout": "12500ms",
+                "lock_timeout": "3s",
+                "idle_in_transaction_session_timeout": "12500ms",
+                "application_name": "options-history",
+            }
+            with pytest.raises(asyncpg.QueryCanceledError):
+                await conn.execute("SET statement_timeout = '100ms'; SELECT pg_sleep(1)")
+    finally:
+        await pool.close()

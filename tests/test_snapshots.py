@@ -521,35 +521,27 @@ async def test_smallest_pool_does_not_starve(simulator, pool, make_settings) -> 
     assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == 1200
 
 
-async def test_database_going_away_for_good_fails_with_the_real_cause(
-    simulator, pool, make_settings
+async def test_database_going_away_fails_with_the_real_cause(
+    simulator, pool, database_url: str, make_settings
 ) -> None:
-    """When PostgreSQL keeps dropping the job's connections for longer than
-    DB_RECONNECT_SECONDS, the job fails with one error naming the lost connection, the run is
-    recorded failed, and every chain stored is whole with its coverage row."""
+    """When the database ends the job's sessions and refuses new ones, the job fails with one
+    error naming that cause, the run is recorded failed once the database is back, and every
+    chain stored is whole with its coverage row."""
+    from tests.conftest import black_out
 
     names = tuple(f"U{c}" for c in "ABCDEF")
-
-    async def cut_connections() -> None:
-        await asyncio.sleep(0.4)
-        while True:
-            await pool.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = 'ingest_snapshots'"
-            )
-            await asyncio.sleep(0.05)
-
     async with simulator(underlyings=names, contracts_per_underlying=3000, latency=0.02) as api:
         settings = make_settings(api.base_url, names, http_concurrency=2, db_reconnect_seconds=1.0)
-        cutter = asyncio.create_task(cut_connections())
-        try:
-            with pytest.raises(DatabaseError) as caught:
-                await asyncio.wait_for(run_snapshots_job(settings, force=True), 60)
-        finally:
-            cutter.cancel()
-    assert "the database connection was lost" in str(caught.value)
+        outage = asyncio.create_task(black_out(database_url, after=0.4, seconds=3.0))
+        with pytest.raises(DatabaseError) as caught:
+            await asyncio.wait_for(run_snapshots_job(settings, force=True), 60)
+        await outage
+    message = str(caught.value)
+    assert "the database connection was lost" in message or "not currently accepting" in message
+    assert "released back to the pool" not in message
     run = await last_run(pool)
     assert run["status"] == "failed"
+    assert run["error"].startswith(message.split(": ", 1)[0])
     await assert_coverage_matches_rows(pool)
 
 
@@ -601,3 +593,145 @@ async def test_connections_lost_now_and_then_cost_nothing(simulator, pool, make_
         18000,
         6,
     )
+
+
+async def test_contract_without_expiration_does_not_fail_a_sliced_chain(
+    simulator, pool, make_settings
+) -> None:
+    """A contract with no expiration date in option_contracts neither fails the planning of a
+    chain large enough to be sliced nor any other chain."""
+    size = SLICE_CONTRACTS + 500
+    async with simulator(underlyings=("AAA", "BBB"), contracts_per_underlying=size) as api:
+        await seed_contracts(pool, api.base_url, ("AAA", "BBB"), make_settings)
+        await pool.execute(
+            "UPDATE option_contracts SET expiration_date = NULL WHERE ticker = "
+            "(SELECT min(ticker) FROM option_contracts WHERE underlying_ticker = 'AAA')"
+        )
+        code = await run_snapshots_job(make_settings(api.base_url, ("AAA", "BBB")), force=True)
+    assert code == ExitCode.OK
+    cover = await coverage(pool)
+    assert [(u, c["snapshots_stored"], c["complete"]) for u, c in cover.items()] == [
+        ("AAA", size, True),
+        ("BBB", size, True),
+    ]
+
+
+async def test_unexpected_shapes_fail_one_row_not_the_chain(pool, make_settings) -> None:
+    """Unknown fields are ignored, and a section of an unexpected type rejects its row only,
+    with the reason kept; the other chains are stored complete."""
+
+    def result(n: int, **extra: object) -> dict[str, object]:
+        return {
+            "details": {"ticker": f"O:AAA300118C{n:08d}", "contract_type": "call"},
+            "open_interest": 7,
+            "brand_new_field": {"nested": [1, 2]},
+            **extra,
+        }
+
+    chains = {
+        "AAA": [result(1000), result(2000, greeks=[0.5, 0.1]), result(3000)],
+        "BBB": [result(4000) | {"details": {"ticker": "O:BBB300118C00004000"}}],
+    }
+    assert await snapshot_one_page_chains(chains, make_settings) == ExitCode.PARTIAL
+    cover = await coverage(pool)
+    assert [
+        (u, c["snapshots_stored"], c["rows_rejected"], c["complete"]) for u, c in cover.items()
+    ] == [("AAA", 2, 1, False), ("BBB", 1, 0, True)]
+    kept = await pool.fetchrow("SELECT ticker, reason FROM rejected_rows")
+    assert tuple(kept) == (
+        "O:AAA300118C00002000",
+        "a section of O:AAA300118C00002000 is not an object",
+    )
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.3, 0.6, 0.9], ids=lambda d: f"stop-at-{d}s")
+async def test_every_planned_chain_is_accounted_for_whenever_the_stop_comes(
+    simulator, pool, make_settings, delay: float
+) -> None:
+    """However early the stop lands, every planned chain has its coverage row, each counts
+    exactly the rows stored, and the run row counts what was committed."""
+    names = tuple(f"U{c}" for c in "ABCDEFGH")
+    stop = asyncio.Event()
+    async with simulator(underlyings=names, contracts_per_underlying=1500, latency=0.03) as api:
+        await seed_contracts(pool, api.base_url, names, make_settings)
+        settings = make_settings(api.base_url, names, http_concurrency=3)
+        asyncio.get_running_loop().call_later(delay, stop.set)
+        try:
+            await run_snapshots_job(settings, stop=stop, force=True)
+        except RunInterrupted:
+            pass
+    run = await last_run(pool)
+    cover = await coverage(pool)
+    assert sorted(cover) == sorted(names)
+    await assert_coverage_matches_rows(pool)
+    complete = sum(c["complete"] for c in cover.values())
+    assert (run["rows_written"], run["underlyings_succeeded"]) == (
+        await pool.fetchval("SELECT count(*) FROM option_snapshots"),
+        complete,
+    )
+    for row in cover.values():
+        if row["committed_at"] is None:
+            assert row["error"].startswith(f"not stored: run {run['id']} ended")
+        assert row["complete"] == (row["snapshots_stored"] == 1500)
+
+
+async def test_resume_completes_the_slot_under_its_own_captured_at(
+    simulator, pool, make_settings
+) -> None:
+    """--resume fetches only the chains the interrupted slot did not store completely, stores
+    them under the slot's captured_at, and leaves the chains already stored alone."""
+    names = tuple(f"U{c}" for c in "ABCDEFGH")
+    stop = asyncio.Event()
+    async with simulator(underlyings=names, contracts_per_underlying=1500, latency=0.03) as api:
+        await seed_contracts(pool, api.base_url, names, make_settings)
+        settings = make_settings(api.base_url, names, http_concurrency=3)
+        asyncio.get_running_loop().call_later(0.4, stop.set)
+        with pytest.raises(RunInterrupted):
+            await run_snapshots_job(settings, stop=stop, force=True)
+        first = await last_run(pool)
+        before = await coverage(pool)
+        stored_before = {u for u, c in before.items() if c["complete"]}
+        assert 0 < len(stored_before) < len(names)
+        requests = await api_requests(api.base_url)
+        assert await run_snapshots_job(settings, resume=True, force=True) == ExitCode.OK
+        chain_pages = await api_requests(api.base_url) - requests - 1  # the market calendar
+    second = await last_run(pool)
+    assert second["resumed"] is True
+    assert second["captured_at"] == first["captured_at"]
+    assert second["underlyings_requested"] == len(names) - len(stored_before)
+    cover = await coverage(pool)
+    assert all(c["complete"] and c["snapshots_stored"] == 1500 for c in cover.values())
+    for underlying in stored_before:
+        assert cover[underlying]["run_id"] == first["id"]
+        assert cover[underlying]["committed_at"] == before[underlying]["committed_at"]
+    assert chain_pages <= 6 * (len(names) - len(stored_before))
+    assert await pool.fetchval("SELECT count(DISTINCT captured_at) FROM option_snapshots") == 1
+    await assert_coverage_matches_rows(pool)
+    assert await run_snapshots_job(settings, resume=True, force=True) == ExitCode.OK
+    assert (await last_run(pool))["id"] == second["id"]  # nothing left: no run at all
+
+
+@pytest.mark.parametrize(
+    ("window", "resumes"), [(600.0, True), (0.0, False)], ids=["within-window", "window-off"]
+)
+async def test_next_run_resumes_a_fresh_interrupted_slot_by_itself(
+    simulator, pool, make_settings, window: float, resumes: bool
+) -> None:
+    """A run started while the interrupted slot is younger than SNAPSHOT_RESUME_WINDOW
+    completes that slot; otherwise it takes a new one."""
+    names = tuple(f"U{c}" for c in "ABCDEF")
+    stop = asyncio.Event()
+    async with simulator(underlyings=names, contracts_per_underlying=1500, latency=0.03) as api:
+        await seed_contracts(pool, api.base_url, names, make_settings)
+        settings = make_settings(
+            api.base_url, names, http_concurrency=2, snapshot_resume_window=window
+        )
+        asyncio.get_running_loop().call_later(0.3, stop.set)
+        with pytest.raises(RunInterrupted):
+            await run_snapshots_job(settings, stop=stop, force=True)
+        assert await run_snapshots_job(settings, force=True) == ExitCode.OK
+    slots = await pool.fetch(
+        "SELECT captured_at, bool_and(complete) AS complete FROM snapshot_coverage "
+        "GROUP BY 1 ORDER BY 1"
+    )
+    assert [r["complete"] for r in slots] == ([True] if resumes else [False, True])

@@ -37,8 +37,8 @@ from options.jobs.filters import ListingScope, contract_underlying, listing_scop
 from options.ops.logs import StatusReporter
 from options.store.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error, reconnecting
 from options.store.rejects import Reject, keep_rejects
-from options.store.runs import Run, RunStats, count_committed, record_failure
-from options.store.underlyings import note_contract_sync, note_error, record_error
+from options.store.runs import Run, RunStats, count_committed
+from options.store.syncs import SyncCounts, committed_sync, record_failed_sync, record_sync
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -185,8 +185,7 @@ async def sync_contracts(
                     "Underlying %s failed, its contracts are left untouched: %s", underlying, exc
                 )
                 if run is not None and pool is not None:
-                    await record_failure(pool, run, f"{underlying}: {exc}")
-                    await record_error(pool, contract_underlying(underlying), str(exc))
+                    await _record_failure(pool, run, result)
                 stats.underlyings_failed += 1
             except RunInterrupted:
                 del results[underlying]  # rolled back: as if never started
@@ -287,6 +286,7 @@ async def sync_underlying(
                         seen_at=seen_at,
                         today=today,
                         stop=stop,
+                        retry=attempt.retry_state.attempt_number > 1,
                     )
         except DB_ERRORS as exc:
             raise DatabaseError(f"{underlying}: {describe_db_error(exc)}") from exc
@@ -310,8 +310,18 @@ async def _sync_once(
     seen_at: dt.datetime,
     today: dt.date,
     stop: asyncio.Event,
+    retry: bool,
 ) -> None:
     key = contract_underlying(underlying)
+    if retry and pool is not None and run is not None:
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as lookup:
+            done = await committed_sync(lookup, run, key)
+        if done is not None:  # the earlier attempt committed; only its answer was lost
+            result.fetched, result.written = done.listed, done.written
+            result.rejected, result.deactivated = done.rejected, done.deactivated
+            result.error = done.error
+            _count_locally(run, result)
+            return
     seen_rejected: set[str] = set()
     rejects: list[Reject] = []
     async with contextlib.AsyncExitStack() as stack:
@@ -355,7 +365,7 @@ async def _sync_once(
                 len(page.results),
                 page.number,
             )
-            if stop.is_set():
+            if stop.is_set() and page.has_next:
                 raise RunInterrupted(f"{underlying}: stopped mid-listing, left untouched")
             if pool is None or not rows:
                 continue
@@ -380,24 +390,19 @@ async def _sync_once(
                 "(see rejected_rows)"
             )
         await keep_rejects(conn, run.id, rejects, underlying=key)
-        if result.error is None:
-            await note_contract_sync(conn, key, seen_at)
-        else:
-            await note_error(conn, key, result.error)
-        counts = {
-            "underlyings_succeeded": result.error is None,
-            "underlyings_failed": result.error is not None,
-            "rows_written": result.written,
-            "rows_rejected": result.rejected,
-            "contracts_deactivated": result.deactivated,
-        }
-        await count_committed(
-            conn,
-            run,
-            {name: int(value) for name, value in counts.items()},
-            failures=[f"{underlying}: {result.error}"] if result.error else (),
-        )
+        await record_sync(conn, run, key, _counts(result), seen_at=seen_at)
     # the transaction committed when the stack closed
+    _count_locally(run, result)
+
+
+def _counts(result: UnderlyingResult) -> SyncCounts:
+    return SyncCounts(
+        result.fetched, result.written, result.rejected, result.deactivated, result.error
+    )
+
+
+def _count_locally(run: Run, result: UnderlyingResult) -> None:
+    """Mirror committed counts in the run's stats (the database row has them already)."""
     run.stats.add(
         {
             "rows_written": result.written,
@@ -405,6 +410,21 @@ async def _sync_once(
             "contracts_deactivated": result.deactivated,
         }
     )
+
+
+async def _record_failure(pool: asyncpg.Pool, run: Run, result: UnderlyingResult) -> None:
+    """Record a failed underlying that stored nothing, once even if the answer is lost."""
+    counts = SyncCounts(result.fetched, 0, result.rejected, 0, result.error)
+    key = contract_underlying(result.underlying)
+    try:
+        async for attempt in reconnecting(what=f"recording the failure of {result.underlying}"):
+            with attempt:
+                async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                    await record_failed_sync(conn, run, key, counts)
+    except DB_ERRORS as exc:
+        raise DatabaseError(
+            f"recording the failure of {result.underlying}: {describe_db_error(exc)}"
+        ) from exc
 
 
 async def upsert_contracts(

@@ -307,7 +307,7 @@ class SnapshotRun:
                 async for page in pages:
                     chain.pages += 1
                     await self._accept(chain, page.results)
-                    if self.halt.is_set():
+                    if self.halt.is_set() and page.has_next:
                         await self._end_slice(chain, done=False, error=STOPPED)
                         return
             finally:

@@ -136,7 +136,9 @@ async def create_pool(
     try:
         pool = await asyncpg.create_pool(
             dsn,
-            min_size=1,
+            # no floor: asyncpg would re-open lost connections in the background and log each
+            # failure with a traceback while the database is away; ours are opened on demand
+            min_size=0,
             max_size=max_size,
             timeout=CONNECT_TIMEOUT,
             # the client gives up a little after the server would have cancelled the statement
@@ -185,10 +187,15 @@ def describe_db_error(exc: BaseException) -> str:
     return described
 
 
-def reconnecting(*, seconds: float | None = None, what: str = "a query") -> AsyncRetrying:
+def reconnecting(
+    *,
+    seconds: float | None = None,
+    what: str = "a query",
+    on: tuple[type[BaseException], ...] | None = None,
+) -> AsyncRetrying:
     """A tenacity loop that retries its block while the connection keeps being lost, for up
     to ``seconds`` (default: :data:`reconnect_window`); any other error, or the last loss, is
-    raised as it is.
+    raised as it is. ``on``: retry these errors instead of lost connections only.
 
     Only for blocks that are safe to run again: reads, and transactions that either
     committed as a whole or not at all and check what is already there.
@@ -204,7 +211,9 @@ def reconnecting(*, seconds: float | None = None, what: str = "a query") -> Asyn
         )
 
     return AsyncRetrying(
-        retry=retry_if_exception(is_connection_lost),
+        retry=retry_if_exception(is_connection_lost)
+        if on is None
+        else retry_if_exception(lambda exc: isinstance(exc, on)),
         stop=stop_after_delay(reconnect_window.get() if seconds is None else seconds),
         wait=wait_random_exponential(multiplier=0.2, max=5.0),
         before_sleep=log_retry,

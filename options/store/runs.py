@@ -343,21 +343,6 @@ def run_lost_message(run: Run) -> str:
     )
 
 
-@bounded_db_connection
-async def record_failure(conn: asyncpg.Connection, run: Run, failure: str) -> None:
-    """Count one failed underlying whose failure committed nothing else, with its reason."""
-    await conn.execute(
-        """
-        UPDATE ingest_runs SET underlyings_failed = underlyings_failed + 1,
-            error = left(concat_ws('; ', error, $2::text), $3)
-        WHERE id = $1 AND status = 'running'
-        """,
-        run.id,
-        failure,
-        MAX_ERROR_TEXT,
-    )
-
-
 class Heartbeat:
     """Renews a run's lease every ``interval`` seconds and writes its progress counts.
 
@@ -454,7 +439,11 @@ async def close_run(dsn: str, run: Run, status: str, error: str | None) -> None:
 
 async def _write_final(dsn: str, run: Run, status: str, error: str | None) -> bool:
     stats = run.stats
-    async for attempt in reconnecting(seconds=FINAL_WRITE_SECONDS, what="recording the run"):
+    # any database error is worth another try here: a database that refuses connections for
+    # a while (a restart, a failover) must not leave the run 'running'
+    async for attempt in reconnecting(
+        seconds=FINAL_WRITE_SECONDS, what="recording the run", on=DB_ERRORS
+    ):
         with attempt:
             conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
             try:

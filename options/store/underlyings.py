@@ -184,9 +184,3 @@ async def note_error(conn: asyncpg.Connection, key: str, error: str) -> None:
         key,
         error,
     )
-
-
-@bounded_db_connection
-async def record_error(conn: asyncpg.Connection, key: str, error: str) -> None:
-    """:func:`note_error` on a connection of its own (for a failure that stored nothing)."""
-    await note_error(conn, key, error)

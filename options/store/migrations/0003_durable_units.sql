@@ -71,3 +71,21 @@ CREATE TABLE tracked_underlyings (
 -- I:SPX and SPX name one underlying (index options are listed under SPX): one row for both.
 CREATE UNIQUE INDEX tracked_underlyings_root_idx
     ON tracked_underlyings ((regexp_replace(ticker, '^I:', '')));
+
+-- Per run and underlying, what ingest_options did: written in the transaction that stores the
+-- underlying's contracts (or alone, for a failure that stored nothing). The contracts job's
+-- counterpart of snapshot_coverage, and what makes a retried commit count once.
+CREATE TABLE contract_syncs (
+    run_id                  bigint NOT NULL REFERENCES ingest_runs (id),
+    underlying_ticker       text NOT NULL,
+    synced_at               timestamptz NOT NULL DEFAULT now(),
+    succeeded               boolean NOT NULL,
+    contracts_listed        integer NOT NULL,
+    contracts_written       integer NOT NULL,
+    rows_rejected           integer NOT NULL,
+    contracts_deactivated   integer NOT NULL,
+    error                   text,
+    PRIMARY KEY (run_id, underlying_ticker)
+);
+
+CREATE INDEX contract_syncs_underlying_idx ON contract_syncs (underlying_ticker, synced_at DESC);
