@@ -127,12 +127,22 @@ def make_settings(database_url: str) -> Callable[..., Settings]:
     return make
 
 
+def require_fixtures() -> Path:
+    """The recorded API responses in ../shared/polygon-fixtures. They are part of the
+    development setup (CI always has them): their absence fails the test, never skips it."""
+    if not FIXTURES_DIR.is_dir():
+        pytest.fail(
+            f"recorded API fixtures missing at {FIXTURES_DIR}: the shared folder must sit "
+            "beside the project",
+            pytrace=False,
+        )
+    return FIXTURES_DIR
+
+
 @pytest.fixture
 def fixtures_dir() -> Path:
-    """The recorded API responses in ../shared; tests using them skip when it is absent."""
-    if not FIXTURES_DIR.is_dir():
-        pytest.skip("recorded fixtures not present (../shared/polygon-fixtures)")
-    return FIXTURES_DIR
+    """:func:`require_fixtures` as a fixture."""
+    return require_fixtures()
 
 
 async def black_out(database_url: str, *, after: float, seconds: float) -> None:

@@ -10,7 +10,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,11 +39,11 @@ from options.errors import (
     RateLimitedError,
     TransientApiError,
 )
+from tests.conftest import require_fixtures
 
 API_KEY = "pk_SECRET_7f3a9c2e51d04b"
 CONTRACTS = "/v3/reference/options/contracts"
 FOREIGN = "https://api.massive.com"
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "polygon-fixtures"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -300,9 +299,7 @@ async def test_page_without_results_list_raises_page_shape_error(serve, bad_page
 @pytest.fixture
 def recorded_contract_pages() -> dict[str, bytes]:
     """The two recorded contracts pages, keyed by cursor ("" for the first page)."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"recorded fixtures not found at {FIXTURES}")
-    folder = FIXTURES / "v3" / "reference" / "options"
+    folder = require_fixtures() / "v3" / "reference" / "options"
     return {
         "": (folder / "contracts.json").read_bytes(),
         "YXA9JTdCJTIySUQlMjIlM0ElMjIy": (

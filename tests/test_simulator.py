@@ -11,7 +11,6 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from operator import eq, ge, gt, le, lt
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,8 +29,8 @@ from options.simulator import (
 )
 from options.simulator.market import snapshot_rows
 from options.simulator.universe import Universe
+from tests.conftest import require_fixtures
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "polygon-fixtures"
 KEY = "sim-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 AS_OF = dt.date(2026, 3, 4)  # a Wednesday
@@ -121,10 +120,8 @@ def shape_mismatches(recorded: Any, served: Any, path: str = "$") -> list[str]:
 
 
 def fixture(relative: str) -> Any:
-    """Load one recorded response; skip the test when the fixtures are absent."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"no recorded fixtures at {FIXTURES}")
-    return orjson.loads((FIXTURES / relative).read_bytes())
+    """Load one recorded response (the fixtures must be there)."""
+    return orjson.loads((require_fixtures() / relative).read_bytes())
 
 
 def row_tickers(pages: list[dict[str, Any]]) -> list[str]:
@@ -1012,10 +1009,8 @@ async def test_stats_and_reset() -> None:
 
 
 def recorded_bytes(relative: str) -> bytes:
-    """One recorded file's bytes; skip the test when the fixtures are absent."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"no recorded fixtures at {FIXTURES}")
-    return (FIXTURES / relative).read_bytes()
+    """One recorded file's bytes (the fixtures must be there)."""
+    return (require_fixtures() / relative).read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -1061,7 +1056,7 @@ def recorded_bytes(relative: str) -> bytes:
 async def test_fixture_app_serves_recordings(url: str, recorded: str) -> None:
     """The fixture app answers each URL with its recorded file, byte for byte."""
     expected = recorded_bytes(recorded)
-    async with await start_server(create_fixture_app(FIXTURES)) as server:
+    async with await start_server(create_fixture_app(require_fixtures())) as server:
         async with aiohttp.ClientSession() as http:
             async with http.get(yarl.URL(f"{server.base_url}{url}", encoded=True)) as response:
                 assert response.status == 200 and response.content_type == "application/json"
@@ -1071,7 +1066,7 @@ async def test_fixture_app_serves_recordings(url: str, recorded: str) -> None:
 async def test_fixture_app_unknown_url() -> None:
     """A URL without a recording answers 404 JSON, including an unrecorded cursor."""
     recorded_bytes("v3/reference/options/contracts.json")
-    async with await start_server(create_fixture_app(FIXTURES)) as server:
+    async with await start_server(create_fixture_app(require_fixtures())) as server:
         async with aiohttp.ClientSession() as http:
             for url in ("/v3/nothing", "/v3/reference/options/contracts?cursor=other"):
                 status, body, _ = await get(http, f"{server.base_url}{url}")
