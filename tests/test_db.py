@@ -201,3 +201,62 @@ async def test_pool_connections_carry_their_limits(database_url: str) -> None:
                 await conn.execute("SET statement_timeout = '100ms'; SELECT pg_sleep(1)")
     finally:
         await pool.close()
+
+
+async def test_existing_database_is_migrated_in_place(server_url: str) -> None:
+    """A database written by the schema before the durable units keeps its data: runs left
+    'running' are closed, coverage rows keep their counts, 'complete' takes its stricter
+    meaning (read to the end and nothing missing), and their time of storing is kept."""
+    from tests.conftest import with_database
+
+    name = "t_migrate_old"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name}")
+        pool = await asyncpg.create_pool(with_database(server_url, name), min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await conn.execute(
+                    "CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
+                    "name text NOT NULL, checksum text NOT NULL, "
+                    "applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                for migration in load_migrations()[:2]:
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations VALUES ($1, $2, $3)",
+                        migration.version,
+                        migration.name,
+                        migration.checksum,
+                    )
+                await conn.execute(
+                    "INSERT INTO ingest_runs (job, started_at, status, finished_at, captured_at) "
+                    "VALUES ('snapshots', '2026-11-20 15:00Z', 'succeeded', '2026-11-20 15:01Z',"
+                    " '2026-11-20 15:00Z'), ('options', now(), 'running', NULL, NULL)"
+                )
+                await conn.execute(
+                    "INSERT INTO snapshot_coverage (captured_at, underlying_ticker, run_id, "
+                    "contracts_active, snapshots_stored, contracts_missing, complete, pages) "
+                    "VALUES ('2026-11-20 15:00Z', 'AAA', 1, 10, 10, 0, true, 1), "
+                    "('2026-11-20 15:00Z', 'BBB', 1, 10, 8, 2, true, 1), "
+                    "('2026-11-20 15:00Z', 'CCC', 1, 10, 3, 7, false, 1)"
+                )
+            applied = await apply_migrations(pool)
+            assert applied == [m.name for m in load_migrations()[2:]]
+            runs = await pool.fetch("SELECT status, finished_at IS NOT NULL FROM ingest_runs")
+            assert [tuple(r) for r in runs] == [("succeeded", True), ("interrupted", True)]
+            rows = await pool.fetch(
+                "SELECT underlying_ticker, snapshots_stored, read_to_end, complete, "
+                "committed_at = captured_at FROM snapshot_coverage ORDER BY 1"
+            )
+            assert [tuple(r) for r in rows] == [
+                ("AAA", 10, True, True, True),
+                ("BBB", 8, True, False, True),
+                ("CCC", 3, False, False, True),
+            ]
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
