@@ -14,7 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from harness import KEY, api_requests, benchmark_database, fetch_value, header, job_env, run_child
+from harness import (
+    KEY,
+    api_requests,
+    benchmark_database,
+    fetch_value,
+    header,
+    job_env,
+    reset_database,
+    run_child,
+)
 
 from options.simulator import SimulatorConfig, SimulatorProcess, make_universe_names
 
@@ -22,13 +31,7 @@ from options.simulator import SimulatorConfig, SimulatorProcess, make_universe_n
 def bench(dsn: str, underlyings: int, contracts: int) -> None:
     names = make_universe_names(underlyings)
     config = SimulatorConfig(underlyings=names, contracts_per_underlying=contracts, api_key=KEY)
-    asyncio.run(
-        fetch_value(
-            dsn,
-            "DROP TABLE IF EXISTS option_snapshots, snapshot_coverage, "
-            "option_contracts, ingest_runs, schema_migrations CASCADE",
-        )
-    )
+    reset_database(dsn)
     with SimulatorProcess(config) as simulator:
         env = job_env(dsn, simulator.base_url, names)
         for label in ("first sync", "re-sync"):

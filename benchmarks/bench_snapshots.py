@@ -24,7 +24,15 @@ import time
 from typing import Any
 
 import asyncpg
-from harness import KEY, api_requests, benchmark_database, fetch_value, header, job_env, run_child
+from harness import (
+    KEY,
+    api_requests,
+    benchmark_database,
+    header,
+    job_env,
+    reset_database,
+    run_child,
+)
 
 from options.api.normalize import SNAPSHOT_COLUMNS
 from options.simulator import SimulatorConfig, SimulatorProcess, make_universe_names
@@ -126,14 +134,7 @@ async def last_run(dsn: str) -> tuple[int, bool]:
 def scenario(dsn: str, underlyings: int, contracts: int, latency_ms: int, baseline: bool) -> None:
     """Sync contracts, then time ingest_snapshots with live and pre-rendered simulator pages."""
     names = make_universe_names(underlyings)
-    asyncio.run(
-        fetch_value(
-            dsn,
-            "DROP TABLE IF EXISTS option_snapshots, snapshot_coverage, "
-            "option_contracts, ingest_runs, schema_migrations, baseline_snapshots "
-            "CASCADE",
-        )
-    )
+    reset_database(dsn)
     label = f"{underlyings} x {contracts} @ {latency_ms} ms"
     ideal = underlyings * -(-contracts // 250)
 
@@ -167,7 +168,7 @@ def scenario(dsn: str, underlyings: int, contracts: int, latency_ms: int, baseli
         env = job_env(dsn, live.base_url, names)
         _, code, _ = run_child("ingest_options", env)
         assert code == 0, f"ingest_options exited {code}"
-        env.pop("UNDERLYINGS")  # select the underlyings from option_contracts, as in production
+        env.pop("UNDERLYINGS")  # the tracked underlyings ingest_options recorded, as in production
         timed_run(env, live.base_url, "simulator renders live")
     if not baseline:
         return

@@ -3,6 +3,7 @@ the simulator's request counter."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -21,12 +22,13 @@ from options.dev.localdb import start_local_postgres
 
 BIN = Path(sys.executable).parent
 KEY = "bench-key"
+EMPTY_DIR = tempfile.mkdtemp(prefix="bench-cwd-")
 
 
 @contextmanager
 def benchmark_database() -> Iterator[str]:
-    """BENCH_DATABASE_URL when set (a database the benchmark may drop tables in), else a
-    throwaway local PostgreSQL."""
+    """BENCH_DATABASE_URL when set (a database whose public schema the benchmark may drop),
+    else a throwaway local PostgreSQL."""
     dsn = os.environ.get("BENCH_DATABASE_URL")
     if dsn:
         yield dsn
@@ -36,6 +38,19 @@ def benchmark_database() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+def reset_database(dsn: str) -> None:
+    """Drop everything in the database's public schema (the jobs migrate it afresh)."""
+
+    async def reset() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        finally:
+            await conn.close()
+
+    asyncio.run(reset())
 
 
 def job_env(dsn: str, base_url: str, underlyings: tuple[str, ...]) -> dict[str, str]:
@@ -52,9 +67,14 @@ def job_env(dsn: str, base_url: str, underlyings: tuple[str, ...]) -> dict[str, 
 
 
 def run_child(script: str, env: dict[str, str], *args: str) -> tuple[float, int, int]:
-    """Run a console script; return (wall seconds, exit code, its peak RSS in MB)."""
+    """Run a console script; return (wall seconds, exit code, its peak RSS in MB).
+
+    It runs in an empty directory, so a ``.env`` where the benchmark was started is not read.
+    """
     started = time.perf_counter()
-    child = subprocess.Popen([str(BIN / script), *args], env=env, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [str(BIN / script), *args], env=env, stderr=subprocess.DEVNULL, cwd=EMPTY_DIR
+    )
     _, status, usage = os.wait4(child.pid, 0)
     elapsed = time.perf_counter() - started
     return elapsed, os.waitstatus_to_exitcode(status), usage.ru_maxrss // 1024
