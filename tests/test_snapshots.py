@@ -18,6 +18,7 @@ from options.jobs.snapshots import SLICE_CONTRACTS
 from options.jobs.wiring import run_options_job, run_snapshots_job
 from options.simulator import create_fixture_app, start_server
 from options.store.partitions import PARTITIONS_AHEAD
+from tests.conftest import wait_for_value
 
 AAPL_CHAIN = "v3/snapshot/options/AAPL.json"
 NS = 1_000_000_000
@@ -675,6 +676,14 @@ async def test_every_planned_chain_is_accounted_for_whenever_the_stop_comes(
         assert row["complete"] == (row["snapshots_stored"] == 1500)
 
 
+async def stop_after_first_chain(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    """Set ``stop`` (as SIGTERM does) once the first chain of the run is stored."""
+    await wait_for_value(
+        pool, "SELECT count(*) FROM snapshot_coverage WHERE committed_at IS NOT NULL"
+    )
+    stop.set()
+
+
 async def test_resume_completes_the_slot_under_its_own_captured_at(
     simulator, pool, make_settings
 ) -> None:
@@ -685,9 +694,10 @@ async def test_resume_completes_the_slot_under_its_own_captured_at(
     async with simulator(underlyings=names, contracts_per_underlying=1500, latency=0.03) as api:
         await seed_contracts(pool, api.base_url, names, make_settings)
         settings = make_settings(api.base_url, names, http_concurrency=3)
-        asyncio.get_running_loop().call_later(0.4, stop.set)
+        stopper = asyncio.create_task(stop_after_first_chain(pool, stop))
         with pytest.raises(RunInterrupted):
             await run_snapshots_job(settings, stop=stop, force=True)
+        await stopper
         first = await last_run(pool)
         before = await coverage(pool)
         stored_before = {u for u, c in before.items() if c["complete"]}
@@ -726,9 +736,10 @@ async def test_next_run_resumes_a_fresh_interrupted_slot_by_itself(
         settings = make_settings(
             api.base_url, names, http_concurrency=2, snapshot_resume_window=window
         )
-        asyncio.get_running_loop().call_later(0.3, stop.set)
+        stopper = asyncio.create_task(stop_after_first_chain(pool, stop))
         with pytest.raises(RunInterrupted):
             await run_snapshots_job(settings, stop=stop, force=True)
+        await stopper
         assert await run_snapshots_job(settings, force=True) == ExitCode.OK
     slots = await pool.fetch(
         "SELECT captured_at, bool_and(complete) AS complete FROM snapshot_coverage "

@@ -23,7 +23,7 @@ from options.ops.logs import StatusReporter
 from options.ops.market import market_session
 from options.store.db import Limits, apply_migrations, create_pool, reconnect_window
 from options.store.partitions import drop_old_partitions, ensure_partitions
-from options.store.runs import STATUS_EXIT_CODES, Run, RunStats, recorded_run
+from options.store.runs import STATUS_EXIT_CODES, Run, recorded_run
 from options.store.slots import Slot, adopt_slot, close_slot, find_resumable_slot, plan_slot
 from options.store.underlyings import (
     Tracked,
@@ -162,7 +162,6 @@ async def run_options_job(
     if dry_run:
         underlyings = list(only) or list(settings.require_underlyings())
         async with open_client(settings) as client:
-            stats = RunStats()
             results = await sync_contracts(
                 settings,
                 client,
@@ -178,9 +177,10 @@ async def run_options_job(
             logger.info(
                 "Dry run: %s lists %d contracts (%s)", result.underlying, result.fetched, outcome
             )
-            stats.underlyings_succeeded += result.error is None
-        stats.underlyings_requested = len(underlyings)
-        return STATUS_EXIT_CODES[stats.status()]
+        listed = sum(result.error is None for result in results)
+        if listed == len(underlyings):
+            return ExitCode.OK
+        return ExitCode.PARTIAL if listed else ExitCode.FAILED
     dsn = settings.require_database_url()
     async with open_client(settings) as client, open_database(settings, job="options") as pool:
         underlyings = list(only) or await tracked_underlyings(settings, pool)

@@ -56,6 +56,7 @@ JOB_LOCK_KEYS = {"options": 0x6F7074686973_10, "snapshots": 0x6F7074686973_11}
 LEASE_SECONDS = 60.0  # a run whose heartbeat is older than this is dead
 HEARTBEAT_SECONDS = 5.0
 FINAL_WRITE_SECONDS = 30.0  # how long the final status waits for a database that went away
+COMPLETED = "completed"  # close_run: the job ran to its end; the row's counts decide the status
 MAX_ERROR_TEXT = 4000
 
 STATUS_EXIT_CODES = {
@@ -93,13 +94,6 @@ class RunStats:
     contracts_deactivated: int = 0
     api_requests: int = 0
     failures: list[str] = field(default_factory=list)
-
-    def status(self) -> str:
-        """The final status these counts call for when the job ran to its end: ``partial``
-        when something was stored but not every underlying completely."""
-        if self.underlyings_succeeded >= self.underlyings_requested:
-            return "succeeded"
-        return "partial" if self.underlyings_succeeded or self.rows_written else "failed"
 
     def add(self, counts: Mapping[str, int]) -> None:
         """Add committed counts (after their transaction committed)."""
@@ -209,7 +203,7 @@ async def recorded_run(
         raise
     else:
         await heartbeat.stop()
-        await close_run(dsn, run, run.stats.status(), None)
+        await close_run(dsn, run, COMPLETED, None)
 
 
 def _outcome(exc: BaseException) -> tuple[str, str]:
@@ -412,32 +406,37 @@ class Heartbeat:
 async def close_run(dsn: str, run: Run, status: str, error: str | None) -> None:
     """Write the run's final status on a new connection, retrying while the database is away.
 
-    ``error`` (the run's own error) goes before the failures already in the row. Only the
-    progress counts are written here; the committed counts are already in the row.
-    Shielded: a second signal does not stop the final row from being written.
+    ``status`` :data:`COMPLETED` (the job ran to its end) is decided from the committed counts
+    in the row, not from this process's view of them: ``succeeded`` when every requested
+    underlying succeeded, ``partial`` when something was stored, ``failed`` otherwise. The
+    run's :attr:`Run.status` is set to what was written. ``error`` (the run's own error) goes
+    before the failures already in the row. Only the progress counts are written here; the
+    committed counts are already in the row. Shielded: a second signal does not stop the
+    final row from being written.
 
     Raises:
         DatabaseError: the row could not be written within :data:`FINAL_WRITE_SECONDS`.
     """
-    run.status = status
     if error and len(error) > MAX_ERROR_TEXT:
         error = error[: MAX_ERROR_TEXT - 1] + "…"
     try:
-        closed = await asyncio.shield(_write_final(dsn, run, status, error))
+        written = await asyncio.shield(_write_final(dsn, run, status, error))
     except DB_ERRORS as exc:
         raise DatabaseError(
             f"cannot record the end of run {run.id} ({status}): {describe_db_error(exc)}; "
             "the next run will close it"
         ) from exc
-    if not closed:
+    if written is None:
         logger.warning(
             "Run %d was already closed by another copy; its row is left as it is", run.id
         )
+        run.status = "failed" if status == COMPLETED else status
         return
-    logger.info("Run %d of ingest_%s ended %s", run.id, run.job, status)
+    run.status = written
+    logger.info("Run %d of ingest_%s ended %s", run.id, run.job, written)
 
 
-async def _write_final(dsn: str, run: Run, status: str, error: str | None) -> bool:
+async def _write_final(dsn: str, run: Run, status: str, error: str | None) -> str | None:
     stats = run.stats
     # any database error is worth another try here: a database that refuses connections for
     # a while (a restart, a failover) must not leave the run 'running'
@@ -447,12 +446,17 @@ async def _write_final(dsn: str, run: Run, status: str, error: str | None) -> bo
         with attempt:
             conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
             try:
-                found = await conn.fetchval(
+                written: str | None = await conn.fetchval(
                     """
-                    UPDATE ingest_runs SET status = $2, finished_at = clock_timestamp(),
+                    UPDATE ingest_runs SET finished_at = clock_timestamp(),
+                        status = CASE
+                            WHEN $2 <> 'completed' THEN $2
+                            WHEN underlyings_succeeded >= $6 THEN 'succeeded'
+                            WHEN underlyings_succeeded > 0 OR rows_written > 0 THEN 'partial'
+                            ELSE 'failed' END,
                         error = left(concat_ws('; ', $3::text, error), $7),
                         rows_fetched = $4, api_requests = $5, underlyings_requested = $6
-                    WHERE id = $1 AND status = 'running' RETURNING id
+                    WHERE id = $1 AND status = 'running' RETURNING status
                     """,
                     run.id,
                     status,
@@ -466,7 +470,7 @@ async def _write_final(dsn: str, run: Run, status: str, error: str | None) -> bo
             finally:
                 with suppress(*DB_ERRORS):
                     await conn.close(timeout=2)
-            return found is not None
+            return written
     raise AssertionError("unreachable: reconnecting() returns or raises")
 
 

@@ -203,7 +203,8 @@ async def commit_chains(
         now: the commit time, in epoch microseconds.
 
     Returns:
-        The chains this call stored (with ``stored``, ``missing``, ``complete`` set).
+        The chains, with ``stored``, ``missing`` and ``complete`` set (read back from the
+        coverage row for a chain an earlier attempt stored).
 
     Raises:
         LeaseLostError: the run no longer holds its lease; nothing was stored.
@@ -215,7 +216,8 @@ async def commit_chains(
             row["underlying_ticker"]: row
             for row in await conn.fetch(
                 """
-                SELECT underlying_ticker, run_id, committed_at, snapshots_stored, rows_rejected
+                SELECT underlying_ticker, run_id, committed_at, snapshots_stored, rows_rejected,
+                       contracts_active, contracts_missing, complete
                 FROM snapshot_coverage WHERE captured_at = $1 AND underlying_ticker = ANY($2)
                 FOR UPDATE
                 """,
@@ -227,10 +229,17 @@ async def commit_chains(
         for chain in chains:
             before = previous.get(chain.key)
             if before is not None and before["run_id"] == run.id and before["committed_at"]:
-                continue  # an earlier attempt of this call committed it
+                # an earlier attempt of this call committed it; only its answer was lost
+                chain.stored = chain.stored_now = before["snapshots_stored"]
+                chain.active, chain.missing = (
+                    before["contracts_active"],
+                    before["contracts_missing"],
+                )
+                chain.rejected, chain.complete = before["rows_rejected"], before["complete"]
+                continue
             todo.append(chain)
         if not todo:
-            return []
+            return list(chains)
         stored = await _store_rows(conn, todo, partition, columns)
         for chain in todo:
             before = previous.get(chain.key)
@@ -309,7 +318,7 @@ async def commit_chains(
             },
             failures=[f"{c.key}: {c.reason()}" for c in todo if not c.complete],
         )
-    return todo
+    return list(chains)
 
 
 async def _store_rows(
