@@ -23,7 +23,7 @@ from options.ops.logs import StatusReporter
 from options.ops.market import market_session
 from options.store.db import Limits, apply_migrations, create_pool, reconnect_window
 from options.store.partitions import drop_old_partitions, ensure_partitions
-from options.store.runs import STATUS_EXIT_CODES, Run, recorded_run
+from options.store.runs import STATUS_EXIT_CODES, Run, close_dead_runs, recorded_run
 from options.store.slots import Slot, adopt_slot, close_slot, find_resumable_slot, plan_slot
 from options.store.underlyings import (
     Tracked,
@@ -268,6 +268,7 @@ async def _snapshot(
         underlyings = list(only) or await tracked_underlyings(settings, pool)
         slot = await _slot_to_resume(settings, pool, resume=resume, only=only)
         if resume and slot is None:
+            await close_dead_runs(pool, "snapshots")  # what opening a run would have done
             logger.info("Nothing to resume: every chain of the latest slots is stored")
             return ExitCode.OK
         async with recorded_run(pool, "snapshots", dsn=dsn, resumed=slot is not None) as run:

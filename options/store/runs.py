@@ -243,15 +243,7 @@ async def _open_run(
     async with conn.transaction():
         # starters of one job take turns: the look and the insert below see the same rows
         await conn.execute("SELECT pg_advisory_xact_lock($1)", JOB_LOCK_KEYS[job])
-        holders = await conn.fetch(
-            """
-            SELECT id, started_at, lease_token, host, boot_id, pid, pid_started, heartbeat_at,
-                   extract(epoch FROM clock_timestamp() - heartbeat_at)::float8 AS silent_seconds
-            FROM ingest_runs WHERE job = $1 AND status = 'running'
-            """,
-            job,
-        )
-        for holder in holders:
+        for holder in await _running(conn, job):
             if holder["lease_token"] == token:
                 # this very call inserted it, and the connection was lost before the answer
                 return Run(holder["id"], job, holder["started_at"], resumed=resumed)
@@ -262,16 +254,7 @@ async def _open_run(
                     f"{holder['pid']} on {holder['host']}, heartbeat "
                     f"{holder['silent_seconds']:.0f} s ago); this copy exits"
                 )
-            await conn.execute(
-                """
-                UPDATE ingest_runs SET status = 'interrupted', finished_at = clock_timestamp(),
-                    error = $2
-                WHERE id = $1
-                """,
-                holder["id"],
-                f"the run stopped without recording a result: {dead}",
-            )
-            logger.warning("Closed run %d left running by a copy that died: %s", holder["id"], dead)
+            await _close_dead(conn, holder["id"], dead)
         try:
             row = await conn.fetchrow(
                 """
@@ -294,6 +277,47 @@ async def _open_run(
                 f"another ingest_{job} started at the same moment; this copy exits"
             ) from None
     return Run(id=row["id"], job=job, started_at=row["started_at"], resumed=resumed)
+
+
+@bounded_db_connection
+async def close_dead_runs(
+    conn: asyncpg.Connection, job: str, *, lease_seconds: float = LEASE_SECONDS
+) -> int:
+    """Close the job's runs left ``running`` by a copy that died (a live one is left alone);
+    returns how many. Opening a run does this too; this is for a command that opens none."""
+    me = ProcessIdentity.current()
+    closed = 0
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", JOB_LOCK_KEYS[job])
+        for holder in await _running(conn, job):
+            dead = me.judge(holder, lease_seconds=lease_seconds)
+            if dead is not None:
+                await _close_dead(conn, holder["id"], dead)
+                closed += 1
+    return closed
+
+
+async def _running(conn: asyncpg.Connection, job: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """
+        SELECT id, started_at, lease_token, host, boot_id, pid, pid_started, heartbeat_at,
+               extract(epoch FROM clock_timestamp() - heartbeat_at)::float8 AS silent_seconds
+        FROM ingest_runs WHERE job = $1 AND status = 'running'
+        """,
+        job,
+    )
+
+
+async def _close_dead(conn: asyncpg.Connection, run_id: int, why: str) -> None:
+    await conn.execute(
+        """
+        UPDATE ingest_runs SET status = 'interrupted', finished_at = clock_timestamp(), error = $2
+        WHERE id = $1
+        """,
+        run_id,
+        f"the run stopped without recording a result: {why}",
+    )
+    logger.warning("Closed run %d left running by a copy that died: %s", run_id, why)
 
 
 async def count_committed(
