@@ -20,6 +20,7 @@ chains read so far are stored, marked incomplete where they were cut short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -59,6 +60,7 @@ from options.store.db import (
     bounded_db_connection,
     describe_db_error,
     epoch_microsecond_timestamps,
+    is_connection_lost,
     reconnecting,
 )
 from options.store.rejects import Reject
@@ -373,35 +375,54 @@ class SnapshotRun:
     # -- load -------------------------------------------------------------------------------
 
     async def _write(self) -> None:
-        """Take chains read to their end (or cut short) and store each with its coverage."""
+        """Take chains read to their end (or cut short) and store each with its coverage.
+
+        A writer holds a connection while chains keep coming and gives it back when the queue
+        runs dry, so a slow run leaves no connection idle in its hands.
+        """
         while True:
             chain = await self.ready.get()
             if chain is None:
                 return
-            batch = [chain]
-            rows = len(chain.rows)
-            while rows < COPY_BATCH_ROWS and not self.ready.empty():
-                more = self.ready.get_nowait()
-                if more is None:
-                    self.ready.put_nowait(None)  # another writer's end mark, or ours: keep it
-                    break
-                batch.append(more)
-                rows += len(more.rows)
-            await self._store(batch)
+            writer = _WriterConnection(self.pool)
+            try:
+                while chain is not None:
+                    await self._store(self._batch(chain), writer)
+                    if self.ready.empty():
+                        break
+                    chain = self.ready.get_nowait()
+                if chain is None:
+                    self.ready.put_nowait(None)  # the end mark: for the loop above
+            finally:
+                await writer.release()
 
-    async def _store(self, batch: list[Chain]) -> None:
+    def _batch(self, first: Chain) -> list[Chain]:
+        """``first`` and the chains ready behind it, up to COPY_BATCH_ROWS rows."""
+        batch = [first]
+        rows = len(first.rows)
+        while rows < COPY_BATCH_ROWS and not self.ready.empty():
+            more = self.ready.get_nowait()
+            if more is None:
+                self.ready.put_nowait(None)  # a writer's end mark: leave it for the loop
+                break
+            batch.append(more)
+            rows += len(more.rows)
+        return batch
+
+    async def _store(self, batch: list[Chain], writer: _WriterConnection) -> None:
         commits = [chain.to_commit() for chain in batch]
         for chain, commit in zip(batch, commits, strict=True):
             chain.committed = commit
         try:
-            done = await self._commit(commits)
+            done = await self._commit(commits, writer)
         except (TypeError, ValueError, OverflowError, asyncpg.DataError):
             # a value the table cannot hold: nothing was stored; check row by row, store the rest
             for commit in commits:
                 commit.rows = self._checked(commit)
-            done = await self._commit(commits)
+            done = await self._commit(commits, writer)
         stats = self.run.stats
         for commit in done:
+            commit.release()
             stats.rows_written += commit.stored_now
             stats.rows_rejected += commit.rejected
             if commit.complete:
@@ -426,24 +447,31 @@ class SnapshotRun:
                     commit.rejects.append(Reject.of(row, str(exc), ticker=row[0]))
         return good
 
-    async def _commit(self, commits: list[ChainCommit]) -> list[ChainCommit]:
-        """One transaction for the batch, on a fresh connection; a lost connection is retried
-        (the commit skips what an earlier attempt stored)."""
+    async def _commit(
+        self, commits: list[ChainCommit], writer: _WriterConnection
+    ) -> list[ChainCommit]:
+        """One transaction for the batch; a lost connection is replaced and the transaction
+        done again (it skips what an attempt whose answer was lost stored)."""
         keys = ", ".join(c.key for c in commits)
         try:
             async for attempt in reconnecting(what=f"storing the chains of {keys}"):
                 with attempt:
-                    async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-                        async with epoch_microsecond_timestamps(conn):
-                            return await commit_chains(
-                                conn,
-                                self.run,
-                                commits,
-                                partition=self.partition,
-                                columns=SNAPSHOT_COLUMNS,
-                                captured_at=self.captured_at_us,
-                                now=epoch_microseconds(dt.datetime.now(dt.UTC)),
-                            )
+                    conn = await writer.get()
+                    try:
+                        return await commit_chains(
+                            conn,
+                            self.run,
+                            commits,
+                            partition=self.partition,
+                            columns=SNAPSHOT_COLUMNS,
+                            captured_at=self.captured_at_us,
+                            now=epoch_microseconds(dt.datetime.now(dt.UTC)),
+                            retry=attempt.retry_state.attempt_number > 1,
+                        )
+                    except BaseException as exc:
+                        if is_connection_lost(exc):
+                            await writer.release()
+                        raise
         except asyncpg.DataError:
             raise  # a value the table cannot hold: the caller checks the rows
         except DB_ERRORS as exc:
@@ -480,6 +508,37 @@ class SnapshotRun:
 
 
 STOPPED = "stopped (signal, deadline or refused key) before the chain was read to the end"
+
+
+class _WriterConnection:
+    """A writer's connection, taken when first needed, with ``timestamptz`` as epoch
+    microseconds (the rows' form), given back by :meth:`release` (also when it was lost)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._held: contextlib.AsyncExitStack | None = None
+        self._conn: asyncpg.Connection | None = None
+
+    async def get(self) -> asyncpg.Connection:
+        """The held connection, or a new one from the pool."""
+        if self._conn is not None and self._conn.is_closed():
+            await self.release()
+        if self._conn is None:
+            held = contextlib.AsyncExitStack()
+            try:
+                conn = await held.enter_async_context(self.pool.acquire(timeout=ACQUIRE_TIMEOUT))
+                await held.enter_async_context(epoch_microsecond_timestamps(conn))
+            except BaseException:
+                await held.aclose()
+                raise
+            self._held, self._conn = held, conn
+        return self._conn
+
+    async def release(self) -> None:
+        """Give the connection back to the pool (a broken one is closed on the way)."""
+        held, self._held, self._conn = self._held, None, None
+        if held is not None:
+            await held.aclose()
 
 
 def _readable_ticker(raw: Any) -> str | None:

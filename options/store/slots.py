@@ -15,7 +15,6 @@ The writer connection encodes ``timestamptz`` as epoch microseconds
 
 from __future__ import annotations
 
-import collections
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -81,6 +80,11 @@ class ChainCommit:
     active: int = 0
     missing: int = 0
     complete: bool = False
+
+    def release(self) -> None:
+        """Drop the rows and ticker sets once stored, keeping the counts (a run holds every
+        chain's result until it ends; it must not hold every chain's rows)."""
+        self.rows, self.rejects, self.expected = [], [], set()
 
     def reason(self) -> str | None:
         """Why the chain is incomplete (``None`` when it is complete)."""
@@ -189,18 +193,20 @@ async def commit_chains(
     columns: Sequence[str],
     captured_at: int,
     now: int,
+    retry: bool = False,
 ) -> list[ChainCommit]:
     """Store ``chains`` in one transaction: rows, coverage, rejects, tracked rows, run counts.
 
-    Safe to run again after a connection was lost mid-way: a chain whose coverage row says
-    this run committed it already is skipped. A contract another chain of the slot already
-    stored (an adjusted contract listed under two underlyings) keeps its first row.
+    A contract another chain of the slot already stored (an adjusted contract listed under two
+    underlyings) keeps its first row: the transaction is done again, skipping such rows.
 
     Args:
         partition: the slot's day partition of ``option_snapshots``.
         columns: the columns of the rows, in order.
         captured_at: the slot, in epoch microseconds (the connection's timestamptz codec).
         now: the commit time, in epoch microseconds.
+        retry: an earlier attempt lost its connection, maybe after committing: a chain whose
+            coverage row says this run stored it already is not stored again.
 
     Returns:
         The chains, with ``stored``, ``missing`` and ``complete`` set (read back from the
@@ -211,20 +217,43 @@ async def commit_chains(
         asyncpg.DataError, TypeError, ValueError, OverflowError: a value the table cannot
             hold; nothing was stored (check the rows and call again without it).
     """
+    resumed = any(c.resumed for c in chains)
+    args = (conn, run, chains, partition, columns, captured_at, now)
+    try:
+        return await _commit(*args, look_back=retry or resumed, skip_stored=resumed)
+    except asyncpg.UniqueViolationError:
+        return await _commit(*args, look_back=retry or resumed, skip_stored=True)
+
+
+async def _commit(
+    conn: asyncpg.Connection,
+    run: Run,
+    chains: Sequence[ChainCommit],
+    partition: str,
+    columns: Sequence[str],
+    captured_at: int,
+    now: int,
+    *,
+    look_back: bool,
+    skip_stored: bool,
+) -> list[ChainCommit]:
     async with conn.transaction():
-        previous = {
-            row["underlying_ticker"]: row
-            for row in await conn.fetch(
-                """
-                SELECT underlying_ticker, run_id, committed_at, snapshots_stored, rows_rejected,
-                       contracts_active, contracts_missing, complete
-                FROM snapshot_coverage WHERE captured_at = $1 AND underlying_ticker = ANY($2)
-                FOR UPDATE
-                """,
-                captured_at,
-                [c.key for c in chains],
-            )
-        }
+        previous: dict[str, asyncpg.Record] = {}
+        if look_back:  # a retry, or a resumed slot: what is stored already counts
+            previous = {
+                row["underlying_ticker"]: row
+                for row in await conn.fetch(
+                    """
+                    SELECT underlying_ticker, run_id, committed_at, snapshots_stored,
+                           rows_rejected, contracts_active, contracts_missing, complete
+                    FROM snapshot_coverage
+                    WHERE captured_at = $1 AND underlying_ticker = ANY($2)
+                    FOR UPDATE
+                    """,
+                    captured_at,
+                    [c.key for c in chains],
+                )
+            }
         todo = []
         for chain in chains:
             before = previous.get(chain.key)
@@ -240,7 +269,7 @@ async def commit_chains(
             todo.append(chain)
         if not todo:
             return list(chains)
-        stored = await _store_rows(conn, todo, partition, columns)
+        stored = await _store_rows(conn, todo, partition, columns, skip_stored=skip_stored)
         for chain in todo:
             before = previous.get(chain.key)
             tickers = stored[chain.key]
@@ -254,58 +283,26 @@ async def commit_chains(
             chain.active = len(chain.expected)
             chain.missing = len(chain.expected - tickers)
             chain.complete = chain.read_to_end and not chain.missing and not chain.rejected
-        await conn.executemany(
-            """
-            INSERT INTO snapshot_coverage AS c (captured_at, underlying_ticker, run_id,
-                contracts_active, snapshots_stored, contracts_missing, complete, pages, error,
-                rows_rejected, read_to_end, committed_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-            ON CONFLICT (captured_at, underlying_ticker) DO UPDATE SET
-                run_id = EXCLUDED.run_id, contracts_active = EXCLUDED.contracts_active,
-                snapshots_stored = EXCLUDED.snapshots_stored,
-                contracts_missing = EXCLUDED.contracts_missing, complete = EXCLUDED.complete,
-                pages = c.pages + EXCLUDED.pages, error = EXCLUDED.error,
-                rows_rejected = EXCLUDED.rows_rejected,
-                read_to_end = EXCLUDED.read_to_end, committed_at = EXCLUDED.committed_at
-            """,
-            [
-                (
-                    captured_at,
-                    c.key,
-                    run.id,
-                    c.active,
-                    c.stored,
-                    c.missing,
-                    c.complete,
-                    c.pages,
-                    c.reason(),
-                    c.rejected,
-                    c.read_to_end,
-                    now,
-                )
-                for c in todo
-            ],
+        await conn.execute(
+            STORE_COVERAGE,
+            captured_at,
+            run.id,
+            now,
+            [c.key for c in todo],
+            [c.active for c in todo],
+            [c.stored for c in todo],
+            [c.missing for c in todo],
+            [c.complete for c in todo],
+            [c.pages for c in todo],
+            [c.reason() for c in todo],
+            [c.rejected for c in todo],
+            [c.read_to_end for c in todo],
+            [c.error for c in todo],
         )
         for chain in todo:
             await keep_rejects(
                 conn, run.id, chain.rejects, underlying=chain.key, captured_at=captured_at
             )
-        await conn.execute(
-            """
-            UPDATE tracked_underlyings t SET last_snapshot_at = $1,
-                last_complete_snapshot_at = CASE WHEN u.complete THEN $1
-                                                 ELSE t.last_complete_snapshot_at END,
-                last_error = CASE WHEN u.error IS NULL THEN t.last_error ELSE u.error END,
-                last_error_at = CASE WHEN u.error IS NULL THEN t.last_error_at ELSE $2 END
-            FROM unnest($3::text[], $4::bool[], $5::text[]) AS u(key, complete, error)
-            WHERE regexp_replace(t.ticker, '^I:', '') = u.key
-            """,
-            captured_at,
-            now,
-            [c.key for c in todo],
-            [c.complete for c in todo],
-            [c.error for c in todo],
-        )
         complete = sum(c.complete for c in todo)
         await count_committed(
             conn,
@@ -321,40 +318,67 @@ async def commit_chains(
     return list(chains)
 
 
+# The chains' coverage rows and their tracked underlyings, in one statement: $1 the slot,
+# $2 the run, $3 the commit time, then one array per column.
+STORE_COVERAGE = """
+WITH chain AS (
+    SELECT * FROM unnest($4::text[], $5::int[], $6::int[], $7::int[], $8::bool[], $9::int[],
+                         $10::text[], $11::int[], $12::bool[], $13::text[])
+        AS u(key, active, stored, missing, complete, pages, reason, rejected, read_to_end,
+             error)
+), tracked AS (
+    UPDATE tracked_underlyings t SET last_snapshot_at = $1,
+        last_complete_snapshot_at = CASE WHEN chain.complete THEN $1
+                                         ELSE t.last_complete_snapshot_at END,
+        last_error = coalesce(chain.error, t.last_error),
+        last_error_at = CASE WHEN chain.error IS NULL THEN t.last_error_at ELSE $3 END
+    FROM chain WHERE regexp_replace(t.ticker, '^I:', '') = chain.key
+)
+INSERT INTO snapshot_coverage AS c (captured_at, underlying_ticker, run_id, contracts_active,
+    snapshots_stored, contracts_missing, complete, pages, error, rows_rejected, read_to_end,
+    committed_at)
+SELECT $1, key, $2, active, stored, missing, complete, pages, reason, rejected, read_to_end, $3
+FROM chain
+ON CONFLICT (captured_at, underlying_ticker) DO UPDATE SET
+    run_id = EXCLUDED.run_id, contracts_active = EXCLUDED.contracts_active,
+    snapshots_stored = EXCLUDED.snapshots_stored,
+    contracts_missing = EXCLUDED.contracts_missing, complete = EXCLUDED.complete,
+    pages = c.pages + EXCLUDED.pages, error = EXCLUDED.error,
+    rows_rejected = EXCLUDED.rows_rejected, read_to_end = EXCLUDED.read_to_end,
+    committed_at = EXCLUDED.committed_at
+"""
+
+
 async def _store_rows(
     conn: asyncpg.Connection,
     chains: Sequence[ChainCommit],
     partition: str,
     columns: Sequence[str],
+    *,
+    skip_stored: bool,
 ) -> dict[str, set[str]]:
-    """Insert the chains' rows; returns the tickers stored per chain."""
-    fresh = [c for c in chains if not c.resumed]
-    rows = [row for c in fresh for row in c.rows]
+    """Insert the chains' rows (all, or with ``skip_stored`` those whose contract the slot
+    does not hold yet); returns the tickers stored per chain."""
     stored: dict[str, set[str]] = {c.key: set() for c in chains}
-    if rows:
-        try:
-            async with conn.transaction():  # a savepoint: a duplicate undoes only this COPY
-                await conn.copy_records_to_table(partition, records=rows, columns=columns)
-        except asyncpg.UniqueViolationError:
-            fresh = []  # another chain stored one of these contracts: keep its row
-        else:
-            for chain in fresh:
-                stored[chain.key] = {row[0] for row in chain.rows}
-    careful = [c for c in chains if c not in fresh]
-    rows = [row for c in careful for row in c.rows]
-    if rows:
-        for ticker, key in await _insert_skipping_stored(conn, rows, partition, columns):
-            stored[key].add(ticker)
-        skipped = collections.Counter(c.key for c in careful for _ in c.rows)
-        for chain in careful:
-            lost = skipped[chain.key] - len(stored[chain.key])
-            if lost and not chain.resumed:
-                logger.warning(
-                    "%s: %d snapshots skipped, of contracts another underlying's chain "
-                    "already returned in this slot",
-                    chain.key,
-                    lost,
-                )
+    rows = [row for c in chains for row in c.rows]
+    if not rows:
+        return stored
+    if not skip_stored:
+        await conn.copy_records_to_table(partition, records=rows, columns=columns)
+        for chain in chains:
+            stored[chain.key] = {row[0] for row in chain.rows}
+        return stored
+    for ticker, key in await _insert_skipping_stored(conn, rows, partition, columns):
+        stored[key].add(ticker)
+    for chain in chains:
+        lost = len(chain.rows) - len(stored[chain.key])
+        if lost and not chain.resumed:
+            logger.warning(
+                "%s: %d snapshots skipped, of contracts another underlying's chain already "
+                "returned in this slot",
+                chain.key,
+                lost,
+            )
     return stored
 
 
