@@ -76,14 +76,25 @@ underlying_ticker = $1 AND active
   AND ($7::numeric IS NULL OR strike_price <= $7)
 """
 
-# How many of those this sync did not see ($2: the sync's timestamp), and how many there are.
-COUNT_UNSEEN = f"""
-SELECT count(*) FILTER (WHERE last_seen_at < $2), count(*) FROM option_contracts
-WHERE {_IN_SCOPE}
-"""
-
+# Mark inactive the contracts in scope this sync did not see ($2: the sync's timestamp), unless
+# the guard refuses: nothing stored or seen ($8) while some are active, or more than $10 percent
+# of them and more than $9. Returns the unseen and total counts, the verdict, how many went.
 DEACTIVATE_UNSEEN = f"""
-UPDATE option_contracts SET active = false WHERE last_seen_at < $2 AND {_IN_SCOPE}
+WITH scope AS (
+    SELECT ticker, last_seen_at < $2 AS unseen FROM option_contracts WHERE {_IN_SCOPE}
+), counted AS (
+    SELECT count(*) FILTER (WHERE unseen) AS unseen, count(*) AS total FROM scope
+), verdict AS (
+    SELECT unseen, total,
+           NOT ($8::bool AND unseen > 0)
+           AND NOT (unseen > $9::bigint AND unseen * 100 > $10::float8 * total) AS allowed
+    FROM counted
+), gone AS (
+    UPDATE option_contracts c SET active = false FROM scope, verdict
+    WHERE verdict.allowed AND scope.unseen AND c.ticker = scope.ticker
+    RETURNING 1
+)
+SELECT unseen, total, allowed, (SELECT count(*) FROM gone) FROM verdict
 """
 
 # A contract listed in a row that was refused is still listed: it must not be deactivated.
@@ -180,7 +191,6 @@ async def sync_contracts(
                 raise
             except (ApiError, DeactivationRefused) as exc:
                 result.error = str(exc)
-                stats.failures.append(f"{underlying}: {exc}")
                 logger.error(
                     "Underlying %s failed, its contracts are left untouched: %s", underlying, exc
                 )
@@ -462,7 +472,8 @@ async def deactivate_unseen(
     Raises:
         DeactivationRefused: the guard refused; roll the underlying back.
     """
-    args = (
+    unseen, total, allowed, count = await conn.fetchrow(
+        DEACTIVATE_UNSEEN,
         contract_underlying(underlying),
         seen_at,
         today,
@@ -470,26 +481,27 @@ async def deactivate_unseen(
         scope.max_expiration,
         scope.min_strike,
         scope.max_strike,
+        listing_empty,
+        DEACTIVATION_GUARD_FLOOR,
+        max_percent,
     )
-    unseen, total = await conn.fetchrow(COUNT_UNSEEN, *args)
-    if unseen and listing_empty:
+    if not allowed and listing_empty:
         raise DeactivationRefused(
             f"{underlying}: the API listed no contracts while {total} unexpired ones are active "
             "here; nothing deactivated (if its options are gone for good: ingest_admin "
             f"underlyings disable {underlying})",
             underlying=underlying,
         )
-    if unseen > DEACTIVATION_GUARD_FLOOR and unseen * 100 > max_percent * total:
+    if not allowed:
         raise DeactivationRefused(
             f"{underlying}: the listing would deactivate {unseen} of {total} unexpired active "
             f"contracts, more than MAX_DEACTIVATION_PERCENT={max_percent:g}; nothing changed "
             "(if the listing is right, run once with a higher MAX_DEACTIVATION_PERCENT)",
             underlying=underlying,
         )
-    count = int((await conn.execute(DEACTIVATE_UNSEEN, *args)).rsplit(" ", 1)[1])
     if count:
         logger.info("%s: %d contracts no longer listed, marked inactive", underlying, count)
-    return count
+    return int(count)
 
 
 async def deactivate_expired(pool: asyncpg.Pool, run: Run, *, today: dt.date) -> int:

@@ -93,7 +93,6 @@ class RunStats:
     rows_rejected: int = 0
     contracts_deactivated: int = 0
     api_requests: int = 0
-    failures: list[str] = field(default_factory=list)
 
     def add(self, counts: Mapping[str, int]) -> None:
         """Add committed counts (after their transaction committed)."""
@@ -168,10 +167,11 @@ async def recorded_run(
 ) -> AsyncIterator[Run]:
     """Hold the job's lease and its ``ingest_runs`` row for the duration of the block.
 
-    On a normal exit the status follows :meth:`RunStats.status`; :class:`RunInterrupted` or a
-    cancellation (a second signal) ends it ``interrupted``; any other exception ends it
-    ``failed``. The exception, if any, is logged first and re-raised after the row is written.
-    The final row is written on a new connection (the pool may be what failed).
+    On a normal exit the status follows the committed counts in the row (see
+    :func:`close_run`); :class:`RunInterrupted` or a cancellation (a second signal) ends it
+    ``interrupted``; any other exception ends it ``failed``. The exception, if any, is logged
+    first and re-raised after the row is written. The final row is written on a new
+    connection (the pool may be what failed).
 
     Raises:
         AlreadyRunningError: a live copy of this job holds the lease.
@@ -325,6 +325,9 @@ async def count_committed(
     run: Run,
     counts: Mapping[str, int],
     failures: Sequence[str] = (),
+    *,
+    before: str = "",
+    before_args: Sequence[object] = (),
 ) -> None:
     """Inside the transaction that stores them, add ``counts`` (and the reasons of
     ``failures``, to the run's error text) to the run's row.
@@ -332,22 +335,31 @@ async def count_committed(
     Also the lease check of that transaction: if another copy has closed this run (found it
     dead), nothing may be committed any more.
 
+    Args:
+        before: ``WITH`` queries to run in the same statement (saving a round trip per
+            commit); their parameters are ``$1`` onwards, ``before_args``.
+
     Raises:
         LeaseLostError: the run is no longer ``running``; roll the transaction back.
     """
-    names = [name for name in COMMITTED_COUNTS if counts.get(name)]
-    sets = "".join(f"{name} = {name} + ${i}, " for i, name in enumerate(names, start=4))
+    first = len(before_args) + 1
+    run_id, failure, limit = (f"${first + i}" for i in range(3))
+    sets = "".join(
+        f"{name} = {name} + ${first + 3 + i}, " for i, name in enumerate(COMMITTED_COUNTS)
+    )
     found = await conn.fetchval(
         f"""
+        {before}
         UPDATE ingest_runs SET {sets}
-            error = CASE WHEN $2::text IS NULL THEN error
-                         ELSE left(concat_ws('; ', error, $2::text), $3) END
-        WHERE id = $1 AND status = 'running' RETURNING id
+            error = CASE WHEN {failure}::text IS NULL THEN error
+                         ELSE left(concat_ws('; ', error, {failure}::text), {limit}) END
+        WHERE id = {run_id} AND status = 'running' RETURNING id
         """,
+        *before_args,
         run.id,
         "; ".join(failures) or None,
         MAX_ERROR_TEXT,
-        *(counts[name] for name in names),
+        *(int(counts.get(name, 0)) for name in COMMITTED_COUNTS),
     )
     if found is None:
         raise LeaseLostError(run_lost_message(run))

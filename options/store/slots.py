@@ -332,7 +332,7 @@ WITH chain AS (
                                          ELSE t.last_complete_snapshot_at END,
         last_error = coalesce(chain.error, t.last_error),
         last_error_at = CASE WHEN chain.error IS NULL THEN t.last_error_at ELSE $3 END
-    FROM chain WHERE regexp_replace(t.ticker, '^I:', '') = chain.key
+    FROM chain WHERE t.underlying_ticker = chain.key
 )
 INSERT INTO snapshot_coverage AS c (captured_at, underlying_ticker, run_id, contracts_active,
     snapshots_stored, contracts_missing, complete, pages, error, rows_rejected, read_to_end,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from options.store.runs import Run, count_committed
-from options.store.underlyings import note_contract_sync, note_error
+from options.store.underlyings import note_error
 
 
 @dataclass
@@ -43,31 +43,12 @@ async def committed_sync(conn: asyncpg.Connection, run: Run, key: str) -> SyncCo
 async def record_sync(
     conn: asyncpg.Connection, run: Run, key: str, counts: SyncCounts, *, seen_at: dt.datetime
 ) -> None:
-    """In the transaction that stored them: the sync's row, the tracked underlying's last sync
-    (or error), and the run's counts (which also checks the run's lease).
+    """In the transaction that stored them, in one statement: the sync's row, the tracked
+    underlying's last sync (or error), and the run's counts (which also checks the lease).
 
     Raises:
         LeaseLostError: the run no longer holds its lease; roll back.
     """
-    await conn.execute(
-        """
-        INSERT INTO contract_syncs (run_id, underlying_ticker, succeeded, contracts_listed,
-            contracts_written, rows_rejected, contracts_deactivated, error)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-        """,
-        run.id,
-        key,
-        counts.error is None,
-        counts.listed,
-        counts.written,
-        counts.rejected,
-        counts.deactivated,
-        counts.error,
-    )
-    if counts.error is None:
-        await note_contract_sync(conn, key, seen_at)
-    else:
-        await note_error(conn, key, counts.error)
     await count_committed(
         conn,
         run,
@@ -79,6 +60,30 @@ async def record_sync(
             "contracts_deactivated": counts.deactivated,
         },
         failures=[f"{key}: {counts.error}"] if counts.error else (),
+        before="""
+        WITH sync AS (
+            INSERT INTO contract_syncs (run_id, underlying_ticker, succeeded, contracts_listed,
+                contracts_written, rows_rejected, contracts_deactivated, error)
+            VALUES ($1, $2, $3::text IS NULL, $4, $5, $6, $7, $3)
+        ), tracked AS (
+            UPDATE tracked_underlyings SET
+                last_contract_sync_at = CASE WHEN $3::text IS NULL THEN $8
+                                             ELSE last_contract_sync_at END,
+                last_error = coalesce($3, last_error),
+                last_error_at = CASE WHEN $3::text IS NULL THEN last_error_at ELSE now() END
+            WHERE underlying_ticker = $2
+        )
+        """,
+        before_args=(
+            run.id,
+            key,
+            counts.error,
+            counts.listed,
+            counts.written,
+            counts.rejected,
+            counts.deactivated,
+            seen_at,
+        ),
     )
 
 

@@ -1,13 +1,14 @@
 """The tracked underlyings (``tracked_underlyings``): the set both jobs work on.
 
 A ticker is tracked because ``UNDERLYINGS`` names it (origin ``UNDERLYINGS``) or because an
-operator added it (``ingest_admin underlyings add``, origin ``admin``). Each job start mirrors
-``UNDERLYINGS`` into the table (:func:`sync_configured`): a ticker it names is added, or enabled
-again if it was only disabled for being left out; a ticker of origin ``UNDERLYINGS`` that it no
-longer names is disabled. An operator's ``disable`` sticks until ``enable``. A one-off run with
-``--underlying`` never changes the table. The jobs keep each row's last contract sync, last
-snapshot, last complete snapshot and last error up to date, in the transactions that store
-the data.
+operator added it (``ingest_admin underlyings add``, origin ``admin``). Its
+``underlying_ticker`` is the underlying as its contracts and snapshots name it (``I:SPX`` is
+tracked, ``SPX`` is in the data). Each job start mirrors ``UNDERLYINGS`` into the table
+(:func:`sync_configured`): a ticker it names is added, or enabled again if it was only disabled
+for being left out; a ticker of origin ``UNDERLYINGS`` that it no longer names is disabled. An
+operator's ``disable`` sticks until ``enable``. A one-off run with ``--underlying`` never
+changes the table. The jobs keep each row's last contract sync, last snapshot, last complete
+snapshot and last error up to date, in the transactions that store the data.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from options.store.db import bounded_db_connection
 logger = logging.getLogger(__name__)
 
 _SYNC_LOCK_KEY = 0x6F7074686973_20  # serialises concurrent syncs of the table
-# A tracked row's underlying as its contracts name it: I:SPX is tracked, SPX is in the data.
-ROOT = "regexp_replace(ticker, '^I:', '')"
 
 
 @dataclass(frozen=True)
@@ -65,15 +64,11 @@ async def sync_configured(conn: asyncpg.Connection, configured: Sequence[str]) -
             )
             by_root = {root(row["ticker"]): row for row in rows}
             wanted = {root(t): t for t in configured}
+            new, enable, disable = [], [], []
             for key, ticker in wanted.items():
                 row = by_root.get(key)
                 if row is None:
-                    await conn.execute(
-                        "INSERT INTO tracked_underlyings (ticker, origin) "
-                        "VALUES ($1, 'UNDERLYINGS')",
-                        ticker,
-                    )
-                    logger.info("Tracking %s (named in UNDERLYINGS)", ticker)
+                    new.append(ticker)
                     continue
                 if row["ticker"] != ticker:  # SPX became I:SPX or back: one underlying
                     await conn.execute(
@@ -83,12 +78,25 @@ async def sync_configured(conn: asyncpg.Connection, configured: Sequence[str]) -
                         ticker,
                     )
                 if row["disabled_by"] == "UNDERLYINGS":
-                    await _set_enabled(conn, ticker, enabled=True, by=None)
-                    logger.info("Tracking %s again (named in UNDERLYINGS)", ticker)
+                    enable.append(ticker)
             for key, row in by_root.items():
                 if key not in wanted and row["origin"] == "UNDERLYINGS" and row["enabled"]:
-                    await _set_enabled(conn, row["ticker"], enabled=False, by="UNDERLYINGS")
-                    logger.info("No longer tracking %s (not in UNDERLYINGS)", row["ticker"])
+                    disable.append(row["ticker"])
+            await conn.execute(
+                "INSERT INTO tracked_underlyings (ticker, origin) "
+                "SELECT unnest($1::text[]), 'UNDERLYINGS'",
+                new,
+            )
+            await _set_enabled(conn, enable, enabled=True, by=None)
+            await _set_enabled(conn, disable, enabled=False, by="UNDERLYINGS")
+            for what, tickers in (
+                ("Tracking", new),
+                ("Tracking again", enable),
+                ("No longer tracking (not in UNDERLYINGS)", disable),
+            ):
+                if tickers:
+                    shown = ", ".join(tickers[:10]) + (", ..." if len(tickers) > 10 else "")
+                    logger.info("%s %d underlyings: %s", what, len(tickers), shown)
         return [
             row["ticker"]
             for row in await conn.fetch(
@@ -98,12 +106,12 @@ async def sync_configured(conn: asyncpg.Connection, configured: Sequence[str]) -
 
 
 async def _set_enabled(
-    conn: asyncpg.Connection, ticker: str, *, enabled: bool, by: str | None
+    conn: asyncpg.Connection, tickers: Sequence[str], *, enabled: bool, by: str | None
 ) -> None:
     await conn.execute(
         "UPDATE tracked_underlyings SET enabled = $2, disabled_by = $3, changed_at = now() "
-        "WHERE ticker = $1",
-        ticker,
+        "WHERE ticker = ANY($1::text[])",
+        list(tickers),
         enabled,
         by,
     )
@@ -125,7 +133,8 @@ async def add_tracked(conn: asyncpg.Connection, ticker: str) -> str:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _SYNC_LOCK_KEY)
         row = await conn.fetchrow(
-            f"SELECT ticker, enabled FROM tracked_underlyings WHERE {ROOT} = $1", root(ticker)
+            "SELECT ticker, enabled FROM tracked_underlyings WHERE underlying_ticker = $1",
+            root(ticker),
         )
         if row is None:
             await conn.execute(
@@ -139,7 +148,7 @@ async def add_tracked(conn: asyncpg.Connection, ticker: str) -> str:
             )
         if row["enabled"]:
             return f"{ticker} was tracked already"
-        await _set_enabled(conn, ticker, enabled=True, by=None)
+        await _set_enabled(conn, [ticker], enabled=True, by=None)
         return f"{ticker} is tracked again"
 
 
@@ -151,36 +160,23 @@ async def set_tracked_enabled(conn: asyncpg.Connection, ticker: str, *, enabled:
         ConfigError: the ticker is not in the table.
     """
     row = await conn.fetchrow(
-        f"SELECT ticker, enabled FROM tracked_underlyings WHERE {ROOT} = $1", root(ticker)
+        "SELECT ticker, enabled FROM tracked_underlyings WHERE underlying_ticker = $1", root(ticker)
     )
     if row is None:
         raise ConfigError(
             f"{ticker} is not a tracked underlying: see `ingest_admin underlyings list`, or "
             f"`ingest_admin underlyings add {ticker}`"
         )
-    await _set_enabled(conn, row["ticker"], enabled=enabled, by=None if enabled else "admin")
+    await _set_enabled(conn, [row["ticker"]], enabled=enabled, by=None if enabled else "admin")
     state = "enabled" if enabled else "disabled: no more contract syncs or snapshots"
     return f"{row['ticker']} {state}"
-
-
-async def note_contract_sync(
-    conn: asyncpg.Connection, key: str, at: dt.datetime, error: str | None = None
-) -> None:
-    """In the caller's transaction: ``key``'s contracts were synced at ``at`` (or failed)."""
-    if error is None:
-        await conn.execute(
-            f"UPDATE tracked_underlyings SET last_contract_sync_at = $2 WHERE {ROOT} = $1",
-            key,
-            at,
-        )
-    else:
-        await note_error(conn, key, error)
 
 
 async def note_error(conn: asyncpg.Connection, key: str, error: str) -> None:
     """``key``'s last job failed with ``error`` (its time is the transaction's)."""
     await conn.execute(
-        f"UPDATE tracked_underlyings SET last_error = $2, last_error_at = now() WHERE {ROOT} = $1",
+        "UPDATE tracked_underlyings SET last_error = $2, last_error_at = now() "
+        "WHERE underlying_ticker = $1",
         key,
         error,
     )

@@ -55,6 +55,10 @@ CREATE INDEX rejected_rows_run_idx ON rejected_rows (run_id);
 -- The underlyings the jobs work on: from UNDERLYINGS, or added with ingest_admin underlyings.
 CREATE TABLE tracked_underlyings (
     ticker                      text PRIMARY KEY,
+    -- as its contracts and snapshots name it: I:SPX is tracked, SPX is in the data; one row
+    -- for both spellings of one underlying
+    underlying_ticker           text NOT NULL UNIQUE
+                                GENERATED ALWAYS AS (regexp_replace(ticker, '^I:', '')) STORED,
     enabled                     boolean NOT NULL DEFAULT true,
     origin                      text NOT NULL CHECK (origin IN ('UNDERLYINGS', 'admin')),
     disabled_by                 text CHECK (disabled_by IN ('UNDERLYINGS', 'admin')),
@@ -67,10 +71,6 @@ CREATE TABLE tracked_underlyings (
     last_error_at               timestamptz,
     CHECK (enabled = (disabled_by IS NULL))
 );
-
--- I:SPX and SPX name one underlying (index options are listed under SPX): one row for both.
-CREATE UNIQUE INDEX tracked_underlyings_root_idx
-    ON tracked_underlyings ((regexp_replace(ticker, '^I:', '')));
 
 -- Per run and underlying, what ingest_options did: written in the transaction that stores the
 -- underlying's contracts (or alone, for a failure that stored nothing). The contracts job's
