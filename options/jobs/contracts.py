@@ -269,7 +269,7 @@ async def sync_underlying(
     """List one underlying's contracts and store them in one transaction.
 
     A connection lost mid-way rolls the transaction back and the underlying is listed again on
-    a new connection (for up to :data:`~options.store.db.RECONNECT_SECONDS`).
+    a new connection (for up to ``DB_RECONNECT_SECONDS``).
 
     Raises:
         ApiError: the listing failed; nothing of this underlying was changed.
