@@ -27,6 +27,7 @@ from options.ops.units import Installation, Scope, render_units
 
 SANDBOX = Path(__file__).resolve().parents[2] / "shared" / "tools" / "systemd-sandbox"
 BIN = Path(sys.executable).parent
+CHECKOUT = Path(__file__).resolve().parents[1]
 SIM_KEY = "sim-key"
 UNDERLYINGS = ("AAAA", "AAAB", "AAAC")
 CONTRACTS = 200
@@ -102,7 +103,8 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "SDSANDBOX_SHARE": str(share)},
+        # the checkout stays visible inside too, wherever it lives (under /tmp in a CI clone)
+        env={**os.environ, "SDSANDBOX_SHARE": f"{share}:{CHECKOUT}"},
         timeout=120,
     )
     if started.returncode != 0:

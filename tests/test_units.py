@@ -210,6 +210,17 @@ def test_paths_under_tmp_are_bound_into_the_private_tmp() -> None:
     assert directives(text, "BindReadOnlyPaths") == ["/tmp/trial"]
 
 
+def test_hook_in_a_clone_under_tmp_stays_visible() -> None:
+    """The failure hook of a clone under /tmp is bound into the hook's private /tmp (it would
+    not run, and no failure would be reported); from /opt nothing is bound."""
+    in_tmp = dataclasses.replace(OPT, scripts_dir=Path("/tmp/ci-clone/scripts"))
+    hook = render_units(in_tmp, scope=Scope.SYSTEM)["ingest-notify@.service"]
+    assert directives(hook, "BindReadOnlyPaths") == ["/tmp/ci-clone/scripts"]
+    assert directives(render_units(OPT)["ingest-notify@.service"], "BindReadOnlyPaths") == []
+    user = render_units(in_tmp, scope=Scope.USER)["ingest-notify@.service"]
+    assert directives(user, "BindReadOnlyPaths") == []
+
+
 @pytest.mark.parametrize(
     "path", ["/opt/my app/.venv/bin", "/opt/100%/bin", "relative/bin"], ids=str
 )

@@ -187,6 +187,7 @@ def render_units(
         "NOTIFY_SCOPE": f"--{scope.value}",
         "USER_DIRECTIVES": _user_directives(scope, user_name),
         "PATH_DIRECTIVES": _path_directives(installation) if system else "",
+        "NOTIFY_PATH_DIRECTIVES": _notify_path_directives(installation) if system else "",
         "SNAPSHOT_EVERY": str(snapshot_every),
         "SNAPSHOT_DEADLINE": f"{snapshot_every - 1}m",
         "SNAPSHOT_TIMEOUT": f"{snapshot_every - 1}min 30s",
@@ -348,6 +349,13 @@ def _path_directives(installation: Installation) -> str:
     lines = [f"ProtectHome={'tmpfs' if under_home else 'yes'}"]
     lines += [f"BindReadOnlyPaths={p}" for p in hidden]
     return "\n".join(lines)
+
+
+def _notify_path_directives(installation: Installation) -> str:
+    """The hook's scripts directory, if its private /tmp would hide it (a clone under /tmp)."""
+    scripts = installation.scripts_dir
+    hidden = dict.fromkeys(p for p in (scripts, scripts.resolve()) if _under(p, TMP_ROOTS))
+    return "\n".join(f"BindReadOnlyPaths={p}" for p in hidden)
 
 
 def _systemctl_command(systemctl: Sequence[str], scope: Scope) -> list[str]:
