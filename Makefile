@@ -1,16 +1,27 @@
-# One entry point for people and CI. Needs only python3 (3.11+) on the PATH.
+# One entry point for people and CI. Needs only python3 (3.11+) on the PATH: poetry itself is
+# installed into .local/poetry, and the project into .venv from poetry.lock (the locked versions).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+POETRY_VERSION := 2.5.1
+POETRY := .local/poetry/bin/poetry
+export POETRY_VIRTUALENVS_IN_PROJECT := true
 
-.PHONY: install demo test chaos check lint bench clean
+.PHONY: install lock demo test chaos check lint bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+$(POETRY):
+	$(PYTHON) -m venv .local/poetry
+	.local/poetry/bin/pip install --quiet --disable-pip-version-check poetry==$(POETRY_VERSION)
+
+$(VENV)/.installed: pyproject.toml poetry.lock $(POETRY)
+	$(POETRY) env use --quiet $(PYTHON)
+	$(POETRY) sync --quiet
 	touch $@
+
+lock: $(POETRY)  ## after changing dependencies in pyproject.toml: resolve them into poetry.lock
+	$(POETRY) lock
 
 demo: install  ## run the jobs against the simulator and a local PostgreSQL
 	$(BIN)/ingest_admin demo
@@ -33,5 +44,5 @@ bench: install  ## both benchmarks (see README); the snapshot baseline needs the
 	$(BIN)/python benchmarks/bench_contracts.py
 	$(BIN)/python benchmarks/bench_snapshots.py
 
-clean:
+clean:  ## removes the venv, poetry and the demo's database (.local)
 	rm -rf $(VENV) .local
