@@ -14,11 +14,27 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from options.config import Settings, parse_cli_underlyings, parse_duration
-from options.errors import ExitCode, OptionsError
-from options.ops.logs import LOG_FORMATS, StatusReporter, configure_logging, journal_stream_matches
+from options.errors import ConfigError, ExitCode, OptionsError
+from options.jobs.preview import Preview
+from options.ops.logs import LOG_FORMATS, configure_logging, journal_stream_matches
+from options.ops.output import OUTPUT_FORMATS, format_rows
+from options.ops.progress import Progress
+from options.ops.summary import log_summary, write_metrics_textfile
 from options.store.db import is_connection_lost
+from options.store.runs import RunSummary
 
 F = TypeVar("F", bound=Callable[..., Any])
+COMMAND_SETTINGS = {"help_option_names": ["-h", "--help"]}
+"""Every command takes -h as well as --help."""
+
+
+def version_option(func: F) -> F:
+    """``--version``: the installed version of options-history."""
+    return click.version_option(package_name="options-history", message="%(prog)s %(version)s")(
+        func
+    )
+
+
 logger = logging.getLogger("cli")
 
 
@@ -91,9 +107,86 @@ def configure_tracing(exporter: str) -> None:
     trace.set_tracer_provider(provider)  # its shutdown at exit flushes the spans
 
 
-def status_reporter() -> StatusReporter:
-    """Progress for ``systemctl status`` (sd_notify STATUS=); does nothing outside systemd."""
-    return StatusReporter(environ=os.environ)
+def progress_display(log_format: str) -> Progress:
+    """Progress where the job runs: a bar on a terminal (text logs), a line every few seconds
+    in a log, and ``systemctl status`` under systemd."""
+    bar = (
+        log_format in ("auto", "text")
+        and sys.stderr.isatty()
+        and not journal_stream_matches(sys.stderr, os.environ)
+    )
+    return Progress(environ=os.environ, stream=sys.stderr, bar=bar)
+
+
+def metrics_textfile_option(func: F) -> F:
+    """``--metrics-textfile PATH``: the run's figures for node_exporter's textfile collector."""
+    return click.option(
+        "--metrics-textfile",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        metavar="PATH",
+        help="Write the run's figures (status, counts, duration, last success) to PATH in the "
+        "Prometheus text format, atomically, for node_exporter's textfile collector.",
+    )(func)
+
+
+def dry_run_options(func: F) -> F:
+    """``--dry-run``, ``--output`` and ``--limit``: look without storing."""
+    for option in (
+        click.option(
+            "--limit",
+            type=click.IntRange(min=0),
+            default=20,
+            show_default=True,
+            help="With --dry-run: rows shown (0: all).",
+        ),
+        click.option(
+            "--output",
+            type=click.Choice(OUTPUT_FORMATS),
+            default="table",
+            show_default=True,
+            help="With --dry-run: how the rows are shown on stdout.",
+        ),
+        click.option(
+            "--dry-run",
+            is_flag=True,
+            help="Read from the API and show what would be stored; open no database, write "
+            "nothing.",
+        ),
+    ):
+        func = option(func)
+    return func
+
+
+def reporter(metrics_textfile: Path | None) -> Callable[[RunSummary], None]:
+    """What the job does with its summary: one log line, and the metrics file when asked."""
+
+    def report(summary: RunSummary) -> None:
+        log_summary(summary)
+        if metrics_textfile is not None:
+            write_metrics_textfile(metrics_textfile, summary)
+
+    return report
+
+
+def show_preview(preview: Preview, output: str) -> int:
+    """Print a dry run's rows on stdout, a line of counts per underlying on stderr; return the
+    exit code (failed underlyings make it partial or failed)."""
+    click.echo(format_rows(preview.rows, preview.shown, output))
+    for underlying, count in preview.counts.items():
+        rejected = preview.rejected.get(underlying, 0)
+        click.echo(
+            f"{underlying}: {count:,} rows would be stored"
+            + (f", {rejected:,} rejected" if rejected else ""),
+            err=True,
+        )
+    for reason in preview.reasons:
+        click.echo(f"rejected: {reason}", err=True)
+    for underlying, error in preview.errors.items():
+        click.echo(f"{underlying}: failed: {error}", err=True)
+    if preview.ok:
+        return ExitCode.OK
+    return ExitCode.PARTIAL if preview.counts else ExitCode.FAILED
 
 
 def fail(exc: OptionsError) -> NoReturn:
@@ -101,6 +194,11 @@ def fail(exc: OptionsError) -> NoReturn:
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     echo_error(message)
     sys.exit(int(exc.exit_code))
+
+
+def refuse(message: str) -> NoReturn:
+    """Refuse options that do not go together, in one line (exit 2)."""
+    fail(ConfigError(message))
 
 
 def echo_error(message: str) -> None:
@@ -145,7 +243,10 @@ def quiet_lost_connections(loop: asyncio.AbstractEventLoop, context: dict[str, A
 
 
 def run(
-    main: Callable[[asyncio.Event], Awaitable[int]], *, deadline: float | None = None
+    main: Callable[[asyncio.Event], Awaitable[int]],
+    *,
+    deadline: float | None = None,
+    progress: Progress | None = None,
 ) -> NoReturn:
     """Run ``main(stop)`` on a fresh event loop and exit with the code it returns.
 
@@ -178,7 +279,10 @@ def run(
         loop.set_exception_handler(quiet_lost_connections)
         if deadline is not None:
             loop.call_later(deadline, on_deadline)
-        return await main(stop)
+        if progress is None:
+            return await main(stop)
+        with progress.showing():
+            return await main(stop)
 
     try:
         code = asyncio.run(with_signals())

@@ -1,26 +1,37 @@
-"""``ingest_snapshots``: store a snapshot of every active contract."""
+"""``ingest_snapshots``: store a snapshot of every tracked underlying's chain."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
 
 import click
 
 from cli.common import (
+    COMMAND_SETTINGS,
     deadline_option,
+    dry_run_options,
     env_file_option,
+    fail,
     load_settings,
     log_format_option,
+    metrics_textfile_option,
     one_off_underlyings,
     parse_deadline,
+    progress_display,
+    refuse,
+    reporter,
     run,
-    status_reporter,
+    show_preview,
     underlying_option,
+    version_option,
 )
-from options.jobs.wiring import run_snapshots_job
+from options.errors import OptionsError
+from options.jobs.wiring import preview_job, run_snapshots_job
 
 
-@click.command()
+@click.command(context_settings=COMMAND_SETTINGS)
 @env_file_option
 @underlying_option
 @deadline_option
@@ -44,6 +55,9 @@ from options.jobs.wiring import run_snapshots_job
     help="Drop daily snapshot partitions older than N days (default: SNAPSHOT_RETAIN_DAYS, "
     "or keep everything).",
 )
+@dry_run_options
+@metrics_textfile_option
+@version_option
 def main(
     env_file: Path | None,
     underlyings: tuple[str, ...],
@@ -52,18 +66,38 @@ def main(
     force: bool,
     resume: bool,
     retain_days: int | None,
+    dry_run: bool,
+    output: str,
+    limit: int,
+    metrics_textfile: Path | None,
 ) -> None:
     """Store a market snapshot (quote, trade, greeks, IV, open interest) of every active contract.
 
     Underlyings: the tracked ones (UNDERLYINGS and `ingest_admin underlyings add`), or
     --underlying for one run. Each chain is stored with its coverage row; --resume completes an
     interrupted slot. Outside market hours (weekends, NYSE holidays, after an early close) it
-    exits 0 at once with a line saying why, unless --force.
+    exits 0 at once with a line saying why, unless --force. --dry-run reads the chains now and
+    shows what would be stored, whatever the hour.
     """
     seconds = parse_deadline(deadline)
     settings = load_settings(env_file, log_format)
     only = one_off_underlyings(underlyings)
-    progress = status_reporter()
+    if resume and only:
+        refuse("--resume completes the chains the interrupted slot planned: it takes no -u")
+    if dry_run:
+        for given, name in (
+            (resume, "--resume"),
+            (retain_days is not None, "--retain-days"),
+            (metrics_textfile is not None, "--metrics-textfile"),
+        ):
+            if given:
+                refuse(f"--dry-run stores nothing: it does not go with {name}")
+        try:
+            preview = asyncio.run(preview_job(settings, "snapshots", only=only, limit=limit))
+        except OptionsError as exc:
+            fail(exc)
+        sys.exit(show_preview(preview, output))
+    progress = progress_display(log_format)
     run(
         lambda stop: run_snapshots_job(
             settings,
@@ -73,6 +107,8 @@ def main(
             stop=stop,
             force=force,
             progress=progress,
+            on_end=reporter(metrics_textfile),
         ),
         deadline=seconds,
+        progress=progress,
     )

@@ -256,15 +256,6 @@ async def test_strike_band_is_pushed_down_and_scopes_deactivation(
     assert (await active_map(pool, ["O:AAA991231C99999000"]))["O:AAA991231C99999000"] is True
 
 
-async def test_dry_run_writes_nothing(simulator, pool, make_settings) -> None:
-    """--dry-run fetches every page but writes no contract and no run row."""
-    async with simulator(underlyings=("AAA", "BBB"), contracts_per_underlying=1500) as api:
-        code = await run_options_job(make_settings(api.base_url, ("AAA", "BBB")), dry_run=True)
-    assert code == ExitCode.OK
-    assert await pool.fetchval("SELECT count(*) FROM option_contracts") == 0
-    assert await pool.fetchval("SELECT count(*) FROM ingest_runs") == 0
-
-
 async def test_second_copy_is_refused(simulator, pool, make_settings) -> None:
     """While a live copy holds the run lease, a new run refuses to start (exit 4) and leaves
     the live run alone."""
@@ -644,3 +635,16 @@ async def test_ledger_counts_what_was_committed_whenever_the_stop_comes(
     assert run["status"] == ("succeeded" if code == ExitCode.OK else "interrupted")
     if code == ExitCode.INTERRUPTED:
         assert f"{6 - synced} left untouched" in run["error"]
+
+
+async def test_an_underlying_without_contracts_is_warned_about(
+    simulator, pool, make_settings, caplog
+) -> None:
+    """A ticker the API lists no contracts for (a misspelling such as APPL) is warned about,
+    and its sync row says it listed none."""
+    async with simulator(underlyings=("AAPL",), contracts_per_underlying=10) as api:
+        code = await run_options_job(make_settings(api.base_url, ("AAPL",)), only=("APPL",))
+    assert code == ExitCode.OK
+    assert "APPL: the API lists no option contracts for it (a misspelled ticker" in caplog.text
+    row = await pool.fetchrow("SELECT underlying_ticker, contracts_listed FROM contract_syncs")
+    assert tuple(row) == ("APPL", 0)

@@ -746,3 +746,45 @@ async def test_next_run_resumes_a_fresh_interrupted_slot_by_itself(
         "GROUP BY 1 ORDER BY 1"
     )
     assert [r["complete"] for r in slots] == ([True] if resumes else [False, True])
+
+
+async def test_data_quality_is_counted_per_chain(fixtures_dir: Path, pool, make_settings) -> None:
+    """Crossed quotes, negative prices, IV outside (0, 10], negative open interest, quotes older
+    than 15 minutes before the slot and greeks missing beside a quote are counted in the chain's
+    coverage row; the rows are stored as they came."""
+    import time
+
+    template = json.loads((fixtures_dir / AAPL_CHAIN).read_text())["results"][0]
+    now_ns = time.time_ns()
+    changes = [
+        {},
+        {"last_quote": {"bid": 2.0, "ask": 1.5, "last_updated": now_ns}},  # crossed
+        {"last_trade": {"price": -0.5, "size": 1, "sip_timestamp": now_ns}},  # negative
+        {"implied_volatility": 12.0},  # IV out of range
+        {"open_interest": -3},
+        {"last_quote": {"bid": 1.0, "ask": 1.1, "last_updated": now_ns - 3600 * NS}},  # stale
+        {"greeks": None},  # a quote, no greeks
+    ]
+    results = []
+    for n, change in enumerate(changes):
+        row = copy.deepcopy(template)
+        row["details"]["ticker"] = f"O:AAPL230616C0015{n}000"
+        row["last_quote"]["last_updated"] = now_ns
+        row.update(change)
+        if row.get("greeks") is None:
+            del row["greeks"]
+        results.append(row)
+    await snapshot_one_page_chains({"AAPL": results}, make_settings)
+    cover = (await coverage(pool))["AAPL"]
+    assert cover["snapshots_stored"] == len(changes)
+    assert [
+        cover[name]
+        for name in (
+            "crossed_quotes",
+            "negative_prices",
+            "iv_out_of_range",
+            "negative_open_interest",
+            "stale_quotes",
+            "greeks_missing",
+        )
+    ] == [1, 1, 1, 1, 1, 1]

@@ -473,6 +473,63 @@ def snapshot_row(result: SnapshotResult, *, underlying: str, captured_at: int) -
     )
 
 
+QUALITY_CHECKS = (
+    "crossed_quotes",
+    "negative_prices",
+    "iv_out_of_range",
+    "negative_open_interest",
+    "stale_quotes",
+    "greeks_missing",
+)
+"""What :func:`count_quality` counts, in its order (the ``snapshot_coverage`` columns)."""
+
+_BID, _ASK, _LAST, _QUOTED, _IV, _DELTA, _OI = (
+    SNAPSHOT_COLUMNS.index(name)
+    for name in (
+        "bid",
+        "ask",
+        "last_price",
+        "quote_updated_at",
+        "implied_volatility",
+        "delta",
+        "open_interest",
+    )
+)
+
+
+def count_quality(rows: Iterable[SnapshotRow], *, quoted_after: int) -> tuple[int, ...]:
+    """Count the rows with each problem of :data:`QUALITY_CHECKS`: a crossed quote (bid above
+    ask), a negative bid, ask or last price, an IV outside (0, 10], a negative open interest, a
+    quote older than ``quoted_after`` (epoch microseconds), greeks missing where a quote exists.
+
+    The rows are stored as they are: these counts only say how much of a chain to trust.
+    """
+    crossed = negative = iv_out = oi_negative = stale = no_greeks = 0
+    for row in rows:
+        bid, ask = row[_BID], row[_ASK]
+        if bid is not None and ask is not None:
+            if bid > ask:
+                crossed += 1
+        if (
+            (bid is not None and bid < 0)
+            or (ask is not None and ask < 0)
+            or (row[_LAST] is not None and row[_LAST] < 0)
+        ):
+            negative += 1
+        iv = row[_IV]
+        if iv is not None and not 0 < iv <= 10:
+            iv_out += 1
+        if row[_OI] is not None and row[_OI] < 0:
+            oi_negative += 1
+        quoted = row[_QUOTED]
+        if quoted is not None:
+            if quoted < quoted_after:
+                stale += 1
+            if row[_DELTA] is None:
+                no_greeks += 1
+    return crossed, negative, iv_out, oi_negative, stale, no_greeks
+
+
 def snapshot_contract(raw: dict[str, Any] | SnapshotResult, *, underlying: str) -> ContractRow:
     """Build an ``option_contracts`` row from a snapshot's ``details``, for a contract the daily
     sync has not seen yet.

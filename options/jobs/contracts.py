@@ -34,7 +34,7 @@ from options.errors import (
     RunInterrupted,
 )
 from options.jobs.filters import ListingScope, contract_underlying, listing_scope, market_today
-from options.ops.logs import StatusReporter
+from options.ops.progress import Progress
 from options.store.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error, reconnecting
 from options.store.rejects import Reject, keep_rejects
 from options.store.runs import Run, RunStats, count_committed
@@ -126,26 +126,25 @@ class UnderlyingResult:
 async def sync_contracts(
     settings: Settings,
     client: PolygonClient,
-    pool: asyncpg.Pool | None,
-    run: Run | None,
+    pool: asyncpg.Pool,
+    run: Run,
     underlyings: Sequence[str],
     *,
     seen_at: dt.datetime,
     stop: asyncio.Event | None = None,
-    progress: StatusReporter | None = None,
+    progress: Progress | None = None,
 ) -> list[UnderlyingResult]:
     """Sync the contracts of ``underlyings``, several side by side, each in one transaction.
 
     Args:
         settings: filters, concurrency and the deactivation guard.
         client: the API client.
-        pool: the database pool; ``None`` for a dry run, which fetches and counts only.
-        run: the run whose lease and counts each transaction checks and adds to (``None`` for a
-            dry run).
+        pool: the database pool.
+        run: the run whose lease and counts each transaction checks and adds to.
         underlyings: the tickers to sync.
         seen_at: the run's timestamp, written to ``last_seen_at`` of every contract seen.
         stop: when set (signal, deadline), underlyings in progress roll back and the run stops.
-        progress: receives a progress line as underlyings finish (``systemctl status``).
+        progress: receives the counts as underlyings finish.
 
     Returns:
         One result per underlying synced or failed, in the given order.
@@ -156,7 +155,7 @@ async def sync_contracts(
         RunInterrupted: ``stop`` was set first.
     """
     stop = stop or asyncio.Event()
-    stats = run.stats if run is not None else RunStats()
+    stats = run.stats
     stats.underlyings_requested = len(underlyings)
     today = market_today()
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -168,6 +167,8 @@ async def sync_contracts(
         # a connection stays free for the heartbeat and the failures' records
         workers = max(1, min(workers, pool.get_max_size() - 1))
     halt = asyncio.Event()
+    if progress is not None:
+        progress.start(len(underlyings), "underlyings")
 
     async def worker() -> None:
         while not queue.empty() and not halt.is_set() and not stop.is_set():
@@ -194,8 +195,7 @@ async def sync_contracts(
                 logger.error(
                     "Underlying %s failed, its contracts are left untouched: %s", underlying, exc
                 )
-                if run is not None and pool is not None:
-                    await _record_failure(pool, run, result)
+                await _record_failure(pool, run, result)
                 stats.underlyings_failed += 1
             except RunInterrupted:
                 del results[underlying]  # rolled back: as if never started
@@ -209,11 +209,10 @@ async def sync_contracts(
                 stats.rows_fetched += result.fetched
                 stats.api_requests = client.requests_sent
                 if progress is not None:
-                    finished = stats.underlyings_succeeded + stats.underlyings_failed
                     progress.update(
-                        f"{finished}/{len(underlyings)} underlyings, "
-                        f"{stats.rows_written:,} contracts stored, "
-                        f"{stats.underlyings_failed} failed"
+                        done=stats.underlyings_succeeded + stats.underlyings_failed,
+                        rows=stats.rows_written,
+                        failed=stats.underlyings_failed,
                     )
 
     try:
@@ -226,8 +225,6 @@ async def sync_contracts(
         raise _first_error(failed)  # noqa: B904 (its own cause is kept)
     finally:
         _log_totals(stats, len(underlyings))
-        if progress is not None:
-            progress.flush()
     if stop.is_set() and len(results) < len(underlyings):
         raise RunInterrupted(
             f"stopped before every underlying was synced: {len(underlyings) - len(results)} "
@@ -257,8 +254,8 @@ def _log_totals(stats: RunStats, underlyings: int) -> None:
 async def sync_underlying(
     settings: Settings,
     client: PolygonClient,
-    pool: asyncpg.Pool | None,
-    run: Run | None,
+    pool: asyncpg.Pool,
+    run: Run,
     underlying: str,
     result: UnderlyingResult,
     *,
@@ -311,8 +308,8 @@ async def sync_underlying(
 async def _sync_once(
     settings: Settings,
     client: PolygonClient,
-    pool: asyncpg.Pool | None,
-    run: Run | None,
+    pool: asyncpg.Pool,
+    run: Run,
     underlying: str,
     result: UnderlyingResult,
     scope: ListingScope,
@@ -323,7 +320,7 @@ async def _sync_once(
     retry: bool,
 ) -> None:
     key = contract_underlying(underlying)
-    if retry and pool is not None and run is not None:
+    if retry:
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as lookup:
             done = await committed_sync(lookup, run, key)
         if done is not None:  # the earlier attempt committed; only its answer was lost
@@ -341,7 +338,6 @@ async def _sync_once(
             # the connection is taken at the first write, not while the first page is fetched
             nonlocal conn
             if conn is None:
-                assert pool is not None
                 acquired = await stack.enter_async_context(pool.acquire(timeout=ACQUIRE_TIMEOUT))
                 await stack.enter_async_context(acquired.transaction())
                 conn = acquired
@@ -362,12 +358,11 @@ async def _sync_once(
                     refused[0].reason,
                 )
                 seen_rejected.update(r.ticker for r in refused if r.ticker is not None)
-                if run is not None:
-                    rejects.extend(
-                        Reject.of(r.raw, r.reason, ticker=r.ticker)
-                        for r in refused
-                        if run.keep.take_one()
-                    )
+                rejects.extend(
+                    Reject.of(r.raw, r.reason, ticker=r.ticker)
+                    for r in refused
+                    if run.keep.take_one()
+                )
             logger.info(
                 "Retrieved batch at offset %d for %s: %d contracts (page %d)",
                 offset,
@@ -377,11 +372,15 @@ async def _sync_once(
             )
             if stop.is_set() and page.has_next:
                 raise RunInterrupted(f"{underlying}: stopped mid-listing, left untouched")
-            if pool is None or not rows:
+            if not rows:
                 continue
             result.written += await upsert_contracts(await begin(), rows, seen_at=seen_at)
-        if pool is None or run is None:
-            return
+        if result.fetched == 0:
+            logger.warning(
+                "%s: the API lists no option contracts for it (a misspelled ticker, or a "
+                "ticker without listed options?)",
+                underlying,
+            )
         conn = await begin()
         if seen_rejected:
             await conn.execute(MARK_SEEN, list(seen_rejected), seen_at)

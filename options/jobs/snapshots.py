@@ -37,6 +37,7 @@ from options.api.normalize import (
     SnapshotResult,
     SnapshotRow,
     check_snapshot_row,
+    count_quality,
     decode_chain_page,
     epoch_microseconds,
     normalize_snapshot,
@@ -53,7 +54,7 @@ from options.errors import (
 )
 from options.jobs.contracts import UPSERT_NEW_CONTRACTS
 from options.jobs.filters import ListingScope, contract_underlying, listing_scope, market_today
-from options.ops.logs import StatusReporter
+from options.ops.progress import Progress
 from options.store.db import (
     ACQUIRE_TIMEOUT,
     DB_ERRORS,
@@ -74,6 +75,8 @@ SLICE_CONTRACTS = 2_500  # a known chain larger than this (10 pages) is split by
 COPY_BATCH_ROWS = 10_000  # small chains ready together are stored in one transaction up to this
 READY_CHAINS = 8  # chains read and waiting for a writer: bounds memory with the chains in flight
 WRITERS = 2
+# a quote last updated this long before the slot is counted stale (snapshot_coverage.stale_quotes)
+STALE_QUOTE_AGE = dt.timedelta(minutes=15)
 
 
 @dataclass(eq=False)
@@ -168,7 +171,7 @@ class SnapshotRun:
         *,
         captured_at: dt.datetime,
         partition: str,
-        progress: StatusReporter | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -176,6 +179,7 @@ class SnapshotRun:
         self.run = run
         self.captured_at = captured_at
         self.captured_at_us = epoch_microseconds(captured_at)  # as the rows carry it
+        self.stale_before = epoch_microseconds(captured_at - STALE_QUOTE_AGE)
         self.partition = partition
         self.today = market_today()
         # last in, first out: a planned chain's slices are fetched before the next chain is
@@ -200,6 +204,8 @@ class SnapshotRun:
         self.chains = [Chain(p.requested, p.key, resumed=self.run.resumed) for p in planned]
         for chain in reversed(self.chains):
             self.work.put_nowait(chain)
+        if self.progress is not None:
+            self.progress.start(len(self.chains), "chains")
         # writers hold a connection only while storing; fetchers hold none between queries
         writers = [asyncio.create_task(self._write()) for _ in range(WRITERS)]
         fetchers = [
@@ -229,8 +235,6 @@ class SnapshotRun:
                 *fetchers, *writers, finished, halted, stopped, return_exceptions=True
             )
         self._log_totals()
-        if self.progress is not None:
-            self.progress.flush()
         if self.refused is not None:
             raise self.refused
         if stop.is_set() and any(
@@ -413,12 +417,14 @@ class SnapshotRun:
         commits = [chain.to_commit() for chain in batch]
         for chain, commit in zip(batch, commits, strict=True):
             chain.committed = commit
+            commit.quality = count_quality(commit.rows, quoted_after=self.stale_before)
         try:
             done = await self._commit(commits, writer)
         except (TypeError, ValueError, OverflowError, asyncpg.DataError):
             # a value the table cannot hold: nothing was stored; check row by row, store the rest
             for commit in commits:
                 commit.rows = self._checked(commit)
+                commit.quality = count_quality(commit.rows, quoted_after=self.stale_before)
             done = await self._commit(commits, writer)
         stats = self.run.stats
         for commit in done:
@@ -430,9 +436,10 @@ class SnapshotRun:
             else:
                 stats.underlyings_failed += 1
         if self.progress is not None:
-            settled = sum(c.committed is not None for c in self.chains)
             self.progress.update(
-                f"{settled}/{len(self.chains)} chains stored, {stats.rows_written:,} snapshots"
+                done=stats.underlyings_succeeded + stats.underlyings_failed,
+                rows=stats.rows_written,
+                failed=stats.underlyings_failed,
             )
 
     def _checked(self, commit: ChainCommit) -> list[SnapshotRow]:

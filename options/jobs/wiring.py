@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -18,12 +18,19 @@ from options.config import Settings
 from options.errors import ConfigError, ExitCode, OptionsError
 from options.jobs.contracts import deactivate_expired, sync_contracts
 from options.jobs.filters import market_today
+from options.jobs.preview import Preview, preview_contracts, preview_snapshots
 from options.jobs.snapshots import SnapshotRun, planned_chains
-from options.ops.logs import StatusReporter
 from options.ops.market import market_session
+from options.ops.progress import Progress
 from options.store.db import Limits, apply_migrations, create_pool, reconnect_window
 from options.store.partitions import drop_old_partitions, ensure_partitions
-from options.store.runs import STATUS_EXIT_CODES, Run, close_dead_runs, recorded_run
+from options.store.runs import (
+    STATUS_EXIT_CODES,
+    Run,
+    RunSummary,
+    close_dead_runs,
+    recorded_run,
+)
 from options.store.slots import Slot, adopt_slot, close_slot, find_resumable_slot, plan_slot
 from options.store.underlyings import (
     Tracked,
@@ -37,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 POOL_CLOSE_TIMEOUT = 10.0
 AHEAD_LOCK_TIMEOUT = 2.0  # partitions of the days ahead: a later run can make them
+POOL_STATS_EVERY = 30.0  # seconds between two pool statistics lines in the log
 
 
 def open_client(settings: Settings) -> PolygonClient:
@@ -53,8 +61,11 @@ def open_client(settings: Settings) -> PolygonClient:
 
 
 @asynccontextmanager
-async def open_database(settings: Settings, *, job: str) -> AsyncIterator[asyncpg.Pool]:
-    """The job's pool, with the schema migrated; closed on the way out.
+async def open_database(
+    settings: Settings, *, job: str, pool_stats: bool = True
+) -> AsyncIterator[asyncpg.Pool]:
+    """The job's pool, with the schema migrated; closed on the way out. ``pool_stats``: log
+    the pool's statistics every :data:`POOL_STATS_EVERY` seconds and at the end.
 
     Also sets how long the job's tasks wait for a database that went away
     (``DB_RECONNECT_SECONDS``).
@@ -66,14 +77,35 @@ async def open_database(settings: Settings, *, job: str) -> AsyncIterator[asyncp
         limits=Limits(settings.db_statement_timeout, settings.db_lock_timeout),
         application_name=f"ingest_{job}",
     )
+    stats = asyncio.create_task(_log_pool_stats(pool)) if pool_stats else None
     try:
         await apply_migrations(pool)
         yield pool
     finally:
+        if stats is not None:
+            stats.cancel()
+            await asyncio.gather(stats, return_exceptions=True)
+            log_pool_stats(pool)
         try:
             await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT)
         except (TimeoutError, asyncio.CancelledError):
             pool.terminate()
+
+
+def log_pool_stats(pool: asyncpg.Pool) -> None:
+    """``Database pool stats - Active: X, Min: Y, Max: Z``: connections lent out now."""
+    logger.info(
+        "Database pool stats - Active: %d, Min: %d, Max: %d",
+        pool.get_size() - pool.get_idle_size(),
+        pool.get_min_size(),
+        pool.get_max_size(),
+    )
+
+
+async def _log_pool_stats(pool: asyncpg.Pool) -> None:
+    while True:
+        await asyncio.sleep(POOL_STATS_EVERY)
+        log_pool_stats(pool)
 
 
 async def migrate(settings: Settings) -> list[str]:
@@ -88,7 +120,7 @@ async def migrate(settings: Settings) -> list[str]:
 async def manage_underlyings(settings: Settings, action: str, tickers: Sequence[str]) -> list[str]:
     """``ingest_admin underlyings``: ``list`` the tracked underlyings, or ``add``, ``disable``
     or ``enable`` ``tickers``; returns the lines to print."""
-    async with open_database(settings, job="admin") as pool:
+    async with open_database(settings, job="admin", pool_stats=False) as pool:
         if action == "list":
             return format_tracked(await list_tracked(pool))
         lines = []
@@ -148,39 +180,18 @@ async def run_options_job(
     settings: Settings,
     *,
     only: Sequence[str] = (),
-    dry_run: bool = False,
     stop: asyncio.Event | None = None,
-    progress: StatusReporter | None = None,
+    progress: Progress | None = None,
+    on_end: Callable[[RunSummary], None] | None = None,
 ) -> ExitCode:
     """``ingest_options``: sync the contracts of every tracked underlying (or of ``only``).
 
     ``only`` (``--underlying``) syncs just those, this once, without tracking them. ``stop``
     (set by a signal or the deadline) rolls back the underlyings in progress and ends the run
     ``interrupted``. Expired contracts of every underlying are deactivated each run.
+    ``on_end`` receives the run's summary once its final row is written.
     """
     settings.require_api_key()
-    if dry_run:
-        underlyings = list(only) or list(settings.require_underlyings())
-        async with open_client(settings) as client:
-            results = await sync_contracts(
-                settings,
-                client,
-                None,
-                None,
-                underlyings,
-                seen_at=dt.datetime.now(dt.UTC),
-                stop=stop,
-                progress=progress,
-            )
-        for result in results:
-            outcome = f"failed: {result.error}" if result.error else "complete"
-            logger.info(
-                "Dry run: %s lists %d contracts (%s)", result.underlying, result.fetched, outcome
-            )
-        listed = sum(result.error is None for result in results)
-        if listed == len(underlyings):
-            return ExitCode.OK
-        return ExitCode.PARTIAL if listed else ExitCode.FAILED
     dsn = settings.require_database_url()
     async with open_client(settings) as client, open_database(settings, job="options") as pool:
         underlyings = list(only) or await tracked_underlyings(settings, pool)
@@ -189,7 +200,7 @@ async def run_options_job(
             len(underlyings),
             settings.database_location(),
         )
-        async with recorded_run(pool, "options", dsn=dsn) as run:
+        async with recorded_run(pool, "options", dsn=dsn, on_end=on_end) as run:
             await sync_contracts(
                 settings,
                 client,
@@ -204,6 +215,23 @@ async def run_options_job(
         return STATUS_EXIT_CODES[run.status]
 
 
+async def preview_job(
+    settings: Settings, job: str, *, only: Sequence[str] = (), limit: int = 0
+) -> Preview:
+    """``--dry-run``: what ``job`` (``options`` or ``snapshots``) would store for ``only`` or
+    ``UNDERLYINGS``, read from the API now; no database is opened."""
+    settings.require_api_key()
+    underlyings = list(only) or list(settings.require_underlyings())
+    async with open_client(settings) as client:
+        read = preview_contracts if job == "options" else preview_snapshots
+        preview = await read(settings, client, underlyings, limit=limit)
+    for underlying, count in preview.counts.items():
+        logger.info("Dry run: %s: %d rows, nothing stored", underlying, count)
+    for underlying, error in preview.errors.items():
+        logger.error("Dry run: %s failed: %s", underlying, error)
+    return preview
+
+
 async def run_snapshots_job(
     settings: Settings,
     *,
@@ -212,8 +240,9 @@ async def run_snapshots_job(
     retain_days: int | None = None,
     stop: asyncio.Event | None = None,
     force: bool = False,
-    progress: StatusReporter | None = None,
+    progress: Progress | None = None,
     now: dt.datetime | None = None,
+    on_end: Callable[[RunSummary], None] | None = None,
 ) -> ExitCode:
     """``ingest_snapshots``: store one snapshot of every tracked underlying's chain, under one
     ``captured_at``, each chain with its coverage row.
@@ -229,8 +258,9 @@ async def run_snapshots_job(
         stop: set by a signal or the deadline: chains read are stored, the run is
             ``interrupted``.
         force: snapshot even when the market is closed.
-        progress: where progress lines go (``systemctl status``).
+        progress: where progress is shown (a bar, log lines, ``systemctl status``).
         now: the moment the market-hours decision is made for (``None``: the clock).
+        on_end: receives the run's summary once its final row is written.
     """
     settings.require_api_key()
     settings.require_database_url()
@@ -251,7 +281,7 @@ async def run_snapshots_job(
                 )
                 return ExitCode.OK
             logger.info("Market closed (%s); taking the snapshot anyway (--force)", session.reason)
-        return await _snapshot(settings, client, only, resume, retain_days, stop, progress)
+        return await _snapshot(settings, client, only, resume, retain_days, stop, progress, on_end)
 
 
 async def _snapshot(
@@ -261,7 +291,8 @@ async def _snapshot(
     resume: bool,
     retain_days: int | None,
     stop: asyncio.Event,
-    progress: StatusReporter | None,
+    progress: Progress | None,
+    on_end: Callable[[RunSummary], None] | None,
 ) -> ExitCode:
     dsn = settings.require_database_url()
     async with open_database(settings, job="snapshots") as pool:
@@ -271,7 +302,9 @@ async def _snapshot(
             await close_dead_runs(pool, "snapshots")  # what opening a run would have done
             logger.info("Nothing to resume: every chain of the latest slots is stored")
             return ExitCode.OK
-        async with recorded_run(pool, "snapshots", dsn=dsn, resumed=slot is not None) as run:
+        async with recorded_run(
+            pool, "snapshots", dsn=dsn, resumed=slot is not None, on_end=on_end
+        ) as run:
             if slot is not None:
                 captured_at, planned = slot.captured_at, slot.chains
                 await adopt_slot(pool, run, slot)

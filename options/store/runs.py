@@ -20,11 +20,12 @@ before anything else is tried).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -100,6 +101,46 @@ class RunStats:
             setattr(self, name, getattr(self, name) + value)
 
 
+@dataclass(frozen=True)
+class RunSummary:
+    """How a run ended, as its ``ingest_runs`` row says (``recorded``), or as this process saw
+    it when the row could not be written."""
+
+    job: str
+    run_id: int
+    status: str
+    exit_code: int
+    started_at: datetime
+    finished_at: datetime | None
+    underlyings_requested: int
+    underlyings_succeeded: int
+    underlyings_failed: int
+    rows_fetched: int
+    rows_written: int
+    rows_rejected: int
+    contracts_deactivated: int
+    api_requests: int
+    error: str | None
+    last_success_at: datetime | None
+    recorded: bool
+
+    @property
+    def seconds(self) -> float | None:
+        """The run's duration."""
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+    def as_dict(self) -> dict[str, object]:
+        """The summary as JSON-ready values (timestamps ISO 8601)."""
+        data = dataclasses.asdict(self)
+        for key in ("started_at", "finished_at", "last_success_at"):
+            moment = data[key]
+            data[key] = moment.isoformat() if moment is not None else None
+        data["seconds"] = self.seconds
+        return data
+
+
 @dataclass
 class Run:
     """A job run in progress: its ledger id, its start time, its counts.
@@ -116,6 +157,7 @@ class Run:
     status: str = "running"
     resumed: bool = False
     keep: RejectBudget = field(default_factory=RejectBudget)
+    summary: RunSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +206,7 @@ async def recorded_run(
     dsn: str,
     lease_seconds: float = LEASE_SECONDS,
     resumed: bool = False,
+    on_end: Callable[[RunSummary], None] | None = None,
 ) -> AsyncIterator[Run]:
     """Hold the job's lease and its ``ingest_runs`` row for the duration of the block.
 
@@ -199,11 +242,28 @@ async def recorded_run(
         status, error = _outcome(exc)
         if status == "failed":
             logger.error("Run %d of ingest_%s failed: %s", run.id, job, error)
-        await close_run(dsn, run, status, error)
+        try:
+            await close_run(dsn, run, status, error)
+        finally:
+            _report(run, on_end)
         raise
     else:
         await heartbeat.stop()
-        await close_run(dsn, run, COMPLETED, None)
+        try:
+            await close_run(dsn, run, COMPLETED, None)
+        finally:
+            _report(run, on_end)
+
+
+def _report(run: Run, on_end: Callable[[RunSummary], None] | None) -> None:
+    """Hand the summary on; a failing observer (a full disk under the metrics file) is logged,
+    it does not change how the run ended."""
+    if on_end is None or run.summary is None:
+        return
+    try:
+        on_end(run.summary)
+    except Exception:
+        logger.exception("Reporting the end of run %d failed", run.id)
 
 
 def _outcome(exc: BaseException) -> tuple[str, str]:
@@ -455,24 +515,72 @@ async def close_run(dsn: str, run: Run, status: str, error: str | None) -> None:
     """
     if error and len(error) > MAX_ERROR_TEXT:
         error = error[: MAX_ERROR_TEXT - 1] + "…"
+    run.status = "failed" if status == COMPLETED else status  # unless the row says otherwise
+    run.summary = _unrecorded(run, error)
     try:
-        written = await asyncio.shield(_write_final(dsn, run, status, error))
+        row = await asyncio.shield(_write_final(dsn, run, status, error))
     except DB_ERRORS as exc:
         raise DatabaseError(
             f"cannot record the end of run {run.id} ({status}): {describe_db_error(exc)}; "
             "the next run will close it"
         ) from exc
-    if written is None:
+    if row is None:
         logger.warning(
             "Run %d was already closed by another copy; its row is left as it is", run.id
         )
-        run.status = "failed" if status == COMPLETED else status
         return
-    run.status = written
-    logger.info("Run %d of ingest_%s ended %s", run.id, run.job, written)
+    run.status = row["status"]
+    run.summary = RunSummary(
+        job=run.job,
+        run_id=run.id,
+        exit_code=int(STATUS_EXIT_CODES[row["status"]]),
+        recorded=True,
+        **{name: row[name] for name in _SUMMARY_COLUMNS},
+    )
+    logger.info("Run %d of ingest_%s ended %s", run.id, run.job, run.status)
 
 
-async def _write_final(dsn: str, run: Run, status: str, error: str | None) -> str | None:
+_SUMMARY_COLUMNS = (
+    "status",
+    "started_at",
+    "finished_at",
+    "underlyings_requested",
+    "underlyings_succeeded",
+    "underlyings_failed",
+    "rows_fetched",
+    "rows_written",
+    "rows_rejected",
+    "contracts_deactivated",
+    "api_requests",
+    "error",
+    "last_success_at",
+)
+
+
+def _unrecorded(run: Run, error: str | None) -> RunSummary:
+    stats = run.stats
+    return RunSummary(
+        job=run.job,
+        run_id=run.id,
+        status=run.status,
+        exit_code=int(STATUS_EXIT_CODES[run.status]),
+        started_at=run.started_at,
+        finished_at=None,
+        underlyings_requested=stats.underlyings_requested,
+        underlyings_succeeded=stats.underlyings_succeeded,
+        underlyings_failed=stats.underlyings_failed,
+        rows_fetched=stats.rows_fetched,
+        rows_written=stats.rows_written,
+        rows_rejected=stats.rows_rejected,
+        contracts_deactivated=stats.contracts_deactivated,
+        api_requests=stats.api_requests,
+        error=error,
+        last_success_at=None,
+        recorded=False,
+    )
+
+
+async def _write_final(dsn: str, run: Run, status: str, error: str | None) -> asyncpg.Record | None:
     stats = run.stats
     # any database error is worth another try here: a database that refuses connections for
     # a while (a restart, a failover) must not leave the run 'running'
@@ -482,7 +590,7 @@ async def _write_final(dsn: str, run: Run, status: str, error: str | None) -> st
         with attempt:
             conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
             try:
-                written: str | None = await conn.fetchval(
+                written: asyncpg.Record | None = await conn.fetchrow(
                     """
                     UPDATE ingest_runs SET finished_at = clock_timestamp(),
                         status = CASE
@@ -492,7 +600,11 @@ async def _write_final(dsn: str, run: Run, status: str, error: str | None) -> st
                             ELSE 'failed' END,
                         error = left(concat_ws('; ', $3::text, error), $7),
                         rows_fetched = $4, api_requests = $5, underlyings_requested = $6
-                    WHERE id = $1 AND status = 'running' RETURNING status
+                    WHERE id = $1 AND status = 'running'
+                    RETURNING *, CASE WHEN status = 'succeeded' THEN finished_at ELSE
+                        (SELECT max(r.finished_at) FROM ingest_runs r
+                         WHERE r.job = ingest_runs.job AND r.status = 'succeeded')
+                        END AS last_success_at
                     """,
                     run.id,
                     status,

@@ -63,6 +63,9 @@ class ChainCommit:
         error: why the chain was not read to the end, if it was not.
         resumed: the slot may already hold rows of this chain (a resumed slot): rows are
             added beside them, never over them.
+        quality: the data-quality counts of the rows, in the order of the coverage columns
+            ``crossed_quotes``, ``negative_prices``, ``iv_out_of_range``,
+            ``negative_open_interest``, ``stale_quotes``, ``greeks_missing``.
     """
 
     key: str
@@ -74,6 +77,7 @@ class ChainCommit:
     read_to_end: bool = False
     error: str | None = None
     resumed: bool = False
+    quality: Sequence[int] = (0, 0, 0, 0, 0, 0)
     # set by commit_chains
     stored: int = 0
     stored_now: int = 0
@@ -298,6 +302,7 @@ async def _commit(
             [c.rejected for c in todo],
             [c.read_to_end for c in todo],
             [c.error for c in todo],
+            *([c.quality[i] for c in todo] for i in range(6)),
         )
         for chain in todo:
             await keep_rejects(
@@ -323,9 +328,10 @@ async def _commit(
 STORE_COVERAGE = """
 WITH chain AS (
     SELECT * FROM unnest($4::text[], $5::int[], $6::int[], $7::int[], $8::bool[], $9::int[],
-                         $10::text[], $11::int[], $12::bool[], $13::text[])
+                         $10::text[], $11::int[], $12::bool[], $13::text[], $14::int[],
+                         $15::int[], $16::int[], $17::int[], $18::int[], $19::int[])
         AS u(key, active, stored, missing, complete, pages, reason, rejected, read_to_end,
-             error)
+             error, crossed, negative, iv_out, oi_negative, stale, no_greeks)
 ), tracked AS (
     UPDATE tracked_underlyings t SET last_snapshot_at = $1,
         last_complete_snapshot_at = CASE WHEN chain.complete THEN $1
@@ -336,8 +342,10 @@ WITH chain AS (
 )
 INSERT INTO snapshot_coverage AS c (captured_at, underlying_ticker, run_id, contracts_active,
     snapshots_stored, contracts_missing, complete, pages, error, rows_rejected, read_to_end,
-    committed_at)
-SELECT $1, key, $2, active, stored, missing, complete, pages, reason, rejected, read_to_end, $3
+    committed_at, crossed_quotes, negative_prices, iv_out_of_range, negative_open_interest,
+    stale_quotes, greeks_missing)
+SELECT $1, key, $2, active, stored, missing, complete, pages, reason, rejected, read_to_end, $3,
+       crossed, negative, iv_out, oi_negative, stale, no_greeks
 FROM chain
 ON CONFLICT (captured_at, underlying_ticker) DO UPDATE SET
     run_id = EXCLUDED.run_id, contracts_active = EXCLUDED.contracts_active,
@@ -345,7 +353,13 @@ ON CONFLICT (captured_at, underlying_ticker) DO UPDATE SET
     contracts_missing = EXCLUDED.contracts_missing, complete = EXCLUDED.complete,
     pages = c.pages + EXCLUDED.pages, error = EXCLUDED.error,
     rows_rejected = EXCLUDED.rows_rejected, read_to_end = EXCLUDED.read_to_end,
-    committed_at = EXCLUDED.committed_at
+    committed_at = EXCLUDED.committed_at,
+    crossed_quotes = c.crossed_quotes + EXCLUDED.crossed_quotes,
+    negative_prices = c.negative_prices + EXCLUDED.negative_prices,
+    iv_out_of_range = c.iv_out_of_range + EXCLUDED.iv_out_of_range,
+    negative_open_interest = c.negative_open_interest + EXCLUDED.negative_open_interest,
+    stale_quotes = c.stale_quotes + EXCLUDED.stale_quotes,
+    greeks_missing = c.greeks_missing + EXCLUDED.greeks_missing
 """
 
 
