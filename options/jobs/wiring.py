@@ -224,12 +224,7 @@ async def preview_job(
     underlyings = list(only) or list(settings.require_underlyings())
     async with open_client(settings) as client:
         read = preview_contracts if job == "options" else preview_snapshots
-        preview = await read(settings, client, underlyings, limit=limit)
-    for underlying, count in preview.counts.items():
-        logger.info("Dry run: %s: %d rows, nothing stored", underlying, count)
-    for underlying, error in preview.errors.items():
-        logger.error("Dry run: %s failed: %s", underlying, error)
-    return preview
+        return await read(settings, client, underlyings, limit=limit)
 
 
 async def run_snapshots_job(
