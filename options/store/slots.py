@@ -333,8 +333,10 @@ WITH chain AS (
         AS u(key, active, stored, missing, complete, pages, reason, rejected, read_to_end,
              error, crossed, negative, iv_out, oi_negative, stale, no_greeks)
 ), tracked AS (
-    UPDATE tracked_underlyings t SET last_snapshot_at = $1,
-        last_complete_snapshot_at = CASE WHEN chain.complete THEN $1
+    UPDATE tracked_underlyings t SET last_snapshot_at = greatest(t.last_snapshot_at, $1),
+        -- a resumed older slot never moves the times back
+        last_complete_snapshot_at = CASE WHEN chain.complete
+                                         THEN greatest(t.last_complete_snapshot_at, $1)
                                          ELSE t.last_complete_snapshot_at END,
         last_error = coalesce(chain.error, t.last_error),
         last_error_at = CASE WHEN chain.error IS NULL THEN t.last_error_at ELSE $3 END
