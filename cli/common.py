@@ -20,6 +20,7 @@ from options.ops.logs import LOG_FORMATS, configure_logging, journal_stream_matc
 from options.ops.output import OUTPUT_FORMATS, format_rows
 from options.ops.progress import Progress
 from options.ops.summary import log_summary, write_metrics_textfile
+from options.ops.telemetry import Telemetry, configure_telemetry
 from options.store.db import is_connection_lost
 from options.store.runs import RunSummary
 
@@ -73,15 +74,37 @@ def log_format_option(func: F) -> F:
     )(func)
 
 
-def load_settings(env_file: Path | None, log_format: str = "auto") -> Settings:
-    """Build the settings and configure logging and telemetry; exit 2 on a bad setting."""
+def load_settings(
+    env_file: Path | None, log_format: str = "auto", *, job: str | None = None
+) -> Settings:
+    """Build the settings, configure logging and (for a ``job``) OpenTelemetry; exit 2 on a
+    bad setting.
+
+    The env file's ``PG*`` and ``OTEL_*`` values the environment does not set are put in the
+    process environment, where libpq's and OpenTelemetry's conventions look for them.
+    """
+    global _telemetry
     try:
         settings = Settings.from_env(os.environ, env_file=env_file)
+        for name, value in settings.passthrough:
+            os.environ.setdefault(name, value)
         configure_logging(settings.log_level, log_format, environ=os.environ)
+        for warning in settings.warnings:
+            logger.warning("%s", warning)
+        if job is not None:
+            _telemetry = configure_telemetry(job, os.environ)
     except OptionsError as exc:
         fail(exc)
-    configure_tracing(settings.traces_exporter)
     return settings
+
+
+_telemetry: Telemetry | None = None
+
+
+def flush_telemetry() -> None:
+    """Export what OpenTelemetry holds (bounded); called before the process exits."""
+    if _telemetry is not None:
+        _telemetry.shutdown()
 
 
 def one_off_underlyings(underlyings: tuple[str, ...]) -> tuple[str, ...]:
@@ -90,21 +113,6 @@ def one_off_underlyings(underlyings: tuple[str, ...]) -> tuple[str, ...]:
         return parse_cli_underlyings(underlyings)
     except OptionsError as exc:
         fail(exc)
-
-
-def configure_tracing(exporter: str) -> None:
-    """Record OpenTelemetry spans (one per API request, one per contracts sync) only when they
-    go somewhere: ``console`` writes them to stderr as JSON when the job ends. With ``none``
-    the API's no-op tracer stays, and spans cost nothing."""
-    if exporter == "none":
-        return
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-
-    provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
-    trace.set_tracer_provider(provider)  # its shutdown at exit flushes the spans
 
 
 def progress_display(log_format: str) -> Progress:
@@ -287,8 +295,10 @@ def run(
     try:
         code = asyncio.run(with_signals())
     except OptionsError as exc:
+        flush_telemetry()
         fail(exc)
     except (asyncio.CancelledError, KeyboardInterrupt):
         echo_error("interrupted")
         code = ExitCode.INTERRUPTED
+    flush_telemetry()
     sys.exit(int(code))

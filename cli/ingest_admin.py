@@ -1,26 +1,45 @@
-"""``ingest_admin``: operator tasks (migrate the schema, run the simulator, run the demo)."""
+"""``ingest_admin``: operator tasks (migrate the schema, the tracked underlyings, the systemd
+units, the simulator, the demo)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from cli.common import env_file_option, fail, load_settings, one_off_underlyings
+from cli.common import (
+    COMMAND_SETTINGS,
+    env_file_option,
+    fail,
+    load_settings,
+    one_off_underlyings,
+    refuse,
+    version_option,
+)
+from cli.status import status
 from options.errors import OptionsError
 from options.ops.logs import configure_logging
 
+if TYPE_CHECKING:
+    from options.ops.units import Scope
 
-@click.group()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@click.group(context_settings=COMMAND_SETTINGS)
+@version_option
 def main() -> None:
     """Operator tasks for the options history database."""
 
 
 @main.command()
 @env_file_option
+@version_option
 def migrate(env_file: Path | None) -> None:
     """Apply pending database migrations (the jobs also do this at start)."""
     from options.jobs.wiring import migrate as apply
@@ -34,12 +53,14 @@ def migrate(env_file: Path | None) -> None:
 
 
 @main.group()
+@version_option
 def underlyings() -> None:
     """The tracked underlyings: those both jobs work on."""
 
 
 @underlyings.command("list")
 @env_file_option
+@version_option
 def underlyings_list(env_file: Path | None) -> None:
     """Show every tracked underlying: status, origin, last sync, last complete snapshot, error.
 
@@ -49,6 +70,7 @@ def underlyings_list(env_file: Path | None) -> None:
 
 @underlyings.command("add")
 @env_file_option
+@version_option
 @click.argument("tickers", nargs=-1, required=True, metavar="TICKER...")
 def underlyings_add(env_file: Path | None, tickers: tuple[str, ...]) -> None:
     """Track TICKER from now on (both jobs), whatever UNDERLYINGS says."""
@@ -57,6 +79,7 @@ def underlyings_add(env_file: Path | None, tickers: tuple[str, ...]) -> None:
 
 @underlyings.command("disable")
 @env_file_option
+@version_option
 @click.argument("tickers", nargs=-1, required=True, metavar="TICKER...")
 def underlyings_disable(env_file: Path | None, tickers: tuple[str, ...]) -> None:
     """Stop syncing and snapshotting TICKER (its history stays) until `enable`."""
@@ -65,6 +88,7 @@ def underlyings_disable(env_file: Path | None, tickers: tuple[str, ...]) -> None
 
 @underlyings.command("enable")
 @env_file_option
+@version_option
 @click.argument("tickers", nargs=-1, required=True, metavar="TICKER...")
 def underlyings_enable(env_file: Path | None, tickers: tuple[str, ...]) -> None:
     """Track a disabled TICKER again."""
@@ -90,10 +114,15 @@ def _underlyings(env_file: Path | None, action: str, tickers: tuple[str, ...]) -
 @click.option(
     "--underlyings",
     "count",
-    default=5,
-    show_default=True,
+    default=None,
     type=click.IntRange(1),
-    help="How many simulated underlyings.",
+    help="How many simulated underlyings, named AAAA, AAAB, ... (default 5).",
+)
+@click.option(
+    "--tickers",
+    default=None,
+    metavar="TICKER,...",
+    help="Serve these underlyings instead (e.g. AAPL,SPY,I:SPX: what UNDERLYINGS names).",
 )
 @click.option(
     "--contracts",
@@ -127,10 +156,12 @@ def _underlyings(env_file: Path | None, action: str, tickers: tuple[str, ...]) -
     type=click.FloatRange(0, 1),
     help="Fraction of list pages cut short.",
 )
+@version_option
 def simulate(
     host: str,
     port: int,
-    count: int,
+    count: int | None,
+    tickers: str | None,
     contracts: int,
     api_key: str,
     latency: float,
@@ -138,65 +169,109 @@ def simulate(
     rate_limit: float | None,
     truncate_rate: float,
 ) -> None:
-    """Serve a Polygon-compatible simulated API (for trials, tests and benchmarks)."""
-    from options.simulator import SimulatorConfig, make_universe_names, serve_forever
+    """Serve a Polygon-compatible simulated API (for trials, tests and benchmarks).
 
+    Once listening it prints the URL, the key clients must send and the tickers it serves.
+    """
+    from options.config import parse_underlyings
+    from options.simulator import SimulatorConfig, describe, make_universe_names, serve_forever
+
+    if count is not None and tickers is not None:
+        refuse("--underlyings N and --tickers name the served underlyings twice: give one")
     configure_logging("INFO", environ=os.environ)
-    config = SimulatorConfig(
-        underlyings=make_universe_names(count),
-        contracts_per_underlying=contracts,
-        api_key=api_key or None,
-        latency=latency,
-        error_rate=error_rate,
-        requests_per_second=rate_limit,
-        truncate_rate=truncate_rate,
-    )
+    try:
+        names = parse_underlyings(tickers, variable="--tickers") if tickers else ()
+    except OptionsError as exc:
+        fail(exc)
+    try:
+        config = SimulatorConfig(
+            underlyings=names or make_universe_names(5 if count is None else count),
+            contracts_per_underlying=contracts,
+            api_key=api_key or None,
+            latency=latency,
+            error_rate=error_rate,
+            requests_per_second=rate_limit,
+            truncate_rate=truncate_rate,
+        )
+    except ValueError as exc:
+        refuse(f"--tickers: {exc}")
     serve_forever(
         config,
         host=host,
         port=port,
-        on_ready=lambda url: click.echo(f"simulator listening on {url}", err=True),
+        on_ready=lambda url: click.echo(describe(config, url), err=True),
     )
 
 
 @main.command()
-@env_file_option
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=Path(".local/pgdata"),
     show_default=True,
-    help="Where the local PostgreSQL keeps its data when DATABASE_URL is not set.",
+    help="Where the demo's own PostgreSQL keeps its data (unless --database-url).",
 )
-def demo(env_file: Path | None, data_dir: Path) -> None:
+@click.option(
+    "--database-url",
+    metavar="URL",
+    default=None,
+    help="Write into this PostgreSQL database instead of the demo's own (simulated contracts "
+    "and snapshots land there). DATABASE_URL is never used by the demo.",
+)
+@version_option
+def demo(data_dir: Path, database_url: str | None) -> None:
     """Run the jobs against the simulator and show what landed.
 
-    Uses DATABASE_URL when it is set, otherwise a local PostgreSQL in --data-dir.
+    Writes into its own local PostgreSQL in --data-dir, or into --database-url; never into
+    DATABASE_URL, and the jobs it runs read no .env.
     """
+    from options.config import parse_database_url
     from options.dev.demo import run_demo
+    from options.dev.localdb import LocalPostgresError
 
-    settings = load_settings(env_file)
-    logging.getLogger().setLevel(logging.WARNING)
+    data_dir_given = (
+        click.get_current_context().get_parameter_source("data_dir")
+        is click.core.ParameterSource.COMMANDLINE
+    )
+    if database_url is not None and data_dir_given:
+        refuse(
+            "--data-dir is where the demo's own database lives: it does not go with --database-url"
+        )
     try:
-        raise SystemExit(run_demo(settings, data_dir=data_dir))
+        url = parse_database_url(database_url, name="--database-url") if database_url else None
+        configure_logging("WARNING", environ=os.environ)
     except OptionsError as exc:
         fail(exc)
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        code = run_demo(data_dir=data_dir, database_url=url, environ=os.environ)
+    except OptionsError as exc:
+        fail(exc)
+    except LocalPostgresError as exc:
+        first = str(exc).splitlines()[0]
+        fail(OptionsError(f"{first} (or give the demo a database: --database-url URL)"))
+    raise SystemExit(code)
+
+
+def scope_options(func: F) -> F:
+    """``--system`` (the default) or ``--user``: which service manager's units."""
+    func = click.option("--user", is_flag=True, help="User units in ~/.config/systemd/user.")(func)
+    return click.option(
+        "--system", is_flag=True, help="System units in /etc/systemd/system (the default)."
+    )(func)
+
+
+def chosen_scope(system: bool, user: bool) -> Scope:
+    """The scope the flags ask for; both at once is refused in one line (exit 2)."""
+    from options.ops.units import Scope
+
+    if system and user:
+        refuse("--system and --user do not go together: give one (--system is the default)")
+    return Scope.USER if user else Scope.SYSTEM
 
 
 @main.command("install-units")
-@click.option(
-    "--system",
-    "scope",
-    flag_value="system",
-    default=True,
-    help="System units in /etc/systemd/system, hardened (needs root; the default).",
-)
-@click.option(
-    "--user",
-    "scope",
-    flag_value="user",
-    help="User units in ~/.config/systemd/user (less sandboxing; see the README).",
-)
+@scope_options
 @click.option("--dry-run", is_flag=True, help="Print the rendered files, write and run nothing.")
 @env_file_option
 @click.option(
@@ -212,13 +287,23 @@ def demo(env_file: Path | None, data_dir: Path) -> None:
     default=None,
     help="Run the system units as this existing user instead of a dynamic one.",
 )
+@version_option
 def install_units(
-    scope: str, dry_run: bool, env_file: Path | None, snapshot_every: str, user_name: str | None
+    system: bool,
+    user: bool,
+    dry_run: bool,
+    env_file: Path | None,
+    snapshot_every: str,
+    user_name: str | None,
 ) -> None:
-    """Render the systemd units for this installation, install them and start the timers."""
+    """Render the systemd units for this installation, install them and start the timers.
+
+    --system (the default): hardened units in /etc/systemd/system, run as a dynamic user (needs
+    root). --user: units in ~/.config/systemd/user, less sandboxing (see the README).
+    """
     from options.ops import units
 
-    unit_scope = units.Scope(scope)
+    unit_scope = chosen_scope(system, user)
     unit_dir = units.default_unit_dir(unit_scope)
     try:
         installation = units.Installation.detect(env_file=env_file)
@@ -246,18 +331,29 @@ def install_units(
 
 
 @main.command("uninstall-units")
+@scope_options
 @click.option(
-    "--system", "scope", flag_value="system", default=True, help="System units (default)."
+    "--dry-run", is_flag=True, help="Print what would be stopped and removed; do nothing."
 )
-@click.option("--user", "scope", flag_value="user", help="User units.")
-def uninstall_units(scope: str) -> None:
-    """Stop and disable the timers, remove the unit files, reload systemd."""
+@version_option
+def uninstall_units(system: bool, user: bool, dry_run: bool) -> None:
+    """Stop and disable the timers, remove the unit files, reload systemd.
+
+    Drop-ins made with `systemctl edit` stay.
+    """
     from options.ops import units
 
-    unit_scope = units.Scope(scope)
+    unit_scope = chosen_scope(system, user)
     unit_dir = units.default_unit_dir(unit_scope)
+    if dry_run:
+        plan = units.plan_uninstall(scope=unit_scope, unit_dir=unit_dir)
+        click.echo(units.format_uninstall_plan(plan))
+        return
     try:
         removed = units.uninstall_units(scope=unit_scope, unit_dir=unit_dir)
     except OptionsError as exc:
         fail(exc)
     click.echo(f"removed {len(removed)} units from {unit_dir}" if removed else "nothing installed")
+
+
+main.add_command(status)

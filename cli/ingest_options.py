@@ -55,7 +55,7 @@ def main(
     --underlying for one run. Expired contracts of every underlying are marked inactive.
     """
     seconds = parse_deadline(deadline)
-    settings = load_settings(env_file, log_format)
+    settings = load_settings(env_file, log_format, job="ingest_options")
     only = one_off_underlyings(underlyings)
     if dry_run:
         if metrics_textfile is not None:

@@ -80,7 +80,7 @@ def main(
     shows what would be stored, whatever the hour.
     """
     seconds = parse_deadline(deadline)
-    settings = load_settings(env_file, log_format)
+    settings = load_settings(env_file, log_format, job="ingest_snapshots")
     only = one_off_underlyings(underlyings)
     if resume and only:
         refuse("--resume completes the chains the interrupted slot planned: it takes no -u")

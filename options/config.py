@@ -2,17 +2,20 @@
 
 This is the only module that reads environment variables. Every variable, its default and its
 meaning is listed in ``.env.example`` and the README; an invalid value raises :class:`ConfigError`
-naming the variable and the accepted form.
+naming the variable and the accepted form. An env file holds ``NAME=value`` lines only (what
+systemd's ``EnvironmentFile=`` reads); a name nobody reads is a warning in ``Settings.warnings``.
 """
 
 from __future__ import annotations
 
+import difflib
 import io
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,11 +27,73 @@ from options.tickers import validate_underlying
 
 DEFAULT_BASE_URL = "https://api.massive.com"
 DEFAULT_ENV_FILE = Path(".env")
+NO_ENV_FILE = Path(os.devnull)
+"""``env_file=NO_ENV_FILE``: read no file at all, only the environment (a Lambda, the demo's
+jobs)."""
 CONTRACT_TYPES = ("call", "put")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-TRACES_EXPORTERS = ("none", "console")
 _RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _RATE_FORM = "N/s or N/min (for example 100/s, or 5/min on the free plan), or off"
+
+SETTING_NAMES = tuple(
+    (
+        "DATABASE_URL POLYGON_API_KEY MASSIVE_API_KEY POLYGON_BASE_URL UNDERLYINGS CONTRACT_TYPES "
+        "MAX_DAYS_TO_EXPIRATION STRIKE_BAND_PERCENT MAX_DEACTIVATION_PERCENT DB_POOL_SIZE "
+        "UNDERLYING_CONCURRENCY HTTP_CONCURRENCY POLYGON_RATE_LIMIT HTTP_TIMEOUT "
+        "HTTP_MAX_RETRIES MAX_PAGES_PER_QUERY DB_STATEMENT_TIMEOUT DB_LOCK_TIMEOUT "
+        "DB_RECONNECT_SECONDS SNAPSHOT_RESUME_WINDOW SNAPSHOT_RETAIN_DAYS LOG_LEVEL "
+        "NOTIFY_COMMAND"
+    ).split()
+)
+"""The project's own variables (``.env.example`` lists each); NOTIFY_COMMAND is the failure
+hook's."""
+
+OTEL_NAMES = frozenset(
+    f"OTEL_{name}"
+    for name in (
+        "SDK_DISABLED SERVICE_NAME RESOURCE_ATTRIBUTES LOG_LEVEL PROPAGATORS CONFIG_FILE "
+        "TRACES_EXPORTER METRICS_EXPORTER LOGS_EXPORTER TRACES_SAMPLER TRACES_SAMPLER_ARG "
+        "METRIC_EXPORT_INTERVAL METRIC_EXPORT_TIMEOUT METRICS_EXEMPLAR_FILTER "
+        "EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE EXPERIMENTAL_RESOURCE_DETECTORS "
+        "EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION EXPORTER_ZIPKIN_ENDPOINT "
+        "EXPORTER_ZIPKIN_TIMEOUT EXPORTER_PROMETHEUS_HOST EXPORTER_PROMETHEUS_PORT "
+        "BSP_SCHEDULE_DELAY BSP_EXPORT_TIMEOUT BSP_MAX_QUEUE_SIZE BSP_MAX_EXPORT_BATCH_SIZE "
+        "BLRP_SCHEDULE_DELAY BLRP_EXPORT_TIMEOUT BLRP_MAX_QUEUE_SIZE BLRP_MAX_EXPORT_BATCH_SIZE "
+        "ATTRIBUTE_VALUE_LENGTH_LIMIT ATTRIBUTE_COUNT_LIMIT SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT "
+        "SPAN_ATTRIBUTE_COUNT_LIMIT SPAN_EVENT_COUNT_LIMIT SPAN_LINK_COUNT_LIMIT "
+        "EVENT_ATTRIBUTE_COUNT_LIMIT LINK_ATTRIBUTE_COUNT_LIMIT "
+        "LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT LOGRECORD_ATTRIBUTE_COUNT_LIMIT"
+    ).split()
+) | frozenset(
+    f"OTEL_EXPORTER_OTLP_{signal}{option}"
+    for signal in ("", "TRACES_", "METRICS_", "LOGS_")
+    for option in (
+        "ENDPOINT HEADERS PROTOCOL TIMEOUT COMPRESSION CERTIFICATE CLIENT_CERTIFICATE "
+        "CLIENT_KEY INSECURE"
+    ).split()
+)
+"""The OpenTelemetry SDK's standard variables (``OTEL_PYTHON_*`` are known as a family)."""
+
+LIBPQ_NAMES = frozenset(
+    f"PG{name}"
+    for name in (
+        "HOST HOSTADDR PORT DATABASE USER PASSWORD PASSFILE REQUIREAUTH CHANNELBINDING SERVICE "
+        "SERVICEFILE OPTIONS APPNAME SSLMODE REQUIRESSL SSLNEGOTIATION SSLCOMPRESSION SSLCERT "
+        "SSLKEY SSLCERTMODE SSLROOTCERT SSLCRL SSLCRLDIR SSLSNI REQUIREPEER "
+        "SSLMINPROTOCOLVERSION SSLMAXPROTOCOLVERSION MINPROTOCOLVERSION MAXPROTOCOLVERSION "
+        "GSSENCMODE KRBSRVNAME GSSLIB GSSDELEGATION CONNECT_TIMEOUT CLIENTENCODING "
+        "TARGETSESSIONATTRS LOADBALANCEHOSTS DATESTYLE TZ GEQO SYSCONFDIR LOCALEDIR"
+    ).split()
+)
+"""libpq's environment variables (PostgreSQL docs, "Environment Variables"); asyncpg reads
+several of them (PGPASSWORD, PGSSLMODE, ...)."""
+
+KNOWN_NAMES = frozenset(SETTING_NAMES) | OTEL_NAMES | LIBPQ_NAMES
+"""Every name an env file may hold without a warning."""
+_KNOWN_PREFIXES = ("OTEL_PYTHON_",)
+# Read from the process environment by libraries, not by Settings: only systemd's
+# EnvironmentFile= puts an env file's values there.
+_PASSTHROUGH_PREFIXES = ("PG", "OTEL_")
 
 
 class Secret:
@@ -80,7 +145,13 @@ class Settings:
     db_lock_timeout: float = 30.0
     db_reconnect_seconds: float = 60.0
     log_level: str = "INFO"
-    traces_exporter: str = "none"
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    """One line per doubtful line of the env file (a name the project does not know, a name
+    set twice): for the CLI to log once logging is set up."""
+    passthrough: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
+    """The env file's PG* and OTEL_* values that the environment does not set: libraries
+    (libpq's PGPASSWORD in asyncpg, the OpenTelemetry SDK) read those from the process
+    environment, where only systemd's EnvironmentFile= puts them; a caller may export them."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, env_file: Path | None = None) -> Settings:
@@ -94,18 +165,37 @@ class Settings:
             env_file: the ``.env`` to read; ``None`` reads ``./.env`` if it exists. A file named
                 explicitly must exist.
 
+        Returns:
+            The settings; their ``warnings`` name what in the file looks wrong without being
+            an error (a name the project does not know, with the closest known one).
+
         Raises:
-            ConfigError: a variable or a line of the file is invalid.
+            ConfigError: a variable or a line of the file is invalid (an ``export NAME=value``
+                line among them: systemd's ``EnvironmentFile=`` ignores those).
         """
         if env_file is None:
-            values = read_env_file(DEFAULT_ENV_FILE) if DEFAULT_ENV_FILE.is_file() else {}
+            found = DEFAULT_ENV_FILE.is_file()
+            parsed = _parse_env_file(DEFAULT_ENV_FILE) if found else _ParsedEnvFile({}, ())
         else:
-            values = read_env_file(env_file)
-        merged = {**values, **{k: v for k, v in environ.items()}}
-        return cls._from_mapping(merged)
+            parsed = _parse_env_file(env_file)
+        merged = {**parsed.values, **{k: v for k, v in environ.items()}}
+        passthrough = tuple(
+            (name, value)
+            for name, value in parsed.values.items()
+            if name.startswith(_PASSTHROUGH_PREFIXES)
+            and is_known_name(name)
+            and name not in environ
+        )
+        return cls._from_mapping(merged, warnings=parsed.warnings, passthrough=passthrough)
 
     @classmethod
-    def _from_mapping(cls, env: Mapping[str, str]) -> Settings:
+    def _from_mapping(
+        cls,
+        env: Mapping[str, str],
+        *,
+        warnings: tuple[str, ...] = (),
+        passthrough: tuple[tuple[str, str], ...] = (),
+    ) -> Settings:
         def get(name: str) -> str | None:
             value = env.get(name)
             if value is None or value.strip() == "":
@@ -161,11 +251,8 @@ class Settings:
                 "DB_RECONNECT_SECONDS", get("DB_RECONNECT_SECONDS"), 60.0, allow_zero=True
             ),
             log_level=_parse_choice("LOG_LEVEL", (get("LOG_LEVEL") or "INFO").upper(), LOG_LEVELS),
-            traces_exporter=_parse_choice(
-                "OTEL_TRACES_EXPORTER",
-                (get("OTEL_TRACES_EXPORTER") or "none").lower(),
-                TRACES_EXPORTERS,
-            ),
+            warnings=warnings,
+            passthrough=passthrough,
         )
 
     def require_database_url(self) -> str:
@@ -206,12 +293,28 @@ class Settings:
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """Read a ``.env`` file, refusing lines python-dotenv cannot parse.
+    """Read a ``.env`` file, refusing lines python-dotenv cannot parse and ``export`` lines.
 
     Raises:
         ConfigError: the file is missing or unreadable, or a line is malformed (the message
-            names the file and the line number, never the line's content, which may hold a key).
+            names the file and the line number, never the line's value, which may hold a key).
     """
+    return _parse_env_file(path).values
+
+
+def is_known_name(name: str) -> bool:
+    """Whether ``name`` is a variable the project, its failure hook, libpq or OpenTelemetry
+    reads."""
+    return name in KNOWN_NAMES or name.startswith(_KNOWN_PREFIXES)
+
+
+@dataclass(frozen=True)
+class _ParsedEnvFile:
+    values: dict[str, str]
+    warnings: tuple[str, ...]
+
+
+def _parse_env_file(path: Path) -> _ParsedEnvFile:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -222,17 +325,55 @@ def read_env_file(path: Path) -> dict[str, str]:
         raise ConfigError(
             f"env file {path} cannot be read ({type(exc).__name__}): expected a UTF-8 text file"
         ) from None
+    warnings: list[str] = []
+    first_line: dict[str, int] = {}
     for binding in parse_stream(io.StringIO(text)):
+        # the binding's text starts with the blank lines before it
+        source = binding.original.string
+        content = source.lstrip()
+        line = binding.original.line + source[: len(source) - len(content)].count("\n")
+        where = f"env file {path} line {line}"
         if binding.error:
-            # the binding's text starts with the blank lines before it
-            source = binding.original.string
-            line = binding.original.line + source[: len(source) - len(source.lstrip())].count("\n")
             raise ConfigError(
-                f"env file {path} line {line} cannot be parsed: expected "
+                f"{where} cannot be parsed: expected "
                 "NAME=value (quote values with spaces; comments start with #)"
             )
+        name = binding.key
+        if name is None:
+            continue  # a comment or a blank line
+        if re.match(r"export\s", content):
+            raise ConfigError(
+                f"{where} starts with `export`: systemd's EnvironmentFile= ignores such lines "
+                f"(the job would run without {name}); expected {name}=value"
+            )
+        if binding.value is None:
+            raise ConfigError(
+                f"{where} names {name} without a value: expected {name}=value "
+                f"({name}= for an empty one)"
+            )
+        if name in first_line:
+            warnings.append(
+                f"{where}: {name} is set again (first on line {first_line[name]}); "
+                "the last one counts"
+            )
+        else:
+            first_line[name] = line
+        if not is_known_name(name):
+            warnings.append(f"{where}: {_unknown_name(name)}")
     values = dotenv_values(stream=io.StringIO(text), interpolate=True)
-    return {k: v for k, v in values.items() if v is not None}
+    return _ParsedEnvFile({k: v for k, v in values.items() if v is not None}, tuple(warnings))
+
+
+def _unknown_name(name: str) -> str:
+    """Say that ``name`` is read by nothing, and which known name it may be a typo of."""
+    message = f"{name} is not a variable options-history knows; it is ignored"
+    if name.upper() in KNOWN_NAMES:
+        return f"{message} (names are case-sensitive: {name.upper()})"
+    candidates = SETTING_NAMES if not name.upper().startswith(("PG", "OTEL_")) else KNOWN_NAMES
+    close = difflib.get_close_matches(name.upper(), candidates, n=1, cutoff=0.75)
+    if not close and candidates is SETTING_NAMES:
+        close = difflib.get_close_matches(name.upper(), KNOWN_NAMES, n=1, cutoff=0.85)
+    return f"{message} (did you mean {close[0]}?)" if close else message
 
 
 def parse_underlyings(raw: str, *, variable: str) -> tuple[str, ...]:
@@ -315,20 +456,27 @@ def redact_url(url: str) -> str:
 
 
 def _parse_database_url(raw: str | None) -> Secret | None:
-    if raw is None:
-        return None
+    return None if raw is None else parse_database_url(raw)
+
+
+def parse_database_url(raw: str, *, name: str = "DATABASE_URL") -> Secret:
+    """Check a PostgreSQL URL (``DATABASE_URL``, or an option ``name``) and keep it secret.
+
+    Raises:
+        ConfigError: naming ``name`` and the accepted form.
+    """
     parts = urlsplit(raw)
     if parts.scheme not in ("postgresql", "postgres") or not (parts.hostname or parts.query):
         raise ConfigError(
-            "DATABASE_URL is invalid: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME",
-            variable="DATABASE_URL",
+            f"{name} is invalid: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME",
+            variable=name,
         )
     try:
         _ = parts.port
     except ValueError:
         raise ConfigError(
-            "DATABASE_URL has an invalid port: expected postgresql://USER@HOST:PORT/DBNAME",
-            variable="DATABASE_URL",
+            f"{name} has an invalid port: expected postgresql://USER@HOST:PORT/DBNAME",
+            variable=name,
         ) from None
     return Secret(raw)
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from options.config import Secret, Settings, parse_cli_underlyings, read_env_file
+from options.config import (
+    NO_ENV_FILE,
+    Secret,
+    Settings,
+    parse_cli_underlyings,
+    read_env_file,
+)
 from options.errors import ConfigError, ExitCode
 from options.tickers import validate_option_ticker, validate_underlying
 
@@ -41,7 +48,6 @@ def test_values_are_parsed() -> None:
             "POLYGON_RATE_LIMIT": "5/min",
             "DB_POOL_SIZE": "20",
             "LOG_LEVEL": "debug",
-            "OTEL_TRACES_EXPORTER": "Console",
         },
         env_file=None,
     )
@@ -54,7 +60,6 @@ def test_values_are_parsed() -> None:
     assert settings.rate_limit == (5.0, 60.0)
     assert settings.db_pool_size == 20
     assert settings.log_level == "DEBUG"
-    assert settings.traces_exporter == "console"
     assert settings.database_location() == "postgresql://db.example:5433/opts"
 
 
@@ -80,7 +85,6 @@ def test_polygon_key_wins_over_massive_key() -> None:
         ("HTTP_TIMEOUT", "0", "number >= 0.1"),
         ("POLYGON_RATE_LIMIT", "5/hour", "N/s or N/min"),
         ("LOG_LEVEL", "loud", "DEBUG"),
-        ("OTEL_TRACES_EXPORTER", "otlp", "none, console"),
     ],
     ids=lambda v: v if len(str(v)) < 20 else None,
 )
@@ -259,3 +263,137 @@ def test_clone_env_file_is_not_read_by_tests(tmp_path: Path) -> None:
     """Tests run outside the clone: a developer's own .env there changes nothing here."""
     assert Path.cwd() == tmp_path
     assert Settings.from_env({}, env_file=None) == Settings()
+
+
+# .env rules: export lines, unknown names
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "export POLYGON_API_KEY=abc123",
+        "  export POLYGON_API_KEY='abc 123'",
+        "export\tPOLYGON_API_KEY=1",
+    ],
+    ids=["plain", "indented-quoted", "tab"],
+)
+def test_export_line_is_an_error_naming_file_and_line(line: str, tmp_path: Path) -> None:
+    """`export NAME=value`, which python-dotenv accepts, is refused: systemd's EnvironmentFile=
+    ignores the line, so the job under the timer would run without the variable."""
+    env = tmp_path / "job.env"
+    env.write_text(f"# settings\nUNDERLYINGS=AAPL\n\n{line}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({}, env_file=env)
+    message = str(caught.value)
+    assert message.startswith(f"env file {env} line 4 starts with `export`")
+    assert "systemd's EnvironmentFile= ignores such lines" in message
+    assert "expected POLYGON_API_KEY=value" in message
+    assert "abc" not in message and "\n" not in message
+
+
+def test_name_without_value_is_an_error(tmp_path: Path) -> None:
+    """A bare NAME (no `=`) is refused like an export line: systemd would ignore it."""
+    env = tmp_path / "job.env"
+    env.write_text("LOG_LEVEL=INFO\nUNDERLYINGS\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"line 2 names UNDERLYINGS without a value"):
+        Settings.from_env({}, env_file=env)
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("UNDERLYING", " (did you mean UNDERLYINGS?)"),
+        ("DB_POOLSIZE", " (did you mean DB_POOL_SIZE?)"),
+        ("POLYGON_KEY", " (did you mean POLYGON_API_KEY?)"),
+        ("PGPASSWROD", " (did you mean PGPASSWORD?)"),
+        ("OTEL_EXPORTER_OTLP_ENDPONT", " (did you mean OTEL_EXPORTER_OTLP_ENDPOINT?)"),
+        ("underlyings", " (names are case-sensitive: UNDERLYINGS)"),
+        ("FAVOURITE_COLOUR", ""),
+    ],
+    ids=str,
+)
+def test_unknown_name_is_a_one_line_warning(name: str, hint: str, tmp_path: Path) -> None:
+    """A name the project does not know is a warning naming it, the file and the line, and the
+    close known name when there is one; it is not an error, and the value is never shown."""
+    env = tmp_path / "job.env"
+    env.write_text(f"UNDERLYINGS=AAPL\n{name}=s3cret\n", encoding="utf-8")
+    settings = Settings.from_env({}, env_file=env)
+    assert settings.warnings == (
+        f"env file {env} line 2: {name} is not a variable options-history knows; it is "
+        f"ignored{hint}",
+    )
+    assert settings.underlyings == ("AAPL",)
+    assert settings == Settings.from_env({"UNDERLYINGS": "AAPL"}, env_file=NO_ENV_FILE)
+
+
+def test_every_documented_and_standard_name_is_known(tmp_path: Path) -> None:
+    """Every variable .env.example names (commented ones too), the standard OTEL_* ones, the
+    hook's NOTIFY_COMMAND and libpq's PG* ones pass without a warning."""
+    example = (PROJECT_ROOT / ".env.example").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, flags=re.MULTILINE))
+    assert {"DATABASE_URL", "UNDERLYINGS", "NOTIFY_COMMAND", "OTEL_TRACES_EXPORTER"} <= documented
+    standard = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_METRICS_EXPORTER",
+        "OTEL_SERVICE_NAME",
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "OTEL_PYTHON_LOG_CORRELATION",
+        "PGPASSWORD",
+        "PGSSLMODE",
+        "PGPASSFILE",
+        "PGCONNECT_TIMEOUT",
+    }
+    env = tmp_path / "job.env"
+    env.write_text("".join(f"{name}=\n" for name in sorted(documented | standard)))
+    assert Settings.from_env({}, env_file=env).warnings == ()
+
+
+def test_a_name_set_twice_is_a_warning(tmp_path: Path) -> None:
+    """A name set twice says which line counts (python-dotenv takes the last one silently)."""
+    env = tmp_path / "job.env"
+    env.write_text("LOG_LEVEL=INFO\nUNDERLYINGS=AAPL\nLOG_LEVEL=ERROR\n", encoding="utf-8")
+    settings = Settings.from_env({}, env_file=env)
+    assert settings.log_level == "ERROR"
+    assert settings.warnings == (
+        f"env file {env} line 3: LOG_LEVEL is set again (first on line 1); the last one counts",
+    )
+
+
+def test_library_variables_of_the_file_are_handed_over(tmp_path: Path) -> None:
+    """PG* and OTEL_* values of the file, which libraries read from the process environment,
+    are kept for the caller (the environment's own win); never shown by repr."""
+    env = tmp_path / "job.env"
+    env.write_text(
+        "PGPASSWORD=hunter2\nPGSSLMODE=require\nOTEL_SERVICE_NAME=x\nUNDERLYINGS=AAPL\n",
+        encoding="utf-8",
+    )
+    settings = Settings.from_env({"PGSSLMODE": "disable"}, env_file=env)
+    assert dict(settings.passthrough) == {"PGPASSWORD": "hunter2", "OTEL_SERVICE_NAME": "x"}
+    assert "hunter2" not in repr(settings)
+
+
+def test_no_env_file_reads_nothing(tmp_path: Path) -> None:
+    """env_file=NO_ENV_FILE reads the environment only, whatever ./.env holds (a Lambda)."""
+    (tmp_path / ".env").write_text("UNDERLYINGS=AAPL\nexport X=1\n", encoding="utf-8")
+    settings = Settings.from_env({"LOG_LEVEL": "ERROR"}, env_file=NO_ENV_FILE)
+    assert settings == Settings(log_level="ERROR")
+    assert settings.warnings == ()
+
+
+def test_cli_refuses_an_export_line_in_one_line(tmp_path: Path) -> None:
+    """A job given an env file with an export line exits 2 with one line naming file and line."""
+    env = tmp_path / "job.env"
+    env.write_text("UNDERLYINGS=AAPL\nexport POLYGON_API_KEY=k\n", encoding="utf-8")
+    result = run_cli("ingest_options", "--env-file", str(env), env={}, cwd=tmp_path)
+    assert result.returncode == ExitCode.USAGE
+    assert result.stderr == (
+        f"error: env file {env} line 2 starts with `export`: systemd's EnvironmentFile= "
+        "ignores such lines (the job would run without POLYGON_API_KEY); expected "
+        "POLYGON_API_KEY=value\n"
+    )

@@ -317,8 +317,8 @@ async def test_cli_exit_code_and_log_lines_of_a_partial_run(
 async def test_cli_writes_spans_to_stderr_only_when_asked(
     simulator, database_url: str, tmp_path: Path
 ) -> None:
-    """OTEL_TRACES_EXPORTER=console prints one span per API request, without the key; unset,
-    no span is printed."""
+    """OTEL_TRACES_EXPORTER=console prints a span for the run, one per underlying and one per
+    API request, one JSON object a line, without the key; unset, no span is printed."""
     import asyncio
     import json
     import os
@@ -359,7 +359,15 @@ async def test_cli_writes_spans_to_stderr_only_when_asked(
     assert [s["attributes"]["url.path"] for s in requests] == [
         "/v3/reference/options/contracts"
     ] * 2
-    assert {s["name"] for s in spans} == {"polygon.request", "contracts.sync_underlying"}
+    assert {s["name"] for s in spans} == {
+        "ingest_options.run",
+        "contracts.sync_underlying",
+        "polygon.request",
+    }
+    run_span = next(s for s in spans if s["name"] == "ingest_options.run")
+    assert run_span["attributes"]["options.run_id"] == 1
+    assert run_span["resource"]["attributes"]["service.name"] == "ingest_options"
+    assert all(line.startswith("{") for line in traced.splitlines() if "polygon" in line)
     assert "test-key" not in traced
     assert "polygon.request" not in untraced
 

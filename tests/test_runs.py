@@ -41,7 +41,7 @@ async def test_a_killed_copy_is_recognised_at_once(simulator, pool, database_url
     its process is gone, closes that run 'interrupted' and runs (no wait for the lease)."""
     names = ",".join(f"U{c}" for c in "ABCDEF")
     async with simulator(
-        underlyings=tuple(names.split(",")), contracts_per_underlying=2000, latency=0.05
+        underlyings=tuple(names.split(",")), contracts_per_underlying=2000, latency=0.5
     ) as api:
         env = job_env(database_url, api.base_url, names)
         child = await asyncio.create_subprocess_exec(

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from operator import eq, ge, gt, le, lt
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -24,13 +27,15 @@ from options.simulator import (
     SimulatorProcess,
     create_app,
     create_fixture_app,
+    describe,
     make_universe_names,
     start_server,
 )
-from options.simulator.market import snapshot_rows
+from options.simulator.market import snapshot_rows, stock_snapshot
 from options.simulator.universe import Universe
 from tests.conftest import require_fixtures
 
+BIN = Path(sys.executable).parent
 KEY = "sim-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 AS_OF = dt.date(2026, 3, 4)  # a Wednesday
@@ -1105,3 +1110,160 @@ async def test_cached_chain_pages_serve_the_same_rows(http: aiohttp.ClientSessio
     assert [p["results"] for p in first] == [p["results"] for p in live]
     assert [p["results"] for p in again] == [p["results"] for p in first]
     assert all("next_url" in p for p in first[:-1]) and "next_url" not in first[-1]
+
+
+# --- times never in the future -----------------------------------------------------------------
+
+
+def served_times(value: Any, path: str = "$") -> list[tuple[str, int]]:
+    """Every time a body serves, with its path: nanosecond ``*timestamp``, ``last_updated``,
+    ``updated`` and single-stock ``t`` values (``min.t`` is in milliseconds: scaled)."""
+    found: list[tuple[str, int]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}"
+            if isinstance(item, int) and (
+                key.endswith("timestamp") or key in ("last_updated", "updated", "t")
+            ):
+                scale = 1_000_000 if path.endswith(".min") else 1
+                found.append((where, item * scale))
+            else:
+                found.extend(served_times(item, where))
+    elif isinstance(value, list):
+        for item in value:
+            found.extend(served_times(item, f"{path}[]"))
+    return found
+
+
+@pytest.mark.parametrize("index", [False, True], ids=["stock", "index"])
+def test_rendered_times_are_never_after_the_minute_starts(index: bool) -> None:
+    """Quote, trade, bar and underlying times of a minute's rows lie at or before the minute's
+    start: the app renders the current minute, so nothing it serves is later than its answer."""
+    name = "I:SPX" if index else "AAA"
+    config = SimulatorConfig(underlyings=(name,), contracts_per_underlying=400, as_of=AS_OF)
+    chain = Universe(config, AS_OF).chain(name)
+    start = int(dt.datetime.combine(AS_OF, dt.time(14, 30), dt.UTC).timestamp()) // 60
+    for minute in range(start, start + 60):
+        rows = snapshot_rows(chain, range(400), minute, deep_itm_without_greeks=True)
+        times = served_times(rows)
+        kinds = {path.split(".", 1)[1] for path, _ in times}
+        assert {"last_quote.last_updated", "underlying_asset.last_updated"} <= kinds
+        assert "last_trade.sip_timestamp" in kinds
+        late = [(path, t) for path, t in times if t > minute * 60_000_000_000]
+        assert late == [], late[:3]
+        if not index:
+            stock = served_times(stock_snapshot(chain, minute))
+            assert len(stock) >= 3
+            assert all(t <= minute * 60_000_000_000 for _, t in stock), stock
+
+
+async def test_served_times_are_never_after_the_answer(
+    base_url: str, http: aiohttp.ClientSession
+) -> None:
+    """Over HTTP, every time in a chain page, a contract snapshot and a stock snapshot is no
+    later than the moment the answer arrived (the issue: quotes up to 43 s in the future)."""
+    for path, params in (
+        ("/v3/snapshot/options/AAA", {"limit": 250}),
+        ("/v3/snapshot/options/I:SPX", {"limit": 250}),
+        ("/v2/snapshot/locale/us/markets/stocks/tickers/AAA", {}),
+    ):
+        status, body, _ = await get(http, base_url + path, **params)
+        answered = time.time_ns()
+        assert status == 200
+        times = served_times(body)
+        assert times
+        assert [(p, t) for p, t in times if t > answered] == []
+    _, page, _ = await get(http, f"{base_url}/v3/snapshot/options/AAA", limit=1)
+    ticker = page["results"][0]["details"]["ticker"]
+    _, body, _ = await get(http, f"{base_url}/v3/snapshot/options/AAA/{ticker}")
+    assert all(t <= time.time_ns() for _, t in served_times(body))
+
+
+# --- what the simulator says when it starts ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("names", "key", "expected"),
+    [
+        (
+            ("AAPL", "SPY", "I:SPX"),
+            "sim-key",
+            "simulator listening on http://127.0.0.1:8080; key: sim-key; 3 underlyings: "
+            "AAPL, SPY, I:SPX (2,000 contracts each)\nfor the jobs: "
+            "POLYGON_BASE_URL=http://127.0.0.1:8080 POLYGON_API_KEY=sim-key "
+            "UNDERLYINGS=AAPL,SPY,I:SPX",
+        ),
+        (
+            make_universe_names(2000),
+            None,
+            "simulator listening on http://127.0.0.1:8080; key: any (none checked); 2,000 "
+            "underlyings: AAAA, AAAB, AAAC, AAAD, AAAE, ... (2,000 contracts each)\nfor the "
+            "jobs: POLYGON_BASE_URL=http://127.0.0.1:8080 UNDERLYINGS=AAAA,AAAB,AAAC,AAAD,AAAE",
+        ),
+    ],
+    ids=["named", "large-no-key"],
+)
+def test_describe_names_key_and_tickers(
+    names: tuple[str, ...], key: str | None, expected: str
+) -> None:
+    """The start-up lines say where it listens, the key to send, how many underlyings and the
+    first few, and the settings a job needs."""
+    config = SimulatorConfig(underlyings=names, api_key=key)
+    assert describe(config, "http://127.0.0.1:8080") == expected
+
+
+def read_banner(argv: list[str]) -> tuple[str, str]:
+    """Start a simulator command, wait for its two stderr lines, stop it; return them and the
+    command's stdout so far."""
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        lines = [process.stderr.readline(), process.stderr.readline()]
+    finally:
+        process.terminate()
+        stdout, _ = process.communicate(timeout=30)
+    return "".join(lines), stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [str(BIN / "ingest_admin"), "simulate", "--port", "0", "--tickers", "aapl,spy"],
+        [
+            sys.executable,
+            "-m",
+            "options.simulator",
+            "--port",
+            "0",
+            "--config-json",
+            '{"underlyings": ["AAPL", "SPY"]}',
+        ],
+    ],
+    ids=["ingest_admin", "python-m"],
+)
+def test_started_by_hand_it_says_key_and_tickers(argv: list[str]) -> None:
+    """`ingest_admin simulate` and `python -m options.simulator` print the key and the tickers
+    on stderr; the child run by SimulatorProcess (--quiet) does not."""
+    banner, _ = read_banner(argv)
+    assert re.match(
+        r"simulator listening on http://127\.0\.0\.1:\d+; key: sim-key; 2 underlyings: "
+        r"AAPL, SPY \(2,000 contracts each\)\n",
+        banner,
+    ), banner
+    assert "POLYGON_API_KEY=sim-key UNDERLYINGS=AAPL,SPY\n" in banner
+
+
+def test_simulate_refuses_a_count_with_tickers() -> None:
+    """--underlyings N and --tickers both say what is served: one line, exit 2."""
+    result = subprocess.run(
+        [str(BIN / "ingest_admin"), "simulate", "--underlyings", "3", "--tickers", "AAPL"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --underlyings N and --tickers")
+    assert result.stderr.count("\n") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import re
 import shutil
@@ -22,7 +23,9 @@ from options.ops.units import (
     UNIT_FILES,
     Installation,
     Scope,
+    format_uninstall_plan,
     install_units,
+    plan_uninstall,
     render_units,
     uninstall_units,
 )
@@ -556,3 +559,108 @@ def test_hook_reports_a_failed_delivery() -> None:
     result = run_hook("ingest_options.service", NOTIFY_COMMAND="cat > /dev/null; exit 7")
     assert result.returncode == 7
     assert "not delivered" in result.stderr
+
+
+# uninstall-units --dry-run, conflicting flags, -h and --version
+
+
+def test_uninstall_plan_says_what_would_happen_and_does_nothing(
+    fake_systemctl: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """plan_uninstall names the timers to stop, the files to remove and the reload, in the
+    order uninstall_units runs them, and touches nothing."""
+    systemctl, log = fake_systemctl
+    unit_dir = tmp_path / "units"
+    written = write_units(render_units(OPT, scope=Scope.USER), unit_dir)
+    plan = plan_uninstall(scope=Scope.USER, unit_dir=unit_dir, systemctl=[str(systemctl)])
+    assert plan.timers == TIMERS
+    assert list(plan.files) == written
+    assert format_uninstall_plan(plan).splitlines() == [
+        f"would stop and disable {', '.join(TIMERS)}: "
+        f"`{systemctl} --user disable --now {' '.join(TIMERS)}`",
+        *(f"would remove {path}" for path in written),
+        f"would reload systemd: `{systemctl} --user daemon-reload`",
+    ]
+    assert sorted(unit_dir.iterdir()) == sorted(written)
+    assert not log.exists()
+    empty = plan_uninstall(scope=Scope.USER, unit_dir=tmp_path / "none")
+    assert format_uninstall_plan(empty) == (
+        f"nothing installed in {tmp_path / 'none'}: nothing would be done"
+    )
+
+
+def test_uninstall_dry_run_prints_and_changes_nothing(
+    fake_systemctl: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`uninstall-units --user --dry-run` prints what would be stopped and removed; the files
+    stay and systemctl is never called."""
+    systemctl, log = fake_systemctl
+    home = tmp_path / "home"
+    unit_dir = home / ".config/systemd/user"
+    written = write_units(render_units(OPT, scope=Scope.USER), unit_dir)
+    result = subprocess.run(
+        [str(BIN / "ingest_admin"), "uninstall-units", "--user", "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "HOME": str(home), "PATH": f"{systemctl.parent}:{os.environ['PATH']}"},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("would stop and disable ingest_options.timer, ")
+    assert [line for line in lines if line.startswith("would remove ")] == [
+        f"would remove {path}" for path in written
+    ]
+    assert lines[-1] == "would reload systemd: `systemctl --user daemon-reload`"
+    assert sorted(unit_dir.iterdir()) == sorted(written)
+    assert not log.exists()
+
+
+@pytest.mark.parametrize("command", ["install-units", "uninstall-units"])
+def test_system_and_user_together_are_refused(command: str, tmp_path: Path) -> None:
+    """--system with --user is one line and exit 2, whatever their order (click's flag_value
+    would let the last one win)."""
+    for flags in (("--system", "--user"), ("--user", "--system")):
+        result = run_admin(command, *flags, "--dry-run", cwd=tmp_path, home=tmp_path)
+        assert result.returncode == 2
+        assert result.stdout == ""
+        assert result.stderr == (
+            "error: --system and --user do not go together: give one (--system is the default)\n"
+        )
+
+
+ADMIN_COMMANDS = [
+    (),
+    ("migrate",),
+    ("underlyings",),
+    ("underlyings", "list"),
+    ("underlyings", "add"),
+    ("underlyings", "disable"),
+    ("underlyings", "enable"),
+    ("simulate",),
+    ("demo",),
+    ("install-units",),
+    ("uninstall-units",),
+]
+
+
+@pytest.mark.parametrize("command", ADMIN_COMMANDS, ids=lambda c: " ".join(c) or "ingest_admin")
+def test_every_admin_command_has_short_help_and_version(command: tuple[str, ...]) -> None:
+    """-h is --help and --version prints the installed version, on ingest_admin and on each of
+    its commands."""
+    from click.testing import CliRunner
+
+    from cli.ingest_admin import main
+
+    runner = CliRunner()
+    short = runner.invoke(main, [*command, "-h"], prog_name="ingest_admin")
+    assert short.exit_code == 0, short.output
+    assert (
+        short.output == runner.invoke(main, [*command, "--help"], prog_name="ingest_admin").output
+    )
+    assert short.output.startswith(f"Usage: ingest_admin {' '.join(command)}".rstrip())
+    version = runner.invoke(main, [*command, "--version"], prog_name="ingest_admin")
+    assert version.exit_code == 0, version.output
+    assert version.output == f"ingest_admin {importlib.metadata.version('options-history')}\n"

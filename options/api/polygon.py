@@ -12,6 +12,10 @@ What it guarantees, and the official client does not:
 - the API key travels only in the ``Authorization`` header, and only to the configured host:
   ``next_url`` contributes its path and query, never its host.
 
+Each attempt is a ``polygon.request`` span and counts in the request metrics of
+:mod:`options.ops.telemetry` by its path template (``/v3/snapshot/options/{underlying}``), never
+by a path with a ticker or a query; both cost nothing while telemetry is off.
+
 Usage::
 
     async with PolygonClient(base_url=DEFAULT_BASE_URL, api_key=key) as client:
@@ -24,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
+import time
 from collections.abc import AsyncGenerator, Mapping
 from types import TracebackType
 from typing import Any, Final
@@ -61,6 +67,7 @@ from options.errors import (
     RateLimitedError,
     TransientApiError,
 )
+from options.ops import telemetry
 from options.tickers import (
     OPTION_TICKER_PATTERN,
     UNDERLYING_PATTERN,
@@ -92,6 +99,18 @@ CHAIN_PATH: Final = "/v3/snapshot/options/{underlying}"
 PREVIOUS_CLOSE_PATH: Final = "/v2/aggs/ticker/{ticker}/prev"
 MARKET_STATUS_PATH: Final = "/v1/marketstatus/now"
 MARKET_HOLIDAYS_PATH: Final = "/v1/marketstatus/upcoming"
+# What the request metrics are labelled with: a path template, so a ticker never becomes a label.
+_ENDPOINTS: Final = tuple(
+    (re.compile("[^/]+".join(map(re.escape, re.split(r"\{\w+\}", template))) + "$"), template)
+    for template in (
+        CONTRACTS_PATH,
+        CHAIN_PATH,
+        PREVIOUS_CLOSE_PATH,
+        MARKET_STATUS_PATH,
+        MARKET_HOLIDAYS_PATH,
+    )
+)
+OTHER_ENDPOINT: Final = "other"
 
 # Connecting should never take long; a dead host is better retried early than waited on for the
 # whole request budget.
@@ -264,7 +283,9 @@ class PolygonClient:
         Raises:
             PageShapeError: the body is not a JSON list of objects.
         """
-        body, request_id = await self._get(MARKET_HOLIDAYS_PATH, [], page=None)
+        body, request_id = await self._get(
+            MARKET_HOLIDAYS_PATH, [], page=None, endpoint=MARKET_HOLIDAYS_PATH
+        )
         if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
             raise PageShapeError(
                 f"{MARKET_HOLIDAYS_PATH} returned {type(body).__name__}, expected a list",
@@ -290,7 +311,9 @@ class PolygonClient:
             PermanentApiError: a 4xx other than 429, or a body that is not a JSON object.
         """
         check_path(path)
-        body, request_id = await self._get(path, encode_params(params or {}), page=None)
+        body, request_id = await self._get(
+            path, encode_params(params or {}), page=None, endpoint=endpoint_of(path)
+        )
         if not isinstance(body, dict):
             raise PageShapeError(
                 f"{path} returned {type(body).__name__}, expected a JSON object",
@@ -323,11 +346,14 @@ class PolygonClient:
         """
         check_path(path)
         query = encode_params(params)
+        endpoint = endpoint_of(path)
         seen_cursors: set[tuple[tuple[str, str], ...]] = set()
         number = 0
         while True:
             number += 1
-            body, request_id = await self._get(path, query, page=number, decoder=decoder)
+            body, request_id = await self._get(
+                path, query, page=number, decoder=decoder, endpoint=endpoint
+            )
             page, next_url = parse_page(path, body, number, request_id)
             logger.debug(
                 "Polygon %s page %d: %d rows%s",
@@ -360,9 +386,18 @@ class PolygonClient:
     # -- one request, with retries ------------------------------------------------------------
 
     async def _get(
-        self, path: str, query: Query, *, page: int | None, decoder: Decoder | None = None
+        self,
+        path: str,
+        query: Query,
+        *,
+        page: int | None,
+        endpoint: str,
+        decoder: Decoder | None = None,
     ) -> tuple[Any, str | None]:
-        """Send one GET with retries and return the decoded JSON body and its request id."""
+        """Send one GET with retries and return the decoded JSON body and its request id.
+
+        ``endpoint`` is the path template the attempts are counted under.
+        """
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientApiError),
             stop=stop_after_attempt(self._max_retries + 1),
@@ -371,10 +406,10 @@ class PolygonClient:
             # The caller gets the last project error itself, not tenacity.RetryError.
             reraise=True,
         )
-        return await retrying(self._attempt, path, query, page, decoder)
+        return await retrying(self._attempt, path, query, page, decoder, endpoint)
 
     async def _attempt(
-        self, path: str, query: Query, page: int | None, decoder: Decoder | None
+        self, path: str, query: Query, page: int | None, decoder: Decoder | None, endpoint: str
     ) -> tuple[Any, str | None]:
         """Send one HTTP attempt and classify its outcome."""
         session = self._require_session()
@@ -389,7 +424,9 @@ class PolygonClient:
                 if page is not None:
                     span.set_attribute("polygon.page", page)
                 status: int | None = None
+                answered: int | None = None  # the status once the whole response arrived
                 self.requests_sent += 1
+                started = time.perf_counter()
                 try:
                     async with session.get(
                         self._base_url + path,
@@ -404,6 +441,7 @@ class PolygonClient:
                         retry_after = response.headers.get("Retry-After")
                         header_request_id = response.headers.get("X-Request-Id")
                         reason = response.reason
+                    answered = status
                 except TimeoutError as exc:
                     raise TransientApiError(
                         f"{path} timed out after {self._timeout_seconds:g}s",
@@ -416,6 +454,8 @@ class PolygonClient:
                         endpoint=path,
                         status=status,
                     ) from exc
+                finally:
+                    telemetry.record_request(endpoint, answered, time.perf_counter() - started)
                 if decoder is not None and 200 <= status < 300:
                     try:
                         typed = decoder(raw)
@@ -493,6 +533,8 @@ class PolygonClient:
         """Log one WARNING per retry, naming the endpoint, status and attempt."""
         error = state.outcome.exception() if state.outcome is not None else None
         sleep = state.next_action.sleep if state.next_action is not None else 0.0
+        if isinstance(error, ApiError):
+            telemetry.count_retry(endpoint_of(error.endpoint or ""), _retry_reason(error))
         logger.warning(
             "Polygon %s failed (status %s, attempt %d of %d); retrying in %.2fs: %s",
             error.endpoint if isinstance(error, ApiError) else None,
@@ -514,6 +556,26 @@ class PolygonClient:
         if self._api_key:
             text = text.replace(self._api_key, "<redacted>")
         return text
+
+
+def endpoint_of(path: str) -> str:
+    """Return the path template ``path`` was made from, or ``"other"`` for a path not known."""
+    for pattern, template in _ENDPOINTS:
+        if pattern.match(path):
+            return template
+    return OTHER_ENDPOINT
+
+
+def _retry_reason(error: ApiError) -> str:
+    """Why an attempt is retried, for the retry metric: ``timeout``, ``connection``,
+    ``payload`` (a 2xx body that is not JSON) or the HTTP status."""
+    if isinstance(error.__cause__, TimeoutError):
+        return "timeout"
+    if isinstance(error.__cause__, aiohttp.ClientError):
+        return "connection"
+    if isinstance(error, PayloadError):
+        return "payload"
+    return str(error.status)
 
 
 def _quote_segment(segment: str) -> str:

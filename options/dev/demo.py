@@ -1,23 +1,25 @@
-"""The demo: the jobs against the built-in simulator, into a local or configured PostgreSQL.
+"""The demo: the jobs against the built-in simulator, into the demo's own PostgreSQL.
 
 It runs the real console scripts as child processes, exactly as a timer would, then prints what
-landed. With no ``DATABASE_URL`` it starts (and afterwards stops) a local PostgreSQL kept in a
-data directory, so a second demo adds to the first one's history.
+landed. It writes only into a database meant for it: its own local PostgreSQL, kept in a data
+directory (so a second demo adds to the first one's history), or a database given to it
+explicitly (``ingest_admin demo --database-url URL``). ``DATABASE_URL`` is never used, and the
+jobs it runs read no ``.env`` (``--env-file /dev/null``) and inherit none of the project's
+variables from the caller's environment: only the demo's own settings decide what they do.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from options.config import Settings
+from options.config import NO_ENV_FILE, Secret, is_known_name, redact_url
 from options.dev.localdb import LocalPostgres, start_local_postgres
 from options.simulator import SimulatorConfig, SimulatorProcess, make_universe_names
 
@@ -26,16 +28,33 @@ DEMO_CONTRACTS_PER_UNDERLYING = 2000
 SIMULATOR_KEY = "demo-key"
 
 
-def run_demo(settings: Settings, *, data_dir: Path) -> int:
-    """Run the demo and return the exit code of the first job that failed, else 0."""
+def run_demo(
+    *, data_dir: Path, database_url: Secret | None = None, environ: Mapping[str, str]
+) -> int:
+    """Run the demo and return the exit code of the first job that failed, else 0.
+
+    Args:
+        data_dir: where the demo's own PostgreSQL keeps its data (when ``database_url`` is
+            ``None``).
+        database_url: a database given to the demo explicitly, instead of its own.
+        environ: the caller's environment; the jobs get it less every variable the project
+            knows (settings, ``PG*``, ``OTEL_*``), plus the demo's settings.
+
+    Raises:
+        LocalPostgresError: the demo's own PostgreSQL could not be started.
+    """
+    if "DATABASE_URL" in environ or Path(".env").is_file():
+        print("(the demo never uses DATABASE_URL or ./.env: it has a database of its own)")
     server: LocalPostgres | None = None
-    if settings.database_url is None:
-        print(f"Starting a local PostgreSQL in {data_dir} (DATABASE_URL is not set)")
+    if database_url is None:
+        print(f"Starting the demo's own PostgreSQL in {data_dir} (--database-url for another)")
         server = start_local_postgres(data_dir.resolve())
         dsn = server.url
+        target = f"the demo's own PostgreSQL ({redact_url(dsn)}, data in {data_dir})"
     else:
-        dsn = settings.require_database_url()
-        print(f"Using DATABASE_URL ({settings.database_location()})")
+        dsn = database_url.get()
+        target = f"{redact_url(dsn)} (given with --database-url)"
+    print(f"The demo writes into {target}")
     try:
         config = SimulatorConfig(
             underlyings=DEMO_UNDERLYINGS,
@@ -47,15 +66,7 @@ def run_demo(settings: Settings, *, data_dir: Path) -> int:
                 f"Simulated Polygon API at {simulator.base_url}: "
                 f"{len(DEMO_UNDERLYINGS)} underlyings x {DEMO_CONTRACTS_PER_UNDERLYING} contracts"
             )
-            env = {
-                **os.environ,
-                "DATABASE_URL": dsn,
-                "POLYGON_BASE_URL": simulator.base_url,
-                "POLYGON_API_KEY": SIMULATOR_KEY,
-                "UNDERLYINGS": ",".join(DEMO_UNDERLYINGS),
-                "POLYGON_RATE_LIMIT": "off",
-                "LOG_LEVEL": "WARNING",
-            }
+            env = job_environment(environ, dsn=dsn, base_url=simulator.base_url)
             code = _run_job("ingest_options", env)
             if code:
                 return code
@@ -64,16 +75,33 @@ def run_demo(settings: Settings, *, data_dir: Path) -> int:
             if code:
                 return code
         asyncio.run(_print_summary(dsn))
+        print(f"\nAll of the above is in {target}.")
         return 0
     finally:
         if server is not None:
             server.stop()
 
 
+def job_environment(environ: Mapping[str, str], *, dsn: str, base_url: str) -> dict[str, str]:
+    """The environment of the demo's jobs: the caller's, less every variable the project knows
+    (so an exported UNDERLYINGS or CONTRACT_TYPES changes nothing), plus the demo's settings."""
+    return {
+        **{name: value for name, value in environ.items() if not is_known_name(name)},
+        "DATABASE_URL": dsn,
+        "POLYGON_BASE_URL": base_url,
+        "POLYGON_API_KEY": SIMULATOR_KEY,
+        "UNDERLYINGS": ",".join(DEMO_UNDERLYINGS),
+        "POLYGON_RATE_LIMIT": "off",
+        "LOG_LEVEL": "WARNING",
+    }
+
+
 def _run_job(name: str, env: dict[str, str], *args: str) -> int:
     executable = Path(sys.executable).parent / name
-    print(f"\n$ {' '.join((name, *args))}")
-    completed = subprocess.run([str(executable), *args], env=env, check=False)
+    # no .env: whatever file the working directory holds, the demo's settings are all there is
+    argv = (name, "--env-file", str(NO_ENV_FILE), *args)
+    print(f"\n$ {' '.join(argv)}")
+    completed = subprocess.run([str(executable), *argv[1:]], env=env, check=False)
     if completed.returncode:
         print(f"{name} exited {completed.returncode}", file=sys.stderr)
     return completed.returncode

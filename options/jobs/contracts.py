@@ -35,6 +35,7 @@ from options.errors import (
 )
 from options.jobs.filters import ListingScope, contract_underlying, listing_scope, market_today
 from options.ops.progress import Progress
+from options.ops.telemetry import count_rows_rejected, count_rows_written, time_batch
 from options.store.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error, reconnecting
 from options.store.rejects import Reject, keep_rejects
 from options.store.runs import Run, RunStats, count_committed
@@ -374,7 +375,8 @@ async def _sync_once(
                 raise RunInterrupted(f"{underlying}: stopped mid-listing, left untouched")
             if not rows:
                 continue
-            result.written += await upsert_contracts(await begin(), rows, seen_at=seen_at)
+            with time_batch("option_contracts"):
+                result.written += await upsert_contracts(await begin(), rows, seen_at=seen_at)
         if result.fetched == 0:
             logger.warning(
                 "%s: the API lists no option contracts for it (a misspelled ticker, or a "
@@ -411,7 +413,10 @@ def _counts(result: UnderlyingResult) -> SyncCounts:
 
 
 def _count_locally(run: Run, result: UnderlyingResult) -> None:
-    """Mirror committed counts in the run's stats (the database row has them already)."""
+    """Mirror committed counts in the run's stats (the database row has them already) and in
+    the metrics."""
+    count_rows_written("option_contracts", result.written)
+    count_rows_rejected("option_contracts", result.rejected)
     run.stats.add(
         {
             "rows_written": result.written,

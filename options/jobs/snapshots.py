@@ -55,6 +55,7 @@ from options.errors import (
 from options.jobs.contracts import UPSERT_NEW_CONTRACTS
 from options.jobs.filters import ListingScope, contract_underlying, listing_scope, market_today
 from options.ops.progress import Progress
+from options.ops.telemetry import count_rows_rejected, count_rows_written, time_batch
 from options.store.db import (
     ACQUIRE_TIMEOUT,
     DB_ERRORS,
@@ -431,6 +432,8 @@ class SnapshotRun:
             commit.release()
             stats.rows_written += commit.stored_now
             stats.rows_rejected += commit.rejected
+            count_rows_written("option_snapshots", commit.stored_now)
+            count_rows_rejected("option_snapshots", commit.rejected)
             if commit.complete:
                 stats.underlyings_succeeded += 1
             else:
@@ -465,16 +468,17 @@ class SnapshotRun:
                 with attempt:
                     conn = await writer.get()
                     try:
-                        return await commit_chains(
-                            conn,
-                            self.run,
-                            commits,
-                            partition=self.partition,
-                            columns=SNAPSHOT_COLUMNS,
-                            captured_at=self.captured_at_us,
-                            now=epoch_microseconds(dt.datetime.now(dt.UTC)),
-                            retry=attempt.retry_state.attempt_number > 1,
-                        )
+                        with time_batch("option_snapshots"):
+                            return await commit_chains(
+                                conn,
+                                self.run,
+                                commits,
+                                partition=self.partition,
+                                columns=SNAPSHOT_COLUMNS,
+                                captured_at=self.captured_at_us,
+                                now=epoch_microseconds(dt.datetime.now(dt.UTC)),
+                                retry=attempt.retry_state.attempt_number > 1,
+                            )
                     except BaseException as exc:
                         if is_connection_lost(exc):
                             await writer.release()

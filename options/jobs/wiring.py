@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import asyncpg
+from opentelemetry import trace
 
 from options.api.polygon import PolygonClient
 from options.config import Settings
@@ -22,6 +23,7 @@ from options.jobs.preview import Preview, preview_contracts, preview_snapshots
 from options.jobs.snapshots import SnapshotRun, planned_chains
 from options.ops.market import market_session
 from options.ops.progress import Progress
+from options.ops.telemetry import observe_pool
 from options.store.db import Limits, apply_migrations, create_pool, reconnect_window
 from options.store.partitions import drop_old_partitions, ensure_partitions
 from options.store.runs import (
@@ -41,6 +43,7 @@ from options.store.underlyings import (
 )
 
 logger = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 POOL_CLOSE_TIMEOUT = 10.0
 AHEAD_LOCK_TIMEOUT = 2.0  # partitions of the days ahead: a later run can make them
@@ -77,6 +80,7 @@ async def open_database(
         limits=Limits(settings.db_statement_timeout, settings.db_lock_timeout),
         application_name=f"ingest_{job}",
     )
+    observe_pool(pool)
     stats = asyncio.create_task(_log_pool_stats(pool)) if pool_stats else None
     try:
         await apply_migrations(pool)
@@ -193,25 +197,30 @@ async def run_options_job(
     """
     settings.require_api_key()
     dsn = settings.require_database_url()
-    async with open_client(settings) as client, open_database(settings, job="options") as pool:
+    async with (
+        open_client(settings) as client,
+        open_database(settings, job="options") as pool,
+    ):
         underlyings = list(only) or await tracked_underlyings(settings, pool)
         logger.info(
             "Syncing contracts of %d underlyings into %s",
             len(underlyings),
             settings.database_location(),
         )
-        async with recorded_run(pool, "options", dsn=dsn, on_end=on_end) as run:
-            await sync_contracts(
-                settings,
-                client,
-                pool,
-                run,
-                underlyings,
-                seen_at=run.started_at,
-                stop=stop,
-                progress=progress,
-            )
-            await deactivate_expired(pool, run, today=market_today())
+        with tracer.start_as_current_span("ingest_options.run") as span:
+            async with recorded_run(pool, "options", dsn=dsn, on_end=on_end) as run:
+                span.set_attribute("options.run_id", run.id)
+                await sync_contracts(
+                    settings,
+                    client,
+                    pool,
+                    run,
+                    underlyings,
+                    seen_at=run.started_at,
+                    stop=stop,
+                    progress=progress,
+                )
+                await deactivate_expired(pool, run, today=market_today())
         return STATUS_EXIT_CODES[run.status]
 
 
@@ -276,7 +285,10 @@ async def run_snapshots_job(
                 )
                 return ExitCode.OK
             logger.info("Market closed (%s); taking the snapshot anyway (--force)", session.reason)
-        return await _snapshot(settings, client, only, resume, retain_days, stop, progress, on_end)
+        with tracer.start_as_current_span("ingest_snapshots.run"):
+            return await _snapshot(
+                settings, client, only, resume, retain_days, stop, progress, on_end
+            )
 
 
 async def _snapshot(
@@ -300,6 +312,7 @@ async def _snapshot(
         async with recorded_run(
             pool, "snapshots", dsn=dsn, resumed=slot is not None, on_end=on_end
         ) as run:
+            trace.get_current_span().set_attribute("options.run_id", run.id)
             if slot is not None:
                 captured_at, planned = slot.captured_at, slot.chains
                 await adopt_slot(pool, run, slot)

@@ -9,7 +9,7 @@ The templates use two kinds of markers:
 
 :func:`render_units` is pure (paths in, text out), so it is tested without systemd;
 :func:`install_units` and :func:`uninstall_units` write the files and call ``systemctl``, which
-tests replace with a recording script.
+tests replace with a recording script; :func:`plan_uninstall` says what uninstalling would do.
 """
 
 from __future__ import annotations
@@ -275,6 +275,46 @@ def install_units(
     return written
 
 
+@dataclass(frozen=True)
+class UninstallPlan:
+    """What :func:`uninstall_units` does, in order: stop and disable ``timers``, remove
+    ``files``, reload the manager (``commands`` holds both ``systemctl`` calls)."""
+
+    unit_dir: Path
+    timers: tuple[str, ...]
+    files: tuple[Path, ...]
+    commands: tuple[tuple[str, ...], ...]
+
+
+def plan_uninstall(
+    *, scope: Scope, unit_dir: Path, systemctl: Sequence[str] = ("systemctl",)
+) -> UninstallPlan:
+    """Look at what is installed in ``unit_dir`` and say what uninstalling would do; change
+    nothing (``uninstall-units --dry-run``). Nothing installed: an empty plan."""
+    command = _systemctl_command(systemctl, scope)
+    files = tuple(unit_dir / name for name in UNIT_FILES if (unit_dir / name).exists())
+    if not files:
+        return UninstallPlan(unit_dir=unit_dir, timers=(), files=(), commands=())
+    timers = tuple(t for t in TIMERS if (unit_dir / t).exists())
+    commands = [(*command, "disable", "--now", *timers)] if timers else []
+    commands.append((*command, "daemon-reload"))
+    return UninstallPlan(unit_dir=unit_dir, timers=timers, files=files, commands=tuple(commands))
+
+
+def format_uninstall_plan(plan: UninstallPlan) -> str:
+    """The plan as the lines ``uninstall-units --dry-run`` prints."""
+    if not plan.files:
+        return f"nothing installed in {plan.unit_dir}: nothing would be done"
+    lines = []
+    if plan.timers:
+        lines.append(
+            f"would stop and disable {', '.join(plan.timers)}: `{' '.join(plan.commands[0])}`"
+        )
+    lines += [f"would remove {path}" for path in plan.files]
+    lines.append(f"would reload systemd: `{' '.join(plan.commands[-1])}`")
+    return "\n".join(lines)
+
+
 def uninstall_units(
     *,
     scope: Scope,
@@ -294,20 +334,18 @@ def uninstall_units(
         OptionsError: ``systemctl`` failed or a file cannot be removed.
     """
     _require_root(scope, euid, "uninstall")
-    command = _systemctl_command(systemctl, scope)
-    present = [unit_dir / name for name in UNIT_FILES if (unit_dir / name).exists()]
-    if not present:
+    plan = plan_uninstall(scope=scope, unit_dir=unit_dir, systemctl=systemctl)
+    if not plan.files:
         return []
-    timers = [t for t in TIMERS if (unit_dir / t).exists()]
-    if timers:
-        _run([*command, "disable", "--now", *timers])
+    if plan.timers:
+        _run(list(plan.commands[0]))
     try:
-        for path in present:
+        for path in plan.files:
             path.unlink()
     except OSError as exc:
         raise OptionsError(f"cannot remove units from {unit_dir}: {exc.strerror or exc}") from None
-    _run([*command, "daemon-reload"])
-    return present
+    _run(list(plan.commands[-1]))
+    return list(plan.files)
 
 
 def user_without_linger() -> str | None:

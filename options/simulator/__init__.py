@@ -16,6 +16,7 @@ from options.simulator.recorded import create_fixture_app
 from options.simulator.server import (
     RunningSimulator,
     SimulatorProcess,
+    describe,
     serve_forever,
     start_server,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "SimulatorProcess",
     "create_app",
     "create_fixture_app",
+    "describe",
     "make_universe_names",
     "serve_forever",
     "start_server",

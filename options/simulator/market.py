@@ -3,6 +3,10 @@
 Values are a pure function of the chain and the minute (minutes since the epoch): they drift from
 one minute to the next, so successive snapshots differ, yet two processes agree within a minute.
 Prices come from Black-Scholes with zero rates on a per-contract volatility smile.
+
+Every time served (quote, trade, bar, underlying) is at or before the start of the minute it is
+rendered for: the app renders the current minute, so no time is ever later than the moment it
+answers, as with the real API (a quote cannot have been updated after it was read).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def _make_shapes() -> tuple[tuple[tuple[Any, ...], ...], tuple[tuple[Any, ...], 
             int(rand() * 500) + 1,  # ask size
             OPTION_EXCHANGES[int(rand() * n_exch)],  # bid exchange
             OPTION_EXCHANGES[int(rand() * n_exch)],  # ask exchange
-            int(rand() * NS_PER_MINUTE),  # quote time within the minute
+            int(rand() * NS_PER_MINUTE),  # quote time within the minute before
             rand() < 0.5,  # last trade at the ask, else at the bid
             OPTION_EXCHANGES[int(rand() * n_exch)],  # trade exchange
             int(rand() * 20) + 1,  # trade size
@@ -168,7 +172,9 @@ def snapshot_rows(
     drift = minute * 0.05
     minute_of_day = minute % 1440
     asset_key = "value" if chain.is_index else "price"
-    asset_ts = minute_ns + (minute * 7919 % 60_000) * 1_000_000
+    # Quote and underlying times fall in the minute before ``minute``: never in the future.
+    last_minute_ns = minute_ns - NS_PER_MINUTE
+    asset_ts = last_minute_ns + (minute * 7919 % 60_000) * 1_000_000
     asset_ticker = chain.name
     exp, erf, sin = math.exp, math.erf, math.sin
     inv_sqrt2, inv_sqrt_2pi, ratio = _INV_SQRT2, _INV_SQRT_2PI, DEEP_ITM_RATIO
@@ -253,7 +259,7 @@ def snapshot_rows(
                 "bid": bid_c / 100.0,
                 "bid_exchange": bid_exch,
                 "bid_size": bid_size,
-                "last_updated": minute_ns + quote_off,
+                "last_updated": last_minute_ns + quote_off,
                 "midpoint": mid,
                 "timeframe": TIMEFRAME,
             },
@@ -327,6 +333,7 @@ def stock_snapshot(chain: Chain, minute: int) -> dict[str, Any]:
     open_ = round(close * math.exp(0.01 * math.sin(day * 1.9 + chain.phases[1])), 2)
     rng = random.Random(f"{chain.seed}:{chain.name}:{minute}:stock")
     minute_ns = minute * NS_PER_MINUTE
+    last_minute_ns = minute_ns - NS_PER_MINUTE  # quote and trade times: never in the future
     high = round(max(open_, spot) * 1.004, 2)
     low = round(min(open_, spot) * 0.996, 2)
     volume = int(rng.uniform(1e5, 5e7))
@@ -345,14 +352,14 @@ def stock_snapshot(chain: Chain, minute: int) -> dict[str, Any]:
             "S": int(rng.uniform(1, 20)),
             "p": round(spot - 0.01, 2),
             "s": int(rng.uniform(1, 20)),
-            "t": minute_ns + int(rng.random() * NS_PER_MINUTE),
+            "t": last_minute_ns + int(rng.random() * NS_PER_MINUTE),
         },
         "lastTrade": {
             "c": [14, 41],
             "i": str(int(rng.uniform(1e4, 1e6))),
             "p": spot,
             "s": 100 * int(rng.uniform(1, 10)),
-            "t": minute_ns + int(rng.random() * NS_PER_MINUTE),
+            "t": last_minute_ns + int(rng.random() * NS_PER_MINUTE),
             "x": int(rng.uniform(1, 21)),
         },
         "min": {

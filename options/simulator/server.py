@@ -20,6 +20,26 @@ from options.simulator.config import SimulatorConfig
 READY_PREFIX = "listening on "
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+NAMES_SHOWN = 5
+
+
+def describe(config: SimulatorConfig, base_url: str) -> str:
+    """Say where the simulator listens, the key it wants and the tickers it serves, with the
+    settings a job needs to read from it (two lines, for a person starting it by hand)."""
+    names = config.underlyings
+    shown = ", ".join(names[:NAMES_SHOWN]) + (", ..." if len(names) > NAMES_SHOWN else "")
+    count = f"{len(names):,} underlying{'s' if len(names) != 1 else ''}"
+    each = " each" if len(names) != 1 else ""
+    key = config.api_key if config.api_key is not None else "any (none checked)"
+    settings = [f"POLYGON_BASE_URL={base_url}"]
+    if config.api_key is not None:
+        settings.append(f"POLYGON_API_KEY={config.api_key}")
+    settings.append(f"UNDERLYINGS={','.join(names[:NAMES_SHOWN])}")
+    return (
+        f"simulator listening on {base_url}; key: {key}; {count}: {shown} "
+        f"({config.contracts_per_underlying:,} contracts{each})\n"
+        f"for the jobs: {' '.join(settings)}"
+    )
 
 
 class RunningSimulator:
@@ -126,6 +146,7 @@ class SimulatorProcess:
             self.host,
             "--port",
             str(self.port),
+            "--quiet",
         ]
         self._process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env
