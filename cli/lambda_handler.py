@@ -45,6 +45,7 @@ from options.config import NO_ENV_FILE, Settings, parse_duration, parse_underlyi
 from options.errors import ConfigError, ExitCode, OptionsError
 from options.jobs.wiring import run_options_job, run_snapshots_job
 from options.ops.summary import log_summary
+from options.ops.telemetry import Telemetry, configure_telemetry
 from options.store.runs import RunSummary
 
 logger = logging.getLogger("cli.lambda")
@@ -101,16 +102,21 @@ def _handle(job: str, event: Any, context: Any, keys: tuple[str, ...]) -> dict[s
         log_summary(summary)
         ended.append(summary)
 
+    telemetry: Telemetry | None = None
     try:
         settings = Settings.from_env(os.environ, env_file=NO_ENV_FILE)
         logging.getLogger().setLevel(settings.log_level)
         overrides = _overrides(job, event, keys)
         deadline = _deadline(overrides.pop("deadline", None), context)
         only = overrides.pop("underlyings", ())
+        telemetry = configure_telemetry(f"ingest_{job}", os.environ)
         code = asyncio.run(_run(job, settings, only, overrides, deadline, on_end))
     except OptionsError as exc:
         result = _result(job, exc.exit_code, ended, error=str(exc).splitlines()[0])
         raise JobFailed(result) from exc
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()  # before Lambda freezes the process
     result = _result(job, code, ended)
     if code in RAISED:
         raise JobFailed(result)

@@ -109,8 +109,8 @@ class Receiver:
         ]
 
     def points(self) -> list[Point]:
-        """The data points of the last export that carried each metric."""
-        last: dict[str, list[Point]] = {}
+        """The data points of the last export that carried each metric, per service."""
+        last: dict[tuple[Any, str], list[Point]] = {}
         for request in self.metrics:
             for rm in request.resource_metrics:
                 resource = attributes_of(rm.resource.attributes)
@@ -118,7 +118,7 @@ class Receiver:
                     for metric in sm.metrics:
                         kind = metric.WhichOneof("data")
                         data = getattr(metric, kind)
-                        last[metric.name] = [
+                        last[resource.get("service.name"), metric.name] = [
                             Point(
                                 resource=resource,
                                 metric=metric.name,
@@ -673,3 +673,63 @@ def nothing_left_installed() -> Iterator[None]:
     assert telemetry._instruments is None
     yield
     assert telemetry._instruments is None
+
+
+async def run_job_exporting(
+    job: str, base_url: str, database_url: str, endpoint: str, *args: str
+) -> None:
+    import os
+    import sys
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "DATABASE_URL": database_url,
+        "POLYGON_BASE_URL": base_url,
+        "POLYGON_API_KEY": SIM_KEY,
+        "POLYGON_RATE_LIMIT": "off",
+        "UNDERLYINGS": "AAA,BBB",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+    }
+    child = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / job), *args, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(child.communicate(), 60)
+    assert child.returncode == 0, stderr.decode()
+
+
+async def test_both_jobs_export_spans_and_metrics(simulator, receiver, database_url: str) -> None:
+    """Each job run with OTEL_EXPORTER_OTLP_ENDPOINT set sends, before it exits, a run span
+    with a span per underlying and per API request under it, and metrics: API requests by
+    endpoint and status (as many as the simulator saw), rows written by table, batch latency
+    and pool connections in use; service.name is the job's name."""
+    async with simulator(underlyings=("AAA", "BBB"), contracts_per_underlying=600) as api:
+        await run_job_exporting("ingest_options", api.base_url, database_url, receiver.url)
+        after_options = (await sim_stats(api.base_url))["requests"]
+        await run_job_exporting(
+            "ingest_snapshots", api.base_url, database_url, receiver.url, "--force"
+        )
+        total = (await sim_stats(api.base_url))["requests"]
+    spans = receiver.spans()
+    services = {s.resource["service.name"] for s in spans}
+    assert services == {"ingest_options", "ingest_snapshots"}
+    names = [(s.resource["service.name"], s.name) for s in spans]
+    assert names.count(("ingest_options", "ingest_options.run")) == 1
+    assert names.count(("ingest_options", "contracts.sync_underlying")) == 2
+    assert names.count(("ingest_snapshots", "ingest_snapshots.run")) == 1
+    assert names.count(("ingest_snapshots", "snapshots.slice")) == 2
+    run_ids = {s.attributes["options.run_id"] for s in spans if s.name.endswith(".run")}
+    assert run_ids == {1, 2}
+    requests: Counter[str] = Counter()
+    written: Counter[str] = Counter()
+    for point in receiver.points():
+        service = point.resource["service.name"]
+        if point.metric == "options.api.requests":
+            requests[service] += int(point.value)
+            assert point.attributes["status"] == "200"
+        if point.metric == "options.rows.written":
+            written[point.attributes["table"]] += int(point.value)
+    assert requests == {"ingest_options": after_options, "ingest_snapshots": total - after_options}
+    assert written == {"option_contracts": 1200, "option_snapshots": 1200}
+    metrics = {point.metric for point in receiver.points()}
+    assert {"options.db.batch.duration", "options.db.pool.connections.in_use"} <= metrics

@@ -164,6 +164,7 @@ class _Instruments:
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         self._pools: list[tuple[str, PoolStats]] = []
+        self._pool_names: set[str] = set()
         self._pools_lock = threading.Lock()
         meter.create_observable_gauge(
             "options.db.pool.connections.in_use",
@@ -186,11 +187,13 @@ class _Instruments:
 
         # Runs on the metric reader's thread: the pool's counters are only read.
         with self._pools_lock:
+            self._pool_names.update(name for name, _ in self._pools)
             self._pools = [(name, pool) for name, pool in self._pools if not pool.is_closing()]
             pools = list(self._pools)
-        in_use: dict[str, int] = {}
+            # a closed pool has none in use: still reported, so a short run's gauge is seen
+            in_use = dict.fromkeys(self._pool_names, 0)
         for name, pool in pools:
-            in_use[name] = in_use.get(name, 0) + pool.get_size() - pool.get_idle_size()
+            in_use[name] += pool.get_size() - pool.get_idle_size()
         return [Observation(count, {"pool": name}) for name, count in in_use.items()]
 
 
