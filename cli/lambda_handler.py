@@ -45,7 +45,7 @@ from options.config import NO_ENV_FILE, Settings, parse_duration, parse_underlyi
 from options.errors import ConfigError, ExitCode, OptionsError
 from options.jobs.wiring import run_options_job, run_snapshots_job
 from options.ops.summary import log_summary
-from options.ops.telemetry import Telemetry, configure_telemetry
+from options.ops.telemetry_setup import Telemetry, configure_telemetry
 from options.store.runs import RunSummary
 
 logger = logging.getLogger("cli.lambda")

@@ -21,7 +21,7 @@ from options.errors import (
 from options.jobs.filters import market_today
 from options.jobs.wiring import run_options_job
 from options.simulator import SimulatorConfig, create_fixture_app, start_server
-from options.store.runs import open_run
+from options.store.runs_lease import open_run
 
 FIXTURE_PAGES = (
     "v3/reference/options/contracts.json",

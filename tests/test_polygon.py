@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from options.api import polygon
+from options.api import transport
 from options.api.polygon import (
     CHAIN_PAGE_LIMIT,
     CONTRACTS_PAGE_LIMIT,
@@ -370,7 +370,7 @@ async def test_5xx_retried_then_success(serve, status):
 
 async def test_5xx_exhausted_raises_transient_error(serve, caplog):
     """Exhausted retries raise TransientApiError with status, endpoint and request_id, and warn."""
-    caplog.set_level(logging.DEBUG, logger="options.api.polygon")
+    caplog.set_level(logging.DEBUG, logger="options.api.transport")
     body = {"status": "ERROR", "request_id": "r503", "error": "upstream unavailable"}
     api = await serve(failing_then_ok(99, lambda: web.json_response(body, status=503)))
     async with make_client(api, max_retries=2) as client:
@@ -813,7 +813,7 @@ async def test_span_per_attempt(serve, monkeypatch):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(polygon, "tracer", provider.get_tracer("test"))
+    monkeypatch.setattr(transport, "tracer", provider.get_tracer("test"))
     api = await serve(failing_then_ok(1, lambda: web.Response(status=503)))
 
     async with make_client(api) as client:

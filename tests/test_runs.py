@@ -13,7 +13,7 @@ import pytest
 
 from options.errors import AlreadyRunningError, ExitCode, LeaseLostError
 from options.jobs.wiring import run_options_job, run_snapshots_job
-from options.store.runs import open_run
+from options.store.runs_lease import open_run
 from tests.conftest import SIM_KEY, black_out, wait_for_value
 
 BIN = Path(sys.executable).parent

@@ -14,7 +14,7 @@ import pytest
 from options.api.normalize import SNAPSHOT_COLUMNS, normalize_snapshot
 from options.errors import DatabaseError, ExitCode, RunInterrupted
 from options.jobs.filters import market_today
-from options.jobs.snapshots import SLICE_CONTRACTS
+from options.jobs.snapshot_plan import SLICE_CONTRACTS
 from options.jobs.wiring import run_options_job, run_snapshots_job
 from options.simulator import create_fixture_app, start_server
 from options.store.partitions import PARTITIONS_AHEAD

@@ -36,16 +36,17 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 
-from options.api.polygon import MARKET_STATUS_PATH, PolygonClient
+from options.api.endpoints import MARKET_STATUS_PATH
+from options.api.polygon import PolygonClient
 from options.errors import ConfigError
 from options.ops import telemetry
 from options.ops.telemetry import (
-    configure_telemetry,
     count_rows_rejected,
     count_rows_written,
     observe_pool,
     time_batch,
 )
+from options.ops.telemetry_setup import Telemetry, configure_telemetry
 from tests.conftest import SIM_KEY
 
 tracer = trace.get_tracer(__name__)
@@ -215,10 +216,10 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def configured() -> Iterator[list[telemetry.Telemetry]]:
+def configured() -> Iterator[list[Telemetry]]:
     """Telemetry configured in a test (append it here) is shut down after the test, even when
     the test fails, so the next test starts with nothing installed."""
-    made: list[telemetry.Telemetry] = []
+    made: list[Telemetry] = []
     yield made
     for item in made:
         item.shutdown()
@@ -491,12 +492,15 @@ def test_console_exporters_write_one_json_object_per_line(configured, capsys):
 
     out, err = capsys.readouterr()
     assert out == ""
-    objects = [json.loads(line) for line in err.splitlines()]
-    assert len(objects) == 2
-    span, metrics = objects
-    assert span["name"] == "ingest_snapshots.run"
+    objects = [json.loads(line) for line in err.splitlines()]  # every line one whole object
+    # (spans that another test's leftover thread ends meanwhile would be exported here too)
+    spans = [o for o in objects if o.get("name") == "ingest_snapshots.run"]
+    assert len(spans) == 1, err
+    span = spans[0]
     assert span["resource"]["attributes"]["service.name"] == "ingest_snapshots"
-    (resource_metrics,) = metrics["resource_metrics"]
+    exports = [o for o in objects if "resource_metrics" in o]
+    assert len(exports) == 1, err
+    (resource_metrics,) = exports[0]["resource_metrics"]
     names = [m["name"] for sm in resource_metrics["scope_metrics"] for m in sm["metrics"]]
     assert "options.rows.written" in names
 
@@ -531,7 +535,8 @@ def test_exit_without_shutdown_still_flushes(receiver):
     script = (
         "import sys\n"
         "from opentelemetry import trace\n"
-        "from options.ops.telemetry import configure_telemetry, count_rows_written\n"
+        "from options.ops.telemetry import count_rows_written\n"
+        "from options.ops.telemetry_setup import configure_telemetry\n"
         "configure_telemetry('ingest_snapshots', {'OTEL_EXPORTER_OTLP_ENDPOINT': sys.argv[1]})\n"
         "with trace.get_tracer('child').start_as_current_span('ingest_snapshots.run'):\n"
         "    count_rows_written('option_snapshots', 7)\n"

@@ -20,19 +20,16 @@ from options.errors import ConfigError, ExitCode, OptionsError
 from options.jobs.contracts import deactivate_expired, sync_contracts
 from options.jobs.filters import market_today
 from options.jobs.preview import Preview, preview_contracts, preview_snapshots
-from options.jobs.snapshots import SnapshotRun, planned_chains
+from options.jobs.snapshot_plan import planned_chains
+from options.jobs.snapshots import SnapshotRun
 from options.ops.market import market_session
 from options.ops.progress import Progress
 from options.ops.telemetry import observe_pool
 from options.store.db import Limits, apply_migrations, create_pool, reconnect_window
 from options.store.partitions import drop_old_partitions, ensure_partitions
-from options.store.runs import (
-    STATUS_EXIT_CODES,
-    Run,
-    RunSummary,
-    close_dead_runs,
-    recorded_run,
-)
+from options.store.runs import STATUS_EXIT_CODES, Run, RunSummary
+from options.store.runs_lease import close_dead_runs
+from options.store.runs_recording import recorded_run
 from options.store.slots import Slot, adopt_slot, close_slot, find_resumable_slot, plan_slot
 from options.store.underlyings import (
     Tracked,

@@ -37,7 +37,7 @@ be working). The cause of a gap, from the latest coverage row or run in the wind
 - ``contracts_stale``: its last successful contract sync (or the time it was tracked) is more
   than ``max_sync_age`` of wall time before ``now`` (the contracts job runs every day).
 - ``run_stuck``: a run is ``running`` with a heartbeat older than the lease
-  (:data:`options.store.runs.LEASE_SECONDS`), or none: its process is frozen or gone.
+  (:data:`options.store.runs_lease.LEASE_SECONDS`), or none: its process is frozen or gone.
 
 **JSON** (:meth:`Status.as_dict`; timestamps ISO 8601 in UTC with their offset, durations in
 seconds; every key is always present, ``null`` when unknown)::
@@ -102,7 +102,7 @@ from options.store.db import (
     describe_db_error,
     reconnect_window,
 )
-from options.store.runs import LEASE_SECONDS
+from options.store.runs_lease import LEASE_SECONDS
 
 DEFAULT_DAYS: Final = 5
 DEFAULT_EVERY: Final = DEFAULT_SNAPSHOT_EVERY

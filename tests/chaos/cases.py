@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 
 from options.store.db import apply_migrations
-from options.store.runs import HEARTBEAT_SECONDS
+from options.store.runs_lease import HEARTBEAT_SECONDS
 
 from .harness import (
     JOBS,
