@@ -217,7 +217,17 @@ class _WriterConnection:
         return self._conn
 
     async def release(self) -> None:
-        """Give the connection back to the pool (a broken one is closed on the way)."""
+        """Give the connection back to the pool (a broken one is closed on the way).
+
+        A connection lost after its last commit fails the pool's reset on the way back; what it
+        stored is committed, and the pool has closed it, so that loss is not an error of the run.
+        """
         held, self._held, self._conn = self._held, None, None
-        if held is not None:
+        if held is None:
+            return
+        try:
             await held.aclose()
+        except DB_ERRORS as exc:
+            if not is_connection_lost(exc):
+                raise
+            logger.debug("a lost connection was given back: %s", describe_db_error(exc))
