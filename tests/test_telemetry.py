@@ -738,3 +738,44 @@ async def test_both_jobs_export_spans_and_metrics(simulator, receiver, database_
     assert written == {"option_contracts": 1200, "option_snapshots": 1200}
     metrics = {point.metric for point in receiver.points()}
     assert {"options.db.batch.duration", "options.db.pool.connections.in_use"} <= metrics
+
+
+async def test_a_job_stopped_by_sigterm_still_exports(simulator, receiver, database_url: str):
+    """SIGTERM mid-run: the job stops, records the run interrupted (exit 5) and, before it
+    exits, exports its run span and the requests it sent."""
+    import signal
+
+    names = ("AAA", "BBB")
+    async with simulator(underlyings=names, contracts_per_underlying=600) as api:
+        await run_job_exporting("ingest_options", api.base_url, database_url, receiver.url)
+    async with simulator(underlyings=names, contracts_per_underlying=600, latency=0.5) as api:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+            "DATABASE_URL": database_url,
+            "POLYGON_BASE_URL": api.base_url,
+            "POLYGON_API_KEY": SIM_KEY,
+            "POLYGON_RATE_LIMIT": "off",
+            "UNDERLYINGS": ",".join(names),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        }
+        child = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "ingest_snapshots"),
+            "--force",
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(400):  # until its first request reaches the simulator
+            if (await sim_stats(api.base_url))["requests"] >= 1:
+                break
+            await asyncio.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(child.communicate(), 60)
+    assert child.returncode == 5, stderr.decode()
+    runs = [s for s in receiver.spans() if s.name == "ingest_snapshots.run"]
+    assert len(runs) == 1, [s.name for s in receiver.spans()]
+    sent = sum(
+        int(p.value)
+        for p in receiver.points()
+        if p.metric == "options.api.requests" and p.resource["service.name"] == "ingest_snapshots"
+    )
+    assert sent >= 1
