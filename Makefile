@@ -17,7 +17,7 @@ $(POETRY):
 
 $(VENV)/.installed: pyproject.toml poetry.lock $(POETRY)
 	$(POETRY) env use --quiet $(PYTHON)
-	$(POETRY) sync --quiet
+	$(POETRY) sync --quiet --all-extras
 	touch $@
 
 lock: $(POETRY)  ## after changing dependencies in pyproject.toml: resolve them into poetry.lock
