@@ -1,9 +1,10 @@
-"""``ingest_admin``: operator tasks (migrate the schema, the tracked underlyings, the systemd
-units, the simulator, the demo)."""
+"""``ingest_admin``: operator tasks (migrate the schema, archive old days, the tracked
+underlyings, the systemd units, the simulator, the demo)."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 from collections.abc import Callable
@@ -19,10 +20,11 @@ from cli.common import (
     load_settings,
     one_off_underlyings,
     refuse,
+    run,
     version_option,
 )
 from cli.status import status
-from options.errors import OptionsError
+from options.errors import ExitCode, OptionsError
 from options.ops.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -50,6 +52,77 @@ def migrate(env_file: Path | None) -> None:
     except OptionsError as exc:
         fail(exc)
     click.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@main.command()
+@env_file_option
+@click.option(
+    "--before",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    metavar="DATE",
+    help="Archive the days before DATE (YYYY-MM-DD; days are UTC, like the partitions).",
+)
+@click.option(
+    "--older-than",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="DAYS",
+    help="Archive the days older than DAYS days (default: ARCHIVE_AFTER_DAYS).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Show the days that would be archived, their rows and size; write and drop nothing.",
+)
+@click.option(
+    "--keep-in-postgres",
+    is_flag=True,
+    help="Write, verify and record the days, but drop nothing from PostgreSQL.",
+)
+@version_option
+def archive(
+    env_file: Path | None,
+    before: dt.datetime | None,
+    older_than: int | None,
+    dry_run: bool,
+    keep_in_postgres: bool,
+) -> None:
+    """Move old days of snapshots to Parquet at ARCHIVE_URL, then drop them from PostgreSQL.
+
+    Each day is written, read back and verified (its row count and a checksum of its keys
+    against PostgreSQL's), and recorded in archived_days before its partition is dropped.
+    Run it again at will: archived days are skipped, an interrupted day is finished. Today's
+    and future days are never archived. Prints each day's rows, Parquet bytes and bytes per
+    snapshot, then the total. Exit 4 when another archive or retention is running.
+    """
+    from options.jobs.retention import format_archive_run
+    from options.jobs.wiring import archive_snapshots
+
+    if before is not None and older_than is not None:
+        refuse("--before DATE and --older-than DAYS both say which days: give one")
+    if dry_run and keep_in_postgres:
+        refuse("--dry-run drops nothing anyway: it does not go with --keep-in-postgres")
+    settings = load_settings(env_file)
+
+    async def archive_days(stop: asyncio.Event) -> int:
+        result = await archive_snapshots(
+            settings,
+            before=before.date() if before is not None else None,
+            older_than=older_than,
+            dry_run=dry_run,
+            keep_in_postgres=keep_in_postgres,
+            stop=stop,
+        )
+        for line in format_archive_run(result):
+            click.echo(line)
+        if result.busy:
+            return ExitCode.ALREADY_RUNNING
+        if result.failed is not None:
+            return ExitCode.FAILED
+        return ExitCode.INTERRUPTED if result.interrupted else ExitCode.OK
+
+    run(archive_days)
 
 
 @main.group()

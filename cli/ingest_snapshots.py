@@ -52,8 +52,9 @@ from options.jobs.wiring import preview_job, run_snapshots_job
     "--retain-days",
     type=click.IntRange(min=1),
     default=None,
-    help="Drop daily snapshot partitions older than N days (default: SNAPSHOT_RETAIN_DAYS, "
-    "or keep everything).",
+    help="Days older than N leave PostgreSQL (default: SNAPSHOT_RETAIN_DAYS, or keep "
+    "everything): archived first when ARCHIVE_URL is set; without an archive, deleted only "
+    "with SNAPSHOT_DELETE_UNARCHIVED=true.",
 )
 @dry_run_options
 @metrics_textfile_option

@@ -13,7 +13,9 @@ be empty (``{}`` or ``null``), or an EventBridge event whose ``detail`` holds th
                   (``--deadline``); without it, 30 s before the Lambda's own timeout
     force         snapshots only: true takes a snapshot when the market is closed (``--force``)
     resume        snapshots only: true completes the latest unfinished slot (``--resume``)
-    retain_days   snapshots only: drop daily partitions older than N days (``--retain-days``)
+    retain_days   snapshots only: days older than N leave PostgreSQL (``--retain-days``):
+                  archived first with ARCHIVE_URL, else deleted only with
+                  SNAPSHOT_DELETE_UNARCHIVED=true
 
 Each handler returns the run's summary as a dict (``job``, ``exit_code``, ``exit_name``,
 ``status``, ``run_id``, the counts, ``error``), the same figures as the summary log line. When

@@ -14,7 +14,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -34,6 +34,10 @@ CONTRACT_TYPES = ("call", "put")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _RATE_FORM = "N/s or N/min (for example 100/s, or 5/min on the free plan), or off"
+_ARCHIVE_FORM = "an absolute directory (/var/lib/options-history/archive) or s3://BUCKET[/PREFIX]"
+_BOOLEANS = {"true": True, "yes": True, "1": True, "on": True}
+_BOOLEANS.update({"false": False, "no": False, "0": False, "off": False})
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 SETTING_NAMES = tuple(
     (
@@ -41,12 +45,15 @@ SETTING_NAMES = tuple(
         "MAX_DAYS_TO_EXPIRATION STRIKE_BAND_PERCENT MAX_DEACTIVATION_PERCENT DB_POOL_SIZE "
         "UNDERLYING_CONCURRENCY HTTP_CONCURRENCY POLYGON_RATE_LIMIT HTTP_TIMEOUT "
         "HTTP_MAX_RETRIES MAX_PAGES_PER_QUERY DB_STATEMENT_TIMEOUT DB_LOCK_TIMEOUT "
-        "DB_RECONNECT_SECONDS SNAPSHOT_RESUME_WINDOW SNAPSHOT_RETAIN_DAYS LOG_LEVEL "
-        "NOTIFY_COMMAND"
+        "DB_RECONNECT_SECONDS SNAPSHOT_RESUME_WINDOW SNAPSHOT_RETAIN_DAYS "
+        "SNAPSHOT_DELETE_UNARCHIVED ARCHIVE_URL ARCHIVE_AFTER_DAYS LOG_LEVEL NOTIFY_COMMAND "
+        "AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_REGION AWS_DEFAULT_REGION "
+        "AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3"
     ).split()
 )
 """The project's own variables (``.env.example`` lists each); NOTIFY_COMMAND is the failure
-hook's."""
+hook's; the AWS_* ones are the standard names an S3 archive (``ARCHIVE_URL=s3://...``) is
+reached with."""
 
 OTEL_NAMES = frozenset(
     f"OTEL_{name}"
@@ -121,6 +128,23 @@ class Secret:
 
 
 @dataclass(frozen=True, kw_only=True)
+class S3Access:
+    """How an S3 archive is reached: the standard AWS variables, read once like every setting.
+
+    Keys left unset leave pyarrow to the AWS SDK's own chain (``~/.aws/credentials``, the
+    instance's role). pyarrow does not read ``AWS_ENDPOINT_URL`` itself, so the endpoint of an
+    S3-compatible store (MinIO, Ceph, R2, a test server) is passed on from here.
+    """
+
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+    session_token: Secret | None = None
+    region: str | None = None
+    endpoint_url: str | None = None
+    """``http(s)://HOST[:PORT]``: ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the jobs may be told, validated once."""
 
@@ -139,6 +163,14 @@ class Settings:
     http_max_retries: int = 6
     max_pages: int = 10_000
     snapshot_retain_days: int | None = None
+    delete_unarchived: bool = False
+    """``SNAPSHOT_DELETE_UNARCHIVED``: retention may drop days that are not archived (the only
+    way anything leaves PostgreSQL without an archive)."""
+    archive_url: str | None = None
+    """Where old days go as Parquet: an absolute directory or ``s3://BUCKET[/PREFIX]``."""
+    archive_after_days: int = 30
+    """Days of snapshots kept in PostgreSQL when there is an archive; older days are archived."""
+    s3: S3Access = field(default_factory=S3Access)
     snapshot_resume_window: float = 120.0
     max_deactivation_percent: float = 20.0
     db_statement_timeout: float = 300.0
@@ -203,6 +235,16 @@ class Settings:
             return value.strip()
 
         api_key = get("POLYGON_API_KEY") or get("MASSIVE_API_KEY")
+        archive_url = _parse_archive_url(get("ARCHIVE_URL"))
+        delete_unarchived = _parse_bool(
+            "SNAPSHOT_DELETE_UNARCHIVED", get("SNAPSHOT_DELETE_UNARCHIVED"), False
+        )
+        if delete_unarchived and archive_url is not None:
+            raise ConfigError(
+                "SNAPSHOT_DELETE_UNARCHIVED deletes old days without archiving them, and "
+                "ARCHIVE_URL archives them before they leave PostgreSQL: set one of the two",
+                variable="SNAPSHOT_DELETE_UNARCHIVED",
+            )
         return cls(
             database_url=_parse_database_url(get("DATABASE_URL")),
             api_key=Secret(api_key) if api_key else None,
@@ -233,6 +275,14 @@ class Settings:
             snapshot_retain_days=_parse_int(
                 "SNAPSHOT_RETAIN_DAYS", get("SNAPSHOT_RETAIN_DAYS"), None, minimum=1
             ),
+            delete_unarchived=delete_unarchived,
+            archive_url=archive_url,
+            archive_after_days=_parse_int(
+                "ARCHIVE_AFTER_DAYS", get("ARCHIVE_AFTER_DAYS"), 30, minimum=1
+            ),
+            s3=_parse_s3_access(get)
+            if archive_url and archive_url.startswith("s3://")
+            else S3Access(),
             snapshot_resume_window=_parse_seconds(
                 "SNAPSHOT_RESUME_WINDOW", get("SNAPSHOT_RESUME_WINDOW"), 120.0, allow_zero=True
             ),
@@ -513,6 +563,105 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _parse_archive_url(raw: str | None) -> str | None:
+    """``ARCHIVE_URL``, normalized: ``s3://BUCKET[/PREFIX]`` or an absolute directory, no
+    trailing slash."""
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme == "s3":
+        if "@" in parts.netloc:
+            # never echo the value: it holds a key
+            raise ConfigError(
+                "ARCHIVE_URL must not carry credentials: expected s3://BUCKET[/PREFIX] (the keys "
+                "go in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+                variable="ARCHIVE_URL",
+            )
+        if parts.query or parts.fragment:
+            raise ConfigError(
+                f"ARCHIVE_URL={raw!r} must not carry a query: expected s3://BUCKET[/PREFIX] (the "
+                "endpoint goes in AWS_ENDPOINT_URL, the region in AWS_REGION)",
+                variable="ARCHIVE_URL",
+            )
+        if not _S3_BUCKET.fullmatch(parts.netloc):
+            raise ConfigError(
+                f"ARCHIVE_URL={raw!r} names no valid bucket: expected s3://BUCKET[/PREFIX], "
+                "BUCKET in lower case letters, digits, dots and hyphens",
+                variable="ARCHIVE_URL",
+            )
+        prefix = "/".join(part for part in parts.path.split("/") if part)
+        return f"s3://{parts.netloc}/{prefix}" if prefix else f"s3://{parts.netloc}"
+    if parts.scheme == "file" and not parts.netloc and not parts.query:
+        path = parts.path
+    elif parts.scheme:
+        raise ConfigError(
+            f"ARCHIVE_URL={raw!r} is not supported: expected {_ARCHIVE_FORM}",
+            variable="ARCHIVE_URL",
+        )
+    else:
+        path = raw
+    if not path.startswith("/"):
+        raise ConfigError(
+            f"ARCHIVE_URL={raw!r} is a relative path: expected {_ARCHIVE_FORM} (every run, "
+            "whatever its working directory, must find the same archive)",
+            variable="ARCHIVE_URL",
+        )
+    return os.path.normpath(path)
+
+
+def _parse_s3_access(get: Callable[[str], str | None]) -> S3Access:
+    key_id, secret = get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")
+    if (key_id is None) != (secret is None):
+        given, missing = (
+            ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+            if secret is None
+            else ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
+        )
+        raise ConfigError(
+            f"{given} is set without {missing}: expected both (or neither, for the AWS SDK's "
+            "own credentials: ~/.aws/credentials, the instance's role)",
+            variable=missing,
+        )
+    token = get("AWS_SESSION_TOKEN")
+    endpoint_name = "AWS_ENDPOINT_URL_S3" if get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+    endpoint = get(endpoint_name)
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"{endpoint_name}={redact_url(endpoint)!r} is invalid: expected "
+                "http(s)://HOST[:PORT] of an S3-compatible store",
+                variable=endpoint_name,
+            )
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ConfigError(
+                f"{endpoint_name} must not carry credentials, a query or a fragment: expected "
+                "http(s)://HOST[:PORT] (the keys go in AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY)",
+                variable=endpoint_name,
+            )
+        endpoint = endpoint.rstrip("/")
+    return S3Access(
+        access_key_id=Secret(key_id) if key_id else None,
+        secret_access_key=Secret(secret) if secret else None,
+        session_token=Secret(token) if token else None,
+        region=get("AWS_REGION") or get("AWS_DEFAULT_REGION"),
+        endpoint_url=endpoint,
+    )
+
+
+def _parse_bool(name: str, raw: str | None, default: bool) -> bool:
+    if raw is None:
+        return default
+    value = _BOOLEANS.get(raw.lower())
+    if value is None:
+        raise ConfigError(
+            f"{name}={raw!r} is invalid: expected true or false (yes/no, 1/0, on/off)",
+            variable=name,
+        )
+    return value
 
 
 def _parse_contract_types(raw: str | None) -> tuple[str, ...] | None:

@@ -17,6 +17,10 @@ one line on stderr and the exit code it carries::
     ├── DatabaseError                 exit 1  PostgreSQL refused or went away
     │   └── LeaseLostError                    another copy found this run dead and closed it
     ├── DeactivationRefused           (one underlying fails) a listing would deactivate too much
+    ├── NotStoredError                exit 1  a read found nothing stored (no complete chain at
+    │                                         or before the time asked, no such contract, ...)
+    ├── ArchiveError                  exit 1  the Parquet archive cannot be read or written, or
+    │                                         a day written to it failed its verification
     ├── AlreadyRunningError           exit 4  a live copy of the job holds the run lease
     └── RunInterrupted                exit 5  a signal or the deadline stopped the run
 
@@ -26,6 +30,7 @@ exits with :attr:`ExitCode.PARTIAL`.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 
 
@@ -152,6 +157,27 @@ class DeactivationRefused(OptionsError):
     def __init__(self, message: str, *, underlying: str) -> None:
         super().__init__(message)
         self.underlying = underlying
+
+
+class NotStoredError(OptionsError):
+    """A read found nothing stored for what was asked: no complete chain of the underlying at
+    or before the time, no snapshot of the contract in the range, no chain on the day."""
+
+
+class ArchiveError(OptionsError):
+    """The Parquet archive (a directory or an S3-compatible bucket) cannot be read or written,
+    lacks a day that ``archived_days`` lists, or a day written to it failed its verification
+    (its partition then stays in PostgreSQL, and a later run tries the day again).
+
+    Attributes:
+        url: the archive's location (never with credentials).
+        day: the day being archived or read, when there was one.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, day: dt.date | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.day = day
 
 
 class AlreadyRunningError(OptionsError):

@@ -12,6 +12,7 @@ import pytest
 
 from options.config import (
     NO_ENV_FILE,
+    S3Access,
     Secret,
     Settings,
     parse_cli_underlyings,
@@ -85,6 +86,12 @@ def test_polygon_key_wins_over_massive_key() -> None:
         ("HTTP_TIMEOUT", "0", "number >= 0.1"),
         ("POLYGON_RATE_LIMIT", "5/hour", "N/s or N/min"),
         ("LOG_LEVEL", "loud", "DEBUG"),
+        ("ARCHIVE_URL", "archive/here", "absolute directory"),
+        ("ARCHIVE_URL", "gs://bucket/x", "s3://BUCKET[/PREFIX]"),
+        ("ARCHIVE_URL", "s3://Bad_Bucket/x", "s3://BUCKET[/PREFIX]"),
+        ("ARCHIVE_URL", "s3://bucket/x?endpoint_override=h", "AWS_ENDPOINT_URL"),
+        ("ARCHIVE_AFTER_DAYS", "0", "whole number >= 1"),
+        ("SNAPSHOT_DELETE_UNARCHIVED", "sure", "true or false"),
     ],
     ids=lambda v: v if len(str(v)) < 20 else None,
 )
@@ -108,6 +115,76 @@ def test_secrets_never_show() -> None:
     for text in (repr(settings), str(settings), settings.database_location()):
         assert "sekret-key" not in text
         assert "hunter2" not in text
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("/var/lib/options/archive/", "/var/lib/options/archive"),
+        ("file:///var/lib/options/archive", "/var/lib/options/archive"),
+        ("s3://my-bucket", "s3://my-bucket"),
+        ("s3://my-bucket//history/options/", "s3://my-bucket/history/options"),
+    ],
+)
+def test_archive_url_is_normalized(raw: str, normalized: str) -> None:
+    """ARCHIVE_URL is an absolute directory or s3://BUCKET[/PREFIX], kept without a trailing
+    slash; ARCHIVE_AFTER_DAYS defaults to 30 and deleting unarchived days is off."""
+    settings = Settings.from_env({"ARCHIVE_URL": raw}, env_file=None)
+    assert settings.archive_url == normalized
+    assert (settings.archive_after_days, settings.delete_unarchived) == (30, False)
+
+
+def test_s3_access_comes_from_the_aws_variables() -> None:
+    """For an s3:// archive the standard AWS variables are read, keys kept secret;
+    AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL, AWS_REGION over AWS_DEFAULT_REGION."""
+    aws = {
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-secret",
+        "AWS_SESSION_TOKEN": "token-secret",
+        "AWS_REGION": "eu-west-3",
+        "AWS_DEFAULT_REGION": "us-west-2",
+        "AWS_ENDPOINT_URL": "https://s3.example.com",
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000/",
+    }
+    settings = Settings.from_env({"ARCHIVE_URL": "s3://bucket/x", **aws}, env_file=None)
+    assert settings.s3 == S3Access(
+        access_key_id=Secret("AKIDEXAMPLE"),
+        secret_access_key=Secret("wJalrXUtnFEMI-secret"),
+        session_token=Secret("token-secret"),
+        region="eu-west-3",
+        endpoint_url="http://127.0.0.1:9000",
+    )
+    for value in ("AKIDEXAMPLE", "wJalrXUtnFEMI-secret", "token-secret"):
+        assert value not in repr(settings)
+    local = Settings.from_env({"ARCHIVE_URL": "/srv/archive", **aws}, env_file=None)
+    assert local.s3 == S3Access()
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "hint"),
+    [
+        ({"AWS_ACCESS_KEY_ID": "AKID"}, "AWS_SECRET_ACCESS_KEY", "expected both"),
+        ({"AWS_ENDPOINT_URL": "minio:9000"}, "AWS_ENDPOINT_URL", "http(s)://HOST[:PORT]"),
+        ({"AWS_ENDPOINT_URL_S3": "https://k:s3cret@h"}, "AWS_ENDPOINT_URL_S3", "credentials"),
+        ({"SNAPSHOT_DELETE_UNARCHIVED": "true"}, "SNAPSHOT_DELETE_UNARCHIVED", "one of the two"),
+    ],
+    ids=["key-without-secret", "endpoint-without-scheme", "endpoint-with-keys", "delete-too"],
+)
+def test_s3_archive_settings_are_checked(env: dict[str, str], variable: str, hint: str) -> None:
+    """An S3 archive's AWS variables are checked together, and deleting unarchived days does
+    not go with an archive; no message shows a secret."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"ARCHIVE_URL": "s3://bucket", **env}, env_file=None)
+    assert caught.value.variable == variable
+    assert hint in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_archive_url_with_keys_is_refused_without_showing_them() -> None:
+    """Keys in ARCHIVE_URL are refused, and the message does not repeat them."""
+    with pytest.raises(ConfigError, match="must not carry credentials") as caught:
+        Settings.from_env({"ARCHIVE_URL": "s3://AKID:s3cret@bucket/x"}, env_file=None)
+    assert "s3cret" not in str(caught.value)
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
@@ -309,6 +386,8 @@ def test_name_without_value_is_an_error(tmp_path: Path) -> None:
         ("DB_POOLSIZE", " (did you mean DB_POOL_SIZE?)"),
         ("POLYGON_KEY", " (did you mean POLYGON_API_KEY?)"),
         ("PGPASSWROD", " (did you mean PGPASSWORD?)"),
+        ("ARCHIVE_AFTER", " (did you mean ARCHIVE_AFTER_DAYS?)"),
+        ("AWS_SECRET_ACCESS_KEYS", " (did you mean AWS_SECRET_ACCESS_KEY?)"),
         ("OTEL_EXPORTER_OTLP_ENDPONT", " (did you mean OTEL_EXPORTER_OTLP_ENDPOINT?)"),
         ("underlyings", " (names are case-sensitive: UNDERLYINGS)"),
         ("FAVOURITE_COLOUR", ""),

@@ -15,10 +15,15 @@ from options.errors import DatabaseError
 from options.store.partitions import (
     PARTITIONS_AHEAD,
     RETENTION_LOCK_KEY,
+    DropOutcome,
+    PartitionState,
+    drop_day_partition,
     drop_old_partitions,
     ensure_partitions,
     partition_name,
+    partition_states,
 )
+from options.store.underlyings import sync_configured
 
 DAY = dt.date(2026, 11, 23)
 NOW = dt.datetime.combine(DAY, dt.time(15), dt.UTC)
@@ -367,3 +372,56 @@ async def test_a_single_retention_runs_at_a_time(pool, session, caplog) -> None:
         assert await drop_old_partitions(pool, retain_days=3, now=NOW) == []
     assert "another session is dropping old partitions" in caplog.text
     assert list(await partitions(pool)) == ["option_snapshots_p20261113"]
+
+
+async def test_one_day_is_dropped_only_with_the_rows_expected(pool) -> None:
+    """drop_day_partition drops a day holding exactly the rows expected, with the caller's
+    record in the same transaction and its coverage kept; a day holding other rows is
+    attached again, its rows visible, the record not written."""
+    old, other = dt.date(2026, 11, 2), dt.date(2026, 11, 3)
+    for day in (old, other):
+        await ensure_partitions(pool, day, days_ahead=0)
+        await insert_snapshot(pool, dt.datetime.combine(day, dt.time(15), dt.UTC))
+    await add_coverage(pool, dt.datetime.combine(old, dt.time(15), dt.UTC))
+    await pool.execute("CREATE TABLE dropped_days (day date)")
+
+    def recording(day: dt.date):
+        async def record(conn: asyncpg.Connection) -> None:
+            await conn.execute("INSERT INTO dropped_days VALUES ($1)", day)
+
+        return record
+
+    async with pool.acquire() as conn:
+        assert await drop_day_partition(conn, old, expected_rows=1, also=recording(old)) is (
+            DropOutcome.DROPPED
+        )
+        assert await drop_day_partition(conn, other, expected_rows=2, also=recording(other)) is (
+            DropOutcome.CHANGED
+        )
+    assert list(await partitions(pool)) == names(other)
+    assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == 1
+    assert await pool.fetchval("SELECT array_agg(day) FROM dropped_days") == [old]
+    assert await pool.fetchval("SELECT count(*) FROM snapshot_coverage") == 1
+
+
+async def test_one_day_in_use_is_left_and_finished_later(pool, session) -> None:
+    """While a transaction that read option_snapshots stays open, drop_day_partition leaves
+    the day (its detach pending) and says so; the next call finishes it."""
+    day = dt.date(2026, 11, 2)
+    await ensure_partitions(pool, day, days_ahead=0)
+    async with pool.acquire() as conn:
+        async with session.transaction():
+            await session.fetchval("SELECT count(*) FROM option_snapshots")
+            outcome = await drop_day_partition(conn, day, expected_rows=0, lock_timeout=0.2)
+            assert outcome is DropOutcome.BUSY
+            assert (await partition_states(conn))[day] is PartitionState.DETACH_PENDING
+        assert await drop_day_partition(conn, day, expected_rows=0) is DropOutcome.DROPPED
+    assert await partitions(pool) == {}
+
+
+async def test_retention_lock_never_holds_up_a_job_start(pool, session) -> None:
+    """A retention or archive holding its lock for long does not hold up the tracked
+    underlyings' sync every job start makes (they once shared a lock key)."""
+    await session.execute("SELECT pg_advisory_lock($1)", RETENTION_LOCK_KEY)
+    tracked = await asyncio.wait_for(sync_configured(pool, ("AAA",)), GENEROUS)
+    assert tracked == ["AAA"]

@@ -20,13 +20,15 @@ from options.errors import ConfigError, ExitCode, OptionsError
 from options.jobs.contracts import deactivate_expired, sync_contracts
 from options.jobs.filters import market_today
 from options.jobs.preview import Preview, preview_contracts, preview_snapshots
+from options.jobs.retention import archive_before, require_archive, retire_old_days
 from options.jobs.snapshot_plan import planned_chains
 from options.jobs.snapshots import SnapshotRun
 from options.ops.market import market_session
 from options.ops.progress import Progress
 from options.ops.telemetry import observe_pool
+from options.store.archive import ArchiveRun, archive_days
 from options.store.db import Limits, apply_migrations, create_pool, reconnect_window
-from options.store.partitions import drop_old_partitions, ensure_partitions
+from options.store.partitions import ensure_partitions
 from options.store.runs import STATUS_EXIT_CODES, Run, RunSummary
 from options.store.runs_lease import close_dead_runs
 from options.store.runs_recording import recorded_run
@@ -116,6 +118,32 @@ async def migrate(settings: Settings) -> list[str]:
         return await apply_migrations(pool)
     finally:
         await pool.close()
+
+
+async def archive_snapshots(
+    settings: Settings,
+    *,
+    before: dt.date | None = None,
+    older_than: int | None = None,
+    dry_run: bool = False,
+    keep_in_postgres: bool = False,
+    stop: asyncio.Event | None = None,
+) -> ArchiveRun:
+    """``ingest_admin archive``: archive the days before ``before`` (or older than
+    ``older_than`` days, or than ``ARCHIVE_AFTER_DAYS``) and drop them from PostgreSQL."""
+    location = require_archive(settings)
+    now = dt.datetime.now(dt.UTC)
+    first_kept = archive_before(settings, before=before, older_than=older_than, now=now)
+    async with open_database(settings, job="admin", pool_stats=False) as pool:
+        return await archive_days(
+            pool,
+            location,
+            before=first_kept,
+            now=now,
+            keep_in_postgres=keep_in_postgres,
+            dry_run=dry_run,
+            stop=stop,
+        )
 
 
 async def manage_underlyings(settings: Settings, action: str, tickers: Sequence[str]) -> list[str]:
@@ -255,7 +283,9 @@ async def run_snapshots_job(
             under its own ``captured_at``, instead of taking a new one. Without it, a run does
             the same by itself when the latest slot is younger than
             ``SNAPSHOT_RESUME_WINDOW``.
-        retain_days: drop daily partitions older than this many days (``None``: keep all).
+        retain_days: days older than this many leave PostgreSQL (``None``: the setting's):
+            archived first when ``ARCHIVE_URL`` is set, else deleted only if
+            ``SNAPSHOT_DELETE_UNARCHIVED`` asks (see :mod:`options.jobs.retention`).
         stop: set by a signal or the deadline: chains read are stored, the run is
             ``interrupted``.
         force: snapshot even when the market is closed.
@@ -346,8 +376,7 @@ async def _snapshot(
             # the week ahead after the rows are stored, so nothing waits on partition DDL
             await ensure_partitions(pool, day, lock_timeout=AHEAD_LOCK_TIMEOUT)
             retain = retain_days if retain_days is not None else settings.snapshot_retain_days
-            if retain is not None:
-                await drop_old_partitions(pool, retain_days=retain, now=captured_at)
+            await retire_old_days(settings, pool, retain_days=retain, now=captured_at, stop=stop)
         return STATUS_EXIT_CODES[run.status]
 
 

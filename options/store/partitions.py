@@ -21,14 +21,21 @@ timeout) for the transactions that use ``option_snapshots`` but blocks none of t
 the detached table, which locks only that table. A detach interrupted while waiting leaves the
 partition "detach pending": invisible to new queries, and blocking any other concurrent detach
 until ``DETACH PARTITION ... FINALIZE`` completes it, which the next retention does first.
+
+The archive (:mod:`options.store.archive`) drops one day at a time with
+:func:`drop_day_partition`: the same detach, then, under the detached table's own lock, a count
+of its rows against what was archived, so a row written after the archive was verified puts the
+partition back instead of being dropped with it. Retention and the archive take turns under one
+advisory lock (:data:`RETENTION_LOCK_KEY`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import enum
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
@@ -43,7 +50,9 @@ PARTITIONS_AHEAD = 7  # a week: a run after a long weekend or a holiday makes no
 PARTITION_LOCK_TIMEOUT = 30.0
 # Retention is maintenance a later run can do: it does not hold the run up for long readers
 RETENTION_LOCK_TIMEOUT = 5.0
-RETENTION_LOCK_KEY = 0x6F7074686973_20  # "opthis" + 0x20: one retention at a time per database
+# "opthis" + 0x30: one retention or archive at a time per database. Its own key: the tracked
+# underlyings' sync (0x20), which every job start takes, must never wait behind an archive.
+RETENTION_LOCK_KEY = 0x6F7074686973_30
 
 
 def partition_name(day: dt.date) -> str:
@@ -213,21 +222,7 @@ async def _drop_partitions_before(
     conn: asyncpg.Connection, cutoff: dt.date, lock_timeout: float
 ) -> list[str]:
     """Detach and drop our partitions (and detached leftovers) of the days before ``cutoff``."""
-    rows = await conn.fetch(
-        """
-        SELECT c.relname, i.inhrelid IS NOT NULL AS attached,
-               coalesce(i.inhdetachpending, false) AS pending
-        FROM pg_class c
-        LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
-        WHERE c.relnamespace = (
-                SELECT relnamespace FROM pg_class WHERE oid = 'option_snapshots'::regclass)
-          AND c.relkind = 'r' AND starts_with(c.relname, $1)
-          AND (i.inhparent IS NULL OR i.inhparent = 'option_snapshots'::regclass)
-        -- a pending detach blocks every other one: finish it first
-        ORDER BY pending DESC, c.relname
-        """,
-        PARTITION_PREFIX,
-    )
+    rows = await _our_tables(conn)
     dropped = []
     for row in rows:
         name = row["relname"]
@@ -270,6 +265,143 @@ async def _drop_partitions_before(
             continue
         dropped.append(name)
     return sorted(dropped)
+
+
+async def _our_tables(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """The tables named like our partitions, attached to ``option_snapshots`` or to nothing:
+    ``relname``, ``attached``, ``pending`` (a detach left pending first: it blocks the others)."""
+    return await conn.fetch(
+        """
+        SELECT c.relname, i.inhrelid IS NOT NULL AS attached,
+               coalesce(i.inhdetachpending, false) AS pending
+        FROM pg_class c
+        LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
+        WHERE c.relnamespace = (
+                SELECT relnamespace FROM pg_class WHERE oid = 'option_snapshots'::regclass)
+          AND c.relkind = 'r' AND starts_with(c.relname, $1)
+          AND (i.inhparent IS NULL OR i.inhparent = 'option_snapshots'::regclass)
+        -- a pending detach blocks every other one: finish it first
+        ORDER BY pending DESC, c.relname
+        """,
+        PARTITION_PREFIX,
+    )
+
+
+class PartitionState(enum.Enum):
+    """Where one day's table stands."""
+
+    ATTACHED = "attached"
+    DETACH_PENDING = "detach pending"  # invisible to new queries until FINALIZE
+    DETACHED = "detached"  # a table of the name, attached to nothing
+    ABSENT = "absent"
+
+
+async def partition_states(conn: asyncpg.Connection) -> dict[dt.date, PartitionState]:
+    """Every day that has a table named like our partitions, with where it stands (no lock is
+    taken)."""
+    states = {}
+    for row in await _our_tables(conn):
+        day = _partition_day(row["relname"])
+        if day is None:
+            continue
+        if row["pending"]:
+            states[day] = PartitionState.DETACH_PENDING
+        elif row["attached"]:
+            states[day] = PartitionState.ATTACHED
+        else:
+            states[day] = PartitionState.DETACHED
+    return states
+
+
+class DropOutcome(enum.Enum):
+    """What :func:`drop_day_partition` did."""
+
+    DROPPED = "dropped"
+    BUSY = "busy"  # another session used the table: left (maybe detached) for a later call
+    CHANGED = "changed"  # it held other than the rows expected: attached again, not dropped
+
+
+async def drop_day_partition(
+    conn: asyncpg.Connection,
+    day: dt.date,
+    *,
+    expected_rows: int,
+    also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+    lock_timeout: float = RETENTION_LOCK_TIMEOUT,
+) -> DropOutcome:
+    """Detach ``day``'s partition and drop it, if it holds exactly ``expected_rows`` rows.
+
+    The detach is ``CONCURRENTLY`` (or the ``FINALIZE`` of one left pending), so readers and
+    writers of ``option_snapshots`` go on. The detached table is then locked, counted and dropped
+    in one transaction, with ``also(conn)`` (the caller's record of the drop): a row written
+    between the caller's count and the detach is seen here, and the table is attached again
+    instead. The day's coverage rows stay. The caller holds :data:`RETENTION_LOCK_KEY`.
+
+    Returns:
+        ``DROPPED``; ``BUSY`` when a session kept the table in use for ``lock_timeout`` seconds
+        (a later call finishes: the table may be left detached or "detach pending");
+        ``CHANGED`` when the count differed (the table is attached again, or left detached if
+        that could not be done now; a later call of the caller's sees it so).
+    """
+    name = partition_name(day)
+    state = (await partition_states(conn)).get(day, PartitionState.ABSENT)
+    if state is PartitionState.ABSENT:
+        raise ValueError(f"{name} does not exist")
+    try:
+        if state is PartitionState.DETACH_PENDING:
+            await _detach(conn, f"{name} FINALIZE", lock_timeout)
+        elif state is PartitionState.ATTACHED:
+            await _detach(conn, f"{name} CONCURRENTLY", lock_timeout)
+    except (asyncpg.LockNotAvailableError, asyncpg.ObjectNotInPrerequisiteStateError) as exc:
+        # DETACH waits for every transaction that uses option_snapshots; a detach pending
+        # elsewhere refuses this one: both pass, a later call retries
+        logger.warning(
+            "Cannot detach %s now (%s); a later run will", name, str(exc).splitlines()[0]
+        )
+        return DropOutcome.BUSY
+    try:
+        async with conn.transaction():
+            await _set_lock_timeout(conn, lock_timeout)
+            await conn.execute(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE")
+            rows = await conn.fetchval(f"SELECT count(*) FROM {name}")
+            if rows == expected_rows:
+                await conn.execute(f"DROP TABLE {name}")
+                if also is not None:
+                    await also(conn)
+    except asyncpg.LockNotAvailableError:
+        # a session reading the detached table by name: the next call drops it
+        logger.warning("%s is in use by another session; a later run will drop it", name)
+        return DropOutcome.BUSY
+    if rows == expected_rows:
+        logger.info("Dropped partition %s (%d rows)", name, rows)
+        return DropOutcome.DROPPED
+    logger.warning(
+        "%s holds %d rows, not the %d expected: rows were written to it meanwhile; it is "
+        "attached again, not dropped",
+        name,
+        rows,
+        expected_rows,
+    )
+    with contextlib.suppress(asyncpg.LockNotAvailableError):
+        await reattach_partition(conn, day, lock_timeout=lock_timeout)
+    return DropOutcome.CHANGED
+
+
+async def reattach_partition(
+    conn: asyncpg.Connection, day: dt.date, *, lock_timeout: float = RETENTION_LOCK_TIMEOUT
+) -> None:
+    """Attach ``day``'s table again as it is, finishing a detach left pending first; nothing
+    when it is attached.
+
+    Raises:
+        asyncpg.LockNotAvailableError: a lock was not granted within ``lock_timeout`` seconds.
+    """
+    name = partition_name(day)
+    state = (await partition_states(conn)).get(day, PartitionState.ABSENT)
+    if state is PartitionState.DETACH_PENDING:
+        await _detach(conn, f"{name} FINALIZE", lock_timeout)
+    if state in (PartitionState.DETACH_PENDING, PartitionState.DETACHED):
+        await _attach_partition(conn, day, lock_timeout)
 
 
 async def _detach(conn: asyncpg.Connection, partition: str, lock_timeout: float) -> None:

@@ -70,7 +70,7 @@ AS $$
     SELECT r.* FROM snapshot_reads r
     WHERE r.underlying_ticker = regexp_replace(p_underlying, '^I:', '')
       AND r.captured_at = snapshot_slot_at(p_underlying, p_at)
-    ORDER BY r.expiration_date, r.strike_price, r.contract_type, r.ticker
+    ORDER BY r.expiration_date, r.strike_price, r.contract_type COLLATE "C", r.ticker COLLATE "C"
 $$;
 
 -- The latest complete chain of an underlying.

@@ -1,0 +1,204 @@
+"""What leaves PostgreSQL, and how: old days archived to Parquet, or deleted only when asked.
+
+Nothing is deleted from PostgreSQL that is not verified in the archive, unless the user asks
+for deletion explicitly. After each snapshot run (:func:`retire_old_days`):
+
+- ``ARCHIVE_URL`` set: the days older than ``ARCHIVE_AFTER_DAYS`` (or than ``--retain-days`` /
+  ``SNAPSHOT_RETAIN_DAYS`` when that is fewer) are archived, verified, recorded and dropped
+  (:mod:`options.store.archive`). A day that cannot be archived stays, with an error in the
+  log; the snapshot run's own status is not changed by it.
+- no archive, a retention (``--retain-days`` / ``SNAPSHOT_RETAIN_DAYS``) and
+  ``SNAPSHOT_DELETE_UNARCHIVED=true``: the days older than the retention are deleted.
+- no archive, a retention, no deletion asked: nothing is dropped, and a warning names the
+  days past the retention and the two ways to let them go.
+
+``ingest_admin archive`` (:func:`archive_before`, then :func:`options.store.archive.archive_days`)
+archives on demand, with ``--before``, ``--older-than``, ``--dry-run`` and
+``--keep-in-postgres``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+
+import asyncpg
+
+from options.config import Settings
+from options.errors import ArchiveError, ConfigError
+from options.store.archive import (
+    FAILED,
+    ArchiveRun,
+    DayReport,
+    archive_days,
+    first_kept_day,
+    unarchived_days,
+)
+from options.store.archive_files import ArchiveLocation, archive_location
+from options.store.partitions import drop_old_partitions
+
+logger = logging.getLogger(__name__)
+
+
+async def retire_old_days(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    *,
+    retain_days: int | None,
+    now: dt.datetime,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """After a snapshot run: archive (or, when asked, delete) the days past their time in
+    PostgreSQL, as the module docstring says.
+
+    Args:
+        retain_days: ``--retain-days``, else ``SNAPSHOT_RETAIN_DAYS`` (``None``: neither).
+        now: the run's moment, which "today" is taken from.
+        stop: a signal or the deadline: the day being archived is given up, the rest left.
+
+    Raises:
+        DatabaseError: PostgreSQL failed.
+    """
+    if settings.archive_url is not None:
+        keep = settings.archive_after_days
+        if retain_days is not None:
+            keep = min(keep, retain_days)
+        try:
+            # finding an S3 bucket's region is a request: off the loop, as the writing is
+            location = await asyncio.to_thread(require_archive, settings)
+            run = await archive_days(
+                pool, location, before=first_kept_day(now, keep), now=now, stop=stop
+            )
+        except ArchiveError as exc:
+            logger.error("Archive: %s; old days stay in PostgreSQL, a later run retries", exc)
+            return
+        _log_run(run)
+        return
+    if retain_days is None:
+        return
+    if settings.delete_unarchived:
+        await drop_old_partitions(pool, retain_days=retain_days, now=now)
+        return
+    kept = await unarchived_days(pool, before=first_kept_day(now, retain_days), now=now)
+    if kept:
+        logger.warning(
+            "Retention: %d days older than %d days (%s to %s) are kept: nothing is deleted "
+            "that is not archived. Set ARCHIVE_URL to archive them, or "
+            "SNAPSHOT_DELETE_UNARCHIVED=true to delete them",
+            len(kept),
+            retain_days,
+            kept[0],
+            kept[-1],
+        )
+
+
+def require_archive(settings: Settings) -> ArchiveLocation:
+    """The archive ``ARCHIVE_URL`` names.
+
+    Raises:
+        ConfigError: ``ARCHIVE_URL`` is not set.
+        ArchiveError: the S3 bucket's region cannot be found.
+    """
+    location = archive_location(settings)
+    if location is None:
+        raise ConfigError(
+            "ARCHIVE_URL is not set: expected an absolute directory or s3://BUCKET[/PREFIX] "
+            "to archive old days to",
+            variable="ARCHIVE_URL",
+        )
+    return location
+
+
+def archive_before(
+    settings: Settings,
+    *,
+    before: dt.date | None,
+    older_than: int | None,
+    now: dt.datetime,
+) -> dt.date:
+    """The first day ``ingest_admin archive`` keeps: ``--before DATE``, else the day
+    ``--older-than DAYS`` (else ``ARCHIVE_AFTER_DAYS``) keeps from ``now``."""
+    if before is not None:
+        return before
+    return first_kept_day(now, settings.archive_after_days if older_than is None else older_than)
+
+
+def format_archive_run(run: ArchiveRun) -> list[str]:
+    """The run as a table: a line per day (rows, Parquet bytes and bytes per snapshot, the
+    partition's size, what was done), then the total."""
+    if run.busy:
+        return ["another session is archiving or dropping old partitions: nothing done"]
+    if not run.days:
+        return ["nothing to archive"]
+    table: list[tuple[str, ...]] = [
+        ("day", "rows", "parquet bytes", "B/snapshot", "postgres bytes", "B/row", "archive", "pg")
+    ]
+    for day in run.days:
+        table.append(_row(day))
+    rows = sum(day.rows for day in run.days)
+    written = [day for day in run.days if day.parquet_bytes is not None]
+    table.append(
+        (
+            "total",
+            f"{rows:,}",
+            _bytes(sum(day.parquet_bytes or 0 for day in written)) if written else "-",
+            _ratio(
+                sum(day.parquet_bytes or 0 for day in written), sum(day.rows for day in written)
+            ),
+            _bytes(sum(day.postgres_bytes or 0 for day in run.days)),
+            _ratio(
+                sum(day.postgres_bytes or 0 for day in run.days),
+                sum(day.rows for day in run.days if day.postgres_bytes),
+            ),
+            f"{len(written)} day{'' if len(written) == 1 else 's'} in Parquet",
+            "",
+        )
+    )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = [
+        "  ".join(
+            cell.rjust(width) if 0 < i < 6 else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in table
+    ]
+    failed = run.failed
+    if failed is not None:
+        lines.append(f"{failed.day}: {failed.note}")
+    if run.interrupted:
+        lines.append("stopped: the days after the last one shown are left for a later run")
+    return lines
+
+
+def _row(day: DayReport) -> tuple[str, ...]:
+    return (
+        day.day.isoformat(),
+        f"{day.rows:,}",
+        _bytes(day.parquet_bytes),
+        _ratio(day.parquet_bytes, day.rows),
+        _bytes(day.postgres_bytes),
+        _ratio(day.postgres_bytes, day.rows),
+        day.action,
+        day.postgres if day.action != FAILED else "kept",
+    )
+
+
+def _bytes(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _ratio(total: int | None, rows: int) -> str:
+    return "-" if total is None or not rows else f"{total / rows:.1f}"
+
+
+def _log_run(run: ArchiveRun) -> None:
+    done = [day for day in run.days if day.action != FAILED]
+    if done:
+        logger.info(
+            "Archive: %d days taken care of (%s to %s); %d rows in Parquet",
+            len(done),
+            done[0].day,
+            done[-1].day,
+            sum(day.rows for day in done if day.parquet_bytes is not None),
+        )

@@ -1,0 +1,497 @@
+"""The archive tier: old days of ``option_snapshots`` written to Parquet, verified, recorded, and
+only then dropped from PostgreSQL; idempotent and resumable.
+
+One day at a time, oldest first, under the retention lock (one archive or retention at a time
+per database):
+
+1. **Write.** The day's rows are read through the ``snapshot_reads`` view (each snapshot with its
+   contract's type, expiration and strike) by a server-side cursor, sorted by underlying, ticker
+   and time, and written a row group at a time (:mod:`options.store.archive_files`): memory
+   holds one row group, never the day. The same repeatable-read transaction counts the rows and
+   sums their key checksum in SQL.
+2. **Verify.** The file is read back: its row count and key checksum must equal PostgreSQL's. A
+   local file is then renamed from its temporary name into place.
+3. **Record.** ``archived_days`` gets the day's row: URL, rows, bytes, checksum.
+4. **Drop.** The partition is detached (``CONCURRENTLY``) and dropped in the transaction that
+   sets ``dropped_at``, provided it still holds exactly the rows archived
+   (:func:`~options.store.partitions.drop_day_partition`); the day's coverage rows stay.
+
+Killed at any moment, nothing is lost: a partition is dropped only after its day was verified
+and recorded. A rerun takes each day where it stands: recorded and dropped, it is skipped;
+recorded but not dropped, PostgreSQL's count and checksum are compared with the record and the
+file checked present, then the partition is dropped; not recorded but with its file in place
+(killed between writing and recording), the file is read back and recorded if it matches, not
+written again; a half-written or stale file is written again. A day whose rows changed after it
+was recorded (a late ``--resume`` of one of its slots) is archived again.
+
+Only whole past days are archived: a day is over once it is over both in UTC (its partition)
+and in New York (the market's day). An empty partition (a weekend's, made ahead) is dropped
+without a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from options.errors import ArchiveError
+from options.store.archive_files import (
+    ARCHIVE_SCHEMA,
+    KEY_DIGEST_SQL,
+    ArchiveLocation,
+    DayFileWriter,
+    Digest,
+    checksum_text,
+    file_size,
+    publish,
+    read_digest,
+    remove_file,
+    written_path,
+)
+from options.store.db import bounded_db_connection, epoch_microsecond_timestamps
+from options.store.partitions import (
+    RETENTION_LOCK_KEY,
+    RETENTION_LOCK_TIMEOUT,
+    DropOutcome,
+    PartitionState,
+    drop_day_partition,
+    partition_name,
+    partition_states,
+    reattach_partition,
+)
+
+logger = logging.getLogger(__name__)
+
+NEW_YORK: Final = ZoneInfo("America/New_York")
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+FETCH_ROWS = 5_000  # rows per cursor fetch: ~10 MB of Python objects at a time
+# The day's sort and its checksum scan the whole partition: minutes for the whole market
+ARCHIVE_STATEMENT_TIMEOUT = 3600.0
+
+_EXPORT_SQL = f"""
+    SELECT {", ".join(f"{n}::float8" if n == "strike_price" else n for n in ARCHIVE_SCHEMA.names)}
+    FROM snapshot_reads
+    WHERE captured_at >= $1 AND captured_at < $2
+    -- byte order: the same on every server, whatever its collation
+    ORDER BY underlying_ticker COLLATE "C", ticker COLLATE "C", captured_at
+"""
+
+# What happened to a day (DayReport.action)
+ARCHIVED = "archived"
+RECORDED = "recorded"  # its file, left by an interrupted run, verified and recorded
+ARCHIVED_BEFORE = "archived before"
+EMPTY = "empty"
+WOULD_ARCHIVE = "would archive"
+FAILED = "failed"
+LEFT = "left"  # partition of an archived and dropped day made again: left in PostgreSQL
+
+
+@dataclass(frozen=True)
+class DayReport:
+    """What one day's archiving did.
+
+    Attributes:
+        action: :data:`ARCHIVED`, :data:`RECORDED`, :data:`ARCHIVED_BEFORE`, :data:`EMPTY`,
+            :data:`WOULD_ARCHIVE`, :data:`FAILED` or :data:`LEFT`.
+        rows: the day's snapshots.
+        parquet_bytes: the size of its file (``None``: none written or known).
+        postgres_bytes: the size of its partition with its indexes, before any drop.
+        postgres: ``dropped``, ``kept`` (asked to), ``would drop``, ``busy`` (in use: a later run
+            drops it), ``changed`` (rows were written to it meanwhile: archived again next
+            run), or ``-``.
+        note: a failure's message.
+    """
+
+    day: dt.date
+    action: str
+    rows: int
+    parquet_bytes: int | None = None
+    postgres_bytes: int | None = None
+    postgres: str = "-"
+    note: str = ""
+
+    @property
+    def bytes_per_snapshot(self) -> float | None:
+        """Parquet bytes per snapshot row."""
+        if self.parquet_bytes is None or not self.rows:
+            return None
+        return self.parquet_bytes / self.rows
+
+
+@dataclass(frozen=True)
+class ArchiveRun:
+    """What one call of :func:`archive_days` did, day by day.
+
+    Attributes:
+        busy: another session held the retention lock: nothing was done.
+        interrupted: ``stop`` was set: the days after the last one reported were left.
+        failed: a day could not be archived (its report says why); the later ones were left.
+    """
+
+    days: tuple[DayReport, ...]
+    busy: bool = False
+    interrupted: bool = False
+
+    @property
+    def failed(self) -> DayReport | None:
+        """The day that failed, if one did."""
+        return next((day for day in self.days if day.action == FAILED), None)
+
+
+@dataclass(frozen=True)
+class ArchivedDay:
+    """One row of ``archived_days``."""
+
+    day: dt.date
+    url: str
+    rows: int
+    bytes: int
+    checksum: str
+    archived_at: dt.datetime
+    dropped_at: dt.datetime | None
+
+
+class _Stopped(Exception):
+    """``stop`` was set while a day was being written."""
+
+
+def first_kept_day(now: dt.datetime, days: int) -> dt.date:
+    """The oldest UTC day that keeping ``days`` days at ``now`` keeps: days before it are
+    archived (the same cut as retention's)."""
+    return now.astimezone(dt.UTC).date() - dt.timedelta(days=days)
+
+
+def last_archivable_day(now: dt.datetime) -> dt.date:
+    """The last day that may be archived at ``now`` (or at the clock, if earlier): the day
+    before today, today being the earlier of the UTC day and New York's day."""
+    moment = min(now, dt.datetime.now(dt.UTC))
+    today = min(moment.astimezone(dt.UTC).date(), moment.astimezone(NEW_YORK).date())
+    return today - dt.timedelta(days=1)
+
+
+@bounded_db_connection
+async def archive_days(
+    conn: asyncpg.Connection,
+    location: ArchiveLocation,
+    *,
+    before: dt.date,
+    now: dt.datetime,
+    keep_in_postgres: bool = False,
+    dry_run: bool = False,
+    stop: asyncio.Event | None = None,
+    lock_timeout: float = RETENTION_LOCK_TIMEOUT,
+) -> ArchiveRun:
+    """Archive every day before ``before`` (and before today) still in PostgreSQL, oldest
+    first, and drop each one's partition once its file is verified and recorded.
+
+    Args:
+        location: where the files go.
+        before: the first day not archived.
+        now: the moment "today" is taken from (never later than the clock).
+        keep_in_postgres: write, verify and record, but drop nothing.
+        dry_run: report what would be done; write and drop nothing.
+        stop: when set, the day being written is given up (a rerun writes it again) and the
+            rest left.
+        lock_timeout: how long a detach or drop waits for sessions using the table.
+
+    Returns:
+        A report per day acted on; a day that failed ends the run (its report says why).
+
+    Raises:
+        DatabaseError: PostgreSQL failed.
+    """
+    if dry_run:
+        return ArchiveRun(
+            tuple(
+                [
+                    await _preview_day(conn, day, state, record)
+                    for day, state, record in await _days_to_archive(conn, before, now)
+                ]
+            )
+        )
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK_KEY):
+        logger.info("Archive: another session is archiving or dropping old partitions; skipped")
+        return ArchiveRun((), busy=True)
+    reports: list[DayReport] = []
+    try:
+        for day, state, record in await _days_to_archive(conn, before, now):
+            if stop is not None and stop.is_set():
+                return ArchiveRun(tuple(reports), interrupted=True)
+            try:
+                reports.append(
+                    await _archive_day(
+                        conn, location, day, state, record, keep_in_postgres, stop, lock_timeout
+                    )
+                )
+            except _Stopped:
+                logger.info("Archive: stopped while writing %s; a later run writes it again", day)
+                return ArchiveRun(tuple(reports), interrupted=True)
+            except ArchiveError as exc:
+                logger.error("Archive: %s stays in PostgreSQL: %s", day, exc)
+                reports.append(DayReport(day, FAILED, 0, note=str(exc).splitlines()[0]))
+                break
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK_KEY)
+    return ArchiveRun(tuple(reports))
+
+
+@bounded_db_connection
+async def list_archived_days(
+    conn: asyncpg.Connection, *, dropped_only: bool = False
+) -> list[ArchivedDay]:
+    """The rows of ``archived_days``, oldest first; ``dropped_only``: only the days whose
+    partition is gone, which readers must read from the archive."""
+    rows = await conn.fetch(
+        "SELECT day, url, rows, bytes, checksum, archived_at, dropped_at FROM archived_days "
+        "WHERE dropped_at IS NOT NULL OR NOT $1 ORDER BY day",
+        dropped_only,
+    )
+    return [ArchivedDay(**dict(row)) for row in rows]
+
+
+@bounded_db_connection
+async def unarchived_days(
+    conn: asyncpg.Connection, *, before: dt.date, now: dt.datetime
+) -> list[dt.date]:
+    """The days before ``before`` (and over at ``now``) with a partition in PostgreSQL and no
+    record in ``archived_days``, oldest first."""
+    return [
+        day
+        for day, state, record in await _days_to_archive(conn, before, now)
+        if record is None and state is not PartitionState.ABSENT
+    ]
+
+
+async def _days_to_archive(
+    conn: asyncpg.Connection, before: dt.date, now: dt.datetime
+) -> list[tuple[dt.date, PartitionState, asyncpg.Record | None]]:
+    """The days with a table of ours or a record not dropped, before ``before`` and over."""
+    last = min(before - dt.timedelta(days=1), last_archivable_day(now))
+    states = await partition_states(conn)
+    records = {
+        row["day"]: row
+        for row in await conn.fetch("SELECT * FROM archived_days WHERE day <= $1", last)
+    }
+    pending = {day for day, row in records.items() if row["dropped_at"] is None}
+    days = sorted(day for day in set(states) | pending if day <= last)
+    return [(day, states.get(day, PartitionState.ABSENT), records.get(day)) for day in days]
+
+
+async def _preview_day(
+    conn: asyncpg.Connection,
+    day: dt.date,
+    state: PartitionState,
+    record: asyncpg.Record | None,
+) -> DayReport:
+    """What archiving ``day`` would do, from its partition's size and rows."""
+    if state is PartitionState.ABSENT:
+        return DayReport(day, ARCHIVED_BEFORE, record["rows"] if record else 0, postgres="dropped")
+    name = partition_name(day)
+    size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", name)
+    rows = await conn.fetchval(f"SELECT count(*) FROM {name}", timeout=ARCHIVE_STATEMENT_TIMEOUT)
+    if record is not None and record["dropped_at"] is not None:
+        return DayReport(day, LEFT, rows, postgres_bytes=size, postgres="kept")
+    if record is not None:
+        return DayReport(day, ARCHIVED_BEFORE, rows, record["bytes"], size, postgres="would drop")
+    return DayReport(day, WOULD_ARCHIVE if rows else EMPTY, rows, None, size, "would drop")
+
+
+async def _archive_day(
+    conn: asyncpg.Connection,
+    location: ArchiveLocation,
+    day: dt.date,
+    state: PartitionState,
+    record: asyncpg.Record | None,
+    keep_in_postgres: bool,
+    stop: asyncio.Event | None,
+    lock_timeout: float,
+) -> DayReport:
+    """Take one day from where it stands to archived and dropped (or kept, if asked)."""
+    name = partition_name(day)
+    if record is not None and record["dropped_at"] is not None:
+        logger.warning(
+            "Archive: %s was archived and dropped on %s, yet table %s exists again (a slot of "
+            "that day resumed since?): it is left in PostgreSQL",
+            day,
+            record["dropped_at"].date(),
+            name,
+        )
+        return DayReport(day, LEFT, 0, postgres="kept")
+    if state is PartitionState.ABSENT:
+        # recorded, and the partition dropped by other means since: the record says so now
+        assert record is not None
+        await conn.execute("UPDATE archived_days SET dropped_at = now() WHERE day = $1", day)
+        return DayReport(day, ARCHIVED_BEFORE, record["rows"], record["bytes"], None, "dropped")
+    size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", name)
+    if record is None and state is not PartitionState.ATTACHED:
+        # a retention's leftover, detached before archives existed: readers see it again first
+        try:
+            await reattach_partition(conn, day, lock_timeout=lock_timeout)
+        except asyncpg.LockNotAvailableError:
+            logger.warning("Archive: cannot attach %s again now; a later run will", name)
+            return DayReport(day, FAILED, 0, postgres_bytes=size, note=f"{name} is in use")
+        state = PartitionState.ATTACHED
+    if state is PartitionState.ATTACHED:
+        action, digest, parquet_bytes = await _archived_file(conn, location, day, record, stop)
+    else:
+        # recorded, and detached before being dropped: the drop was interrupted
+        assert record is not None
+        action = ARCHIVED_BEFORE
+        digest, parquet_bytes = Digest(record["rows"], record["checksum"]), record["bytes"]
+    report = DayReport(day, action, digest.rows, parquet_bytes, size)
+    if keep_in_postgres:
+        return dataclasses.replace(report, postgres="kept")
+    outcome = await drop_day_partition(
+        conn,
+        day,
+        expected_rows=digest.rows,
+        also=_marking_dropped(day) if digest.rows else None,
+        lock_timeout=lock_timeout,
+    )
+    if outcome is DropOutcome.CHANGED:
+        # the record no longer describes the partition: the next run archives the day again
+        await conn.execute("DELETE FROM archived_days WHERE day = $1 AND dropped_at IS NULL", day)
+    return dataclasses.replace(report, postgres=outcome.value)
+
+
+async def _archived_file(
+    conn: asyncpg.Connection,
+    location: ArchiveLocation,
+    day: dt.date,
+    record: asyncpg.Record | None,
+    stop: asyncio.Event | None,
+) -> tuple[str, Digest, int | None]:
+    """Make sure ``day``'s file is in place, verified and recorded: (action, digest, bytes)."""
+    if record is not None:
+        expected = await _sql_digest(conn, day)
+        size = await asyncio.to_thread(file_size, location, location.day_file(day))
+        in_place = record["url"] == location.day_url(day) and size == record["bytes"]
+        if in_place and expected == Digest(record["rows"], record["checksum"]):
+            return ARCHIVED_BEFORE, expected, record["bytes"]
+        logger.warning(
+            "Archive: %s changed since it was archived (or its file did): archiving it again", day
+        )
+    else:
+        try:
+            found = await asyncio.to_thread(read_digest, location, location.day_file(day))
+        except ArchiveError as exc:
+            logger.warning("Archive: %s; writing it again", exc)
+            found = None
+        if found is not None:
+            expected = await _sql_digest(conn, day)
+            if found[0] == expected:
+                logger.info("Archive: %s's file was written by an interrupted run; verified", day)
+                await _record(conn, location, day, expected, found[1])
+                return RECORDED, expected, found[1]
+    expected, written = await _write_day(conn, location, day, stop)
+    if not expected.rows:
+        return EMPTY, expected, None
+    await _record(conn, location, day, expected, written)
+    logger.info(
+        "Archived %s: %d rows, %d bytes (%.1f B per snapshot) to %s",
+        day,
+        expected.rows,
+        written,
+        written / expected.rows,
+        location.day_url(day),
+    )
+    return ARCHIVED, expected, written
+
+
+async def _write_day(
+    conn: asyncpg.Connection, location: ArchiveLocation, day: dt.date, stop: asyncio.Event | None
+) -> tuple[Digest, int]:
+    """Write ``day``'s rows, read the file back and move it into place: PostgreSQL's digest
+    and the file's size (0 and no file for an empty day).
+
+    Raises:
+        ArchiveError: the file cannot be written, or does not read back as PostgreSQL's rows.
+        _Stopped: ``stop`` was set; the file was given up.
+    """
+    start, end = _bounds(day)
+    path = written_path(location, day)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        # the cursor's transaction sits idle while a row group is written
+        for setting in ("statement_timeout", "idle_in_transaction_session_timeout"):
+            await conn.execute(
+                "SELECT set_config($1, $2, true)", setting, f"{ARCHIVE_STATEMENT_TIMEOUT:.0f}s"
+            )
+        expected = await _sql_digest(conn, day)
+        if not expected.rows:
+            return expected, 0
+        writer = await asyncio.to_thread(DayFileWriter, location, path)
+        try:
+            async with epoch_microsecond_timestamps(conn):
+                # the codec makes timestamps ints, arguments too
+                cursor = await conn.cursor(_EXPORT_SQL, _micros(start), _micros(end))
+                while records := await cursor.fetch(FETCH_ROWS, timeout=ARCHIVE_STATEMENT_TIMEOUT):
+                    if stop is not None and stop.is_set():
+                        raise _Stopped
+                    await asyncio.to_thread(writer.add, records)
+            await asyncio.to_thread(writer.close)
+        except BaseException:
+            writer.abandon()
+            raise
+    found = await asyncio.to_thread(read_digest, location, path)
+    if found is None or found[0] != expected:
+        await asyncio.to_thread(remove_file, location, path)
+        seen = f"{found[0].rows} rows, checksum {found[0].checksum}" if found else "no file"
+        raise ArchiveError(
+            f"{day}: the file read back ({seen}) is not what PostgreSQL holds ({expected.rows} "
+            f"rows, checksum {expected.checksum})",
+            url=location.url,
+            day=day,
+        )
+    await asyncio.to_thread(publish, location, path, day)
+    return expected, found[1]
+
+
+async def _sql_digest(conn: asyncpg.Connection, day: dt.date) -> Digest:
+    """PostgreSQL's row count and key checksum of ``day``, through ``snapshot_reads``."""
+    row = await conn.fetchrow(KEY_DIGEST_SQL, *_bounds(day), timeout=ARCHIVE_STATEMENT_TIMEOUT)
+    return Digest(row["rows"], checksum_text(int(row["total"])))
+
+
+async def _record(
+    conn: asyncpg.Connection, location: ArchiveLocation, day: dt.date, digest: Digest, size: int
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO archived_days (day, url, rows, bytes, checksum, archived_at)
+        VALUES ($1, $2, $3, $4, $5, now())
+        ON CONFLICT (day) DO UPDATE SET url = excluded.url, rows = excluded.rows,
+            bytes = excluded.bytes, checksum = excluded.checksum,
+            archived_at = excluded.archived_at, dropped_at = NULL
+        """,
+        day,
+        location.day_url(day),
+        digest.rows,
+        size,
+        digest.checksum,
+    )
+
+
+def _marking_dropped(day: dt.date) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+    """What the drop's transaction records: the day's ``dropped_at``."""
+
+    async def mark(conn: asyncpg.Connection) -> None:
+        await conn.execute("UPDATE archived_days SET dropped_at = now() WHERE day = $1", day)
+
+    return mark
+
+
+def _micros(moment: dt.datetime) -> int:
+    return (moment - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def _bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
+    start = dt.datetime.combine(day, dt.time(), dt.UTC)
+    return start, start + dt.timedelta(days=1)

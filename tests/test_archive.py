@@ -1,0 +1,585 @@
+"""The archive tier: old days written to Parquet, verified, recorded, then dropped from
+PostgreSQL; reruns, interruptions, an S3-compatible server, and retention that deletes nothing
+unless asked."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from options.config import S3Access, Secret, Settings
+from options.errors import DatabaseError, ExitCode
+from options.jobs.wiring import run_options_job, run_snapshots_job
+from options.simulator import RunningSimulator
+from options.store.archive import (
+    ARCHIVED,
+    ARCHIVED_BEFORE,
+    EMPTY,
+    RECORDED,
+    WOULD_ARCHIVE,
+    archive_days,
+    first_kept_day,
+    last_archivable_day,
+    list_archived_days,
+)
+from options.store.archive_files import (
+    ARCHIVE_SCHEMA,
+    KEY_DIGEST_SQL,
+    TEMPORARY_FILE,
+    ArchiveLocation,
+    KeyChecksum,
+    archive_location,
+    checksum_text,
+    open_archive,
+)
+from options.store.partitions import (
+    RETENTION_LOCK_KEY,
+    PartitionState,
+    ensure_partitions,
+    partition_name,
+    partition_states,
+)
+
+BIN = Path(sys.executable).parent
+UNDERLYINGS = ("AAA", "BBB")
+CONTRACTS = 120
+WEEK = tuple(dt.date(2026, 11, 16) + dt.timedelta(days=n) for n in range(5))  # Mon to Fri
+SLOT_TIMES = (dt.time(15, 0), dt.time(19, 30))  # UTC: 10:00 and 14:30 in New York
+AFTER_WEEK = dt.date(2026, 11, 23)
+S3_KEY, S3_SECRET = "test-key-id", "test-secret-key"
+
+
+@dataclass(frozen=True)
+class History:
+    """A week of snapshots taken by the real jobs, each slot moved to its day."""
+
+    settings: Settings
+    slots: tuple[dt.datetime, ...]
+    rows_per_day: int
+
+
+async def take_history(
+    pool: asyncpg.Pool,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+) -> History:
+    """Sync the contracts, then take one snapshot per slot of :data:`WEEK` with the real job.
+
+    The job stamps a slot with the database's clock, so each slot is then moved to its time in
+    the past: its rows (into that day's partition), its coverage rows and its run.
+    """
+    slots = tuple(dt.datetime.combine(day, at, dt.UTC) for day in WEEK for at in SLOT_TIMES)
+    for day in WEEK:
+        await ensure_partitions(pool, day, days_ahead=0)
+    async with simulator(underlyings=UNDERLYINGS, contracts_per_underlying=CONTRACTS) as api:
+        settings = make_settings(api.base_url, UNDERLYINGS)
+        assert await run_options_job(settings) == ExitCode.OK
+        for slot in slots:
+            assert await run_snapshots_job(settings, force=True, now=slot) == ExitCode.OK
+            taken = await pool.fetchval(
+                "SELECT captured_at FROM ingest_runs WHERE job = 'snapshots' "
+                "ORDER BY id DESC LIMIT 1"
+            )
+            async with pool.acquire() as conn, conn.transaction():
+                for table in ("option_snapshots", "snapshot_coverage", "ingest_runs"):
+                    await conn.execute(
+                        f"UPDATE {table} SET captured_at = $1 WHERE captured_at = $2", slot, taken
+                    )
+    return History(settings, slots, len(UNDERLYINGS) * CONTRACTS * len(SLOT_TIMES))
+
+
+async def rows_of_day(pool: asyncpg.Pool, day: dt.date) -> list[dict[str, Any]]:
+    """The day's rows as PostgreSQL gives them through ``snapshot_reads``, in file order."""
+    start = dt.datetime.combine(day, dt.time(), dt.UTC)
+    rows = await pool.fetch(
+        "SELECT * FROM snapshot_reads WHERE captured_at >= $1 AND captured_at < $2 "
+        'ORDER BY underlying_ticker COLLATE "C", ticker COLLATE "C", captured_at',
+        start,
+        start + dt.timedelta(days=1),
+    )
+    return [
+        {
+            **dict(row),
+            "strike_price": None if row["strike_price"] is None else float(row["strike_price"]),
+        }
+        for row in rows
+    ]
+
+
+def rows_of_file(location: ArchiveLocation, day: dt.date) -> list[dict[str, Any]]:
+    """The day's file, row by row."""
+    with location.filesystem.open_input_file(location.day_file(day)) as source:
+        table = pq.read_table(source)
+    assert table.schema.equals(ARCHIVE_SCHEMA)
+    return table.to_pylist()
+
+
+async def our_days(pool: asyncpg.Pool) -> dict[dt.date, PartitionState]:
+    async with pool.acquire() as conn:
+        return await partition_states(conn)
+
+
+def truncate(location: ArchiveLocation, day: dt.date) -> None:
+    """Leave what a killed run may: half of the day's file in its place, and the start of a
+    temporary file."""
+    whole = Path(location.day_file(day)).read_bytes()
+    Path(location.day_file(day)).write_bytes(whole[: len(whole) // 2])
+    Path(location.day_dir(day), TEMPORARY_FILE).write_bytes(whole[:100])
+
+
+def ingest_admin(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``ingest_admin`` with only ``env`` (and PATH), in ``cwd``."""
+    return subprocess.run(
+        [str(BIN / "ingest_admin"), *args],
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3-compatible server (moto), for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_settings(s3_endpoint: str) -> Settings:
+    """Settings naming a fresh bucket on the local S3 server, with dummy keys."""
+    bucket = f"archive-{uuid.uuid4().hex[:12]}"
+    fs = pafs.S3FileSystem(
+        access_key=S3_KEY,
+        secret_key=S3_SECRET,
+        endpoint_override=s3_endpoint.removeprefix("http://"),
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    fs.create_dir(bucket)
+    return Settings(
+        archive_url=f"s3://{bucket}/history",
+        s3=S3Access(
+            access_key_id=Secret(S3_KEY),
+            secret_access_key=Secret(S3_SECRET),
+            endpoint_url=s3_endpoint,
+        ),
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> ArchiveLocation:
+    """The archive: a local directory, or a bucket on the local S3 server."""
+    if request.param == "local":
+        return open_archive(str(tmp_path / "archive"))
+    found = archive_location(request.getfixturevalue("s3_settings"))
+    assert found is not None
+    return found
+
+
+@pytest.fixture
+async def history(pool, simulator, make_settings) -> History:
+    return await take_history(pool, simulator, make_settings)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+async def test_a_week_is_archived_verified_and_dropped(pool, history, location) -> None:
+    """Every day of the week goes to Parquet with exactly PostgreSQL's rows (every column),
+    is recorded, and its partition is dropped; coverage stays; a rerun changes nothing."""
+    before = {day: await rows_of_day(pool, day) for day in WEEK}
+    assert all(len(rows) == history.rows_per_day for rows in before.values())
+
+    run = await archive_days(pool, location, before=AFTER_WEEK, now=now())
+
+    archived = [d for d in run.days if d.rows]
+    assert [(d.day, d.action, d.postgres) for d in archived] == [
+        (day, ARCHIVED, "dropped") for day in WEEK
+    ]
+    assert all(d.rows == history.rows_per_day and d.parquet_bytes for d in archived)
+    assert not set(WEEK) & set(await our_days(pool))
+    for day in WEEK:
+        assert rows_of_file(location, day) == before[day]
+    records = await list_archived_days(pool, dropped_only=True)
+    assert [(r.day, r.rows, r.url) for r in records] == [
+        (day, history.rows_per_day, location.day_url(day)) for day in WEEK
+    ]
+    assert await pool.fetchval("SELECT count(*) FROM snapshot_coverage") == len(
+        history.slots
+    ) * len(UNDERLYINGS)
+    sizes = {day: location.filesystem.get_file_info(location.day_file(day)).mtime for day in WEEK}
+
+    again = await archive_days(pool, location, before=AFTER_WEEK, now=now())
+
+    assert [d for d in again.days if d.rows] == []
+    assert await list_archived_days(pool) == records
+    assert {
+        day: location.filesystem.get_file_info(location.day_file(day)).mtime for day in WEEK
+    } == sizes
+
+
+async def test_a_kill_after_writing_is_finished_by_a_rerun(pool, history, location) -> None:
+    """A run that dies after writing a day's file but before recording it drops nothing; the
+    rerun reads that file back, records it without writing it again, and drops the day."""
+    await pool.execute(
+        """
+        CREATE FUNCTION refuse_records() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'killed before recording'; END $$;
+        CREATE TRIGGER refuse_records BEFORE INSERT ON archived_days
+        FOR EACH ROW EXECUTE FUNCTION refuse_records();
+        """
+    )
+    first = WEEK[0]
+    expected = await rows_of_day(pool, first)
+    with pytest.raises(DatabaseError, match="killed before recording"):
+        await archive_days(pool, location, before=AFTER_WEEK, now=now())
+    assert set(WEEK) <= set(await our_days(pool))
+    assert await pool.fetchval("SELECT count(*) FROM archived_days") == 0
+    written = location.filesystem.get_file_info(location.day_file(first))
+    assert written.type == pafs.FileType.File
+    await pool.execute("DROP TRIGGER refuse_records ON archived_days")
+
+    run = await archive_days(pool, location, before=AFTER_WEEK, now=now())
+
+    actions = {d.day: (d.action, d.postgres) for d in run.days if d.rows}
+    assert actions == {
+        first: (RECORDED, "dropped"),
+        **{day: (ARCHIVED, "dropped") for day in WEEK[1:]},
+    }
+    assert location.filesystem.get_file_info(location.day_file(first)).mtime == written.mtime
+    assert rows_of_file(location, first) == expected
+    assert not set(WEEK) & set(await our_days(pool))
+
+
+async def test_a_half_written_file_is_written_again(pool, history, tmp_path) -> None:
+    """A truncated file in a day's place and a temporary file left by a killed run are not
+    taken for the day: it is written again, verified, and only then dropped."""
+    location = open_archive(str(tmp_path / "archive"))
+    day = WEEK[2]
+    expected = await rows_of_day(pool, day)
+    await archive_days(pool, location, before=AFTER_WEEK, now=now(), keep_in_postgres=True)
+    await pool.execute("DELETE FROM archived_days")
+    truncate(location, day)
+
+    run = await archive_days(pool, location, before=AFTER_WEEK, now=now())
+
+    report = next(d for d in run.days if d.day == day)
+    assert (report.action, report.postgres) == (ARCHIVED, "dropped")
+    assert rows_of_file(location, day) == expected
+    assert (
+        location.filesystem.get_file_info(f"{location.day_dir(day)}/{TEMPORARY_FILE}").type
+        == pafs.FileType.NotFound
+    )
+    assert partition_name(day) not in {partition_name(d) for d in await our_days(pool)}
+
+
+async def test_a_day_kept_in_postgres_is_dropped_later_and_archived_again_if_changed(
+    pool, history, tmp_path
+) -> None:
+    """--keep-in-postgres records the days and drops none; a later run drops them without
+    writing again, except a day whose rows changed since, which is archived again first."""
+    location = open_archive(str(tmp_path / "archive"))
+    kept = await archive_days(pool, location, before=AFTER_WEEK, now=now(), keep_in_postgres=True)
+    assert {d.postgres for d in kept.days if d.rows} == {"kept"}
+    assert set(WEEK) <= set(await our_days(pool))
+    changed = WEEK[1]
+    late = dt.datetime.combine(changed, dt.time(20, 0), dt.UTC)
+    await pool.execute(
+        "INSERT INTO option_snapshots (ticker, underlying_ticker, captured_at, bid) "
+        "SELECT ticker, underlying_ticker, $1, bid FROM option_snapshots "
+        "WHERE captured_at = $2 LIMIT 5",
+        late,
+        history.slots[2],
+    )
+    expected = await rows_of_day(pool, changed)
+
+    run = await archive_days(pool, location, before=AFTER_WEEK, now=now())
+
+    actions = {d.day: (d.action, d.postgres, d.rows) for d in run.days if d.rows}
+    rows = history.rows_per_day
+    assert actions == {
+        **{day: (ARCHIVED_BEFORE, "dropped", rows) for day in WEEK if day != changed},
+        changed: (ARCHIVED, "dropped", rows + 5),
+    }
+    assert rows_of_file(location, changed) == expected
+    record = next(r for r in await list_archived_days(pool) if r.day == changed)
+    assert record.rows == rows + 5
+
+
+async def test_dry_run_writes_and_drops_nothing(pool, history, tmp_path) -> None:
+    """--dry-run lists the days with their rows and PostgreSQL size, and changes nothing."""
+    location = open_archive(str(tmp_path / "archive"))
+    run = await archive_days(pool, location, before=AFTER_WEEK, now=now(), dry_run=True)
+    assert [(d.day, d.action, d.rows) for d in run.days if d.rows] == [
+        (day, WOULD_ARCHIVE, history.rows_per_day) for day in WEEK
+    ]
+    assert all(d.postgres_bytes for d in run.days)
+    assert not (tmp_path / "archive").exists()
+    assert set(WEEK) <= set(await our_days(pool))
+
+
+async def test_today_and_later_days_are_never_archived(pool, simulator, make_settings, tmp_path):
+    """Asked to archive everything, the archive leaves today's partition (with a snapshot
+    taken now) and those made ahead; the empty past day is dropped without a file."""
+    location = open_archive(str(tmp_path / "archive"))
+    yesterday_utc = last_archivable_day(now())
+    await ensure_partitions(pool, yesterday_utc, days_ahead=0)  # empty
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=20) as api:
+        settings = make_settings(api.base_url, ("AAA",))
+        assert await run_snapshots_job(settings, force=True) == ExitCode.OK
+    run = await archive_days(pool, location, before=dt.date(2100, 1, 1), now=now())
+    assert [(d.day, d.action, d.postgres) for d in run.days] == [(yesterday_utc, EMPTY, "dropped")]
+    left = await our_days(pool)
+    assert min(left) > yesterday_utc
+    assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == 20
+    assert await pool.fetchval("SELECT count(*) FROM archived_days") == 0
+
+
+async def test_a_stopped_archive_leaves_the_rest(pool, history, tmp_path) -> None:
+    """With its stop already set (a signal, the job's deadline), the archive touches no day
+    and says it was interrupted; the next run does them all."""
+    location = open_archive(str(tmp_path / "archive"))
+    stop = asyncio.Event()
+    stop.set()
+    run = await archive_days(pool, location, before=AFTER_WEEK, now=now(), stop=stop)
+    assert run.interrupted and not run.days
+    assert set(WEEK) <= set(await our_days(pool))
+    done = await archive_days(pool, location, before=AFTER_WEEK, now=now())
+    assert [d.day for d in done.days if d.action == ARCHIVED] == list(WEEK)
+
+
+async def test_one_archive_at_a_time(pool, history, tmp_path, database_url) -> None:
+    """While another session holds the retention lock, the archive does nothing and says so."""
+    location = open_archive(str(tmp_path / "archive"))
+    other = await asyncpg.connect(database_url)
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", RETENTION_LOCK_KEY)
+        run = await archive_days(pool, location, before=AFTER_WEEK, now=now())
+    finally:
+        await other.close()
+    assert run.busy and not run.days
+    assert set(WEEK) <= set(await our_days(pool))
+
+
+async def test_duckdb_reads_the_local_dataset(pool, history, tmp_path) -> None:
+    """DuckDB reads the archive as it is: one dataset, the day as a hive partition."""
+    import duckdb
+
+    location = open_archive(str(tmp_path / "archive"))
+    await archive_days(pool, location, before=AFTER_WEEK, now=now())
+    counted = (
+        duckdb.connect()
+        .execute(
+            "SELECT date, count(*), count(DISTINCT captured_at) FROM read_parquet(?, "
+            "hive_partitioning = true) GROUP BY date ORDER BY date",
+            [f"{location.dataset_url}/*/*.parquet"],
+        )
+        .fetchall()
+    )
+    assert counted == [(day, history.rows_per_day, len(SLOT_TIMES)) for day in WEEK]
+    assert location.dataset().count_rows() == history.rows_per_day * len(WEEK)
+
+
+async def test_the_checksum_is_the_same_in_sql_and_from_arrow(pool) -> None:
+    """The key checksum of rows in PostgreSQL equals the one computed from Arrow arrays, in
+    any order and batching, and changes when one key does."""
+    day = dt.date(2026, 11, 16)
+    await ensure_partitions(pool, day, days_ahead=0)
+    moments = [dt.datetime(2026, 11, 16, h, 30, 0, 123_456, tzinfo=dt.UTC) for h in (14, 15)]
+    keys = [(f"O:AAA261218C{n:08d}", at) for n in range(0, 300_000, 7_000) for at in moments]
+    await pool.executemany(
+        "INSERT INTO option_snapshots (ticker, underlying_ticker, captured_at) "
+        "VALUES ($1, 'AAA', $2)",
+        keys,
+    )
+    row = await pool.fetchrow(
+        KEY_DIGEST_SQL,
+        dt.datetime(2026, 11, 16, tzinfo=dt.UTC),
+        dt.datetime(2026, 11, 17, tzinfo=dt.UTC),
+    )
+    sql = (row["rows"], checksum_text(int(row["total"])))
+
+    def checksum(pairs: list[tuple[str, dt.datetime]], batch: int) -> tuple[int, str]:
+        total = KeyChecksum()
+        for start in range(0, len(pairs), batch):
+            part = pairs[start : start + batch]
+            total.add(
+                pa.array([t for t, _ in part]),
+                pa.array([at for _, at in part], pa.timestamp("us", tz="UTC")),
+            )
+        return total.digest.rows, total.digest.checksum
+
+    assert checksum(keys, 1000) == sql
+    assert checksum(list(reversed(keys)), 7) == sql
+    altered = [*keys[:-1], (keys[-1][0], keys[-1][1] + dt.timedelta(microseconds=1))]
+    assert checksum(altered, 1000)[1] != sql[1]
+
+
+def test_the_archive_has_the_columns_readers_expect() -> None:
+    """A day file's columns are those the reads give (snapshot_read's, strike a double)."""
+    from options.store.reads import READ_SCHEMA
+
+    assert ARCHIVE_SCHEMA.equals(READ_SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("archive", "delete", "kept"),
+    [(False, False, True), (False, True, False), (True, False, False)],
+    ids=["no-archive-no-deletion-keeps", "deletion-asked-deletes", "archive-archives"],
+)
+async def test_retention_deletes_nothing_unarchived_unless_asked(
+    pool, history, simulator, make_settings, tmp_path, caplog, archive, delete, kept
+) -> None:
+    """A snapshot run with --retain-days: without ARCHIVE_URL and without
+    SNAPSHOT_DELETE_UNARCHIVED it drops nothing and warns; with the deletion asked, it drops
+    the old days; with an archive, it archives them first and then drops them."""
+    archive_url = str(tmp_path / "archive") if archive else None
+    async with simulator(underlyings=UNDERLYINGS, contracts_per_underlying=CONTRACTS) as api:
+        settings = make_settings(
+            api.base_url, UNDERLYINGS, archive_url=archive_url, delete_unarchived=delete
+        )
+        with caplog.at_level(logging.WARNING, logger="options.jobs.retention"):
+            code = await run_snapshots_job(settings, force=True, retain_days=3)
+    assert code == ExitCode.OK
+    left = set(await our_days(pool))
+    assert (set(WEEK) <= left) is kept
+    assert not (set(WEEK) & left) or kept
+    if kept:
+        assert "are kept: nothing is deleted that is not archived" in caplog.text
+    archived = {r.day for r in await list_archived_days(pool, dropped_only=True)}
+    assert archived == (set(WEEK) if archive else set())
+
+
+def test_first_kept_day_cuts_like_retention() -> None:
+    """Keeping 3 days on the 23rd keeps the 20th on: the 19th and before are archived."""
+    at = dt.datetime(2026, 11, 23, 15, tzinfo=dt.UTC)
+    assert first_kept_day(at, 3) == dt.date(2026, 11, 20)
+
+
+def test_cli_archive_needs_an_archive(database_url: str, tmp_path: Path) -> None:
+    """ingest_admin archive without ARCHIVE_URL is refused in one line (exit 2); with one, on
+    a database with no old day, it says there is nothing to archive."""
+    refused = ingest_admin("archive", "--dry-run", env={"DATABASE_URL": database_url}, cwd=tmp_path)
+    assert refused.returncode == ExitCode.USAGE
+    assert refused.stderr.startswith("error: ARCHIVE_URL is not set")
+    env = {"DATABASE_URL": database_url, "ARCHIVE_URL": str(tmp_path / "a"), "LOG_LEVEL": "ERROR"}
+    done = ingest_admin("archive", "--older-than", "3", env=env, cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (0, "nothing to archive\n")
+
+
+async def test_cli_archive_prints_a_table(pool, history, database_url, tmp_path) -> None:
+    """ingest_admin archive prints each day's rows, bytes and bytes per snapshot, and a
+    total; a second run finds nothing to do."""
+    env = {
+        "DATABASE_URL": database_url,
+        "ARCHIVE_URL": str(tmp_path / "archive"),
+        "LOG_LEVEL": "WARNING",
+    }
+    command = ("archive", "--before", AFTER_WEEK.isoformat())
+    done = await asyncio.to_thread(ingest_admin, *command, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == [
+        "day", "rows", "parquet", "bytes", "B/snapshot", "postgres", "bytes", "B/row",
+        "archive", "pg",
+    ]  # fmt: skip
+    by_day = {line.split()[0]: line.split() for line in lines[1:]}
+    for day in WEEK:
+        assert by_day[day.isoformat()][1] == f"{history.rows_per_day:,}"
+        assert by_day[day.isoformat()][-2:] == ["archived", "dropped"]
+    assert by_day["total"][1] == f"{history.rows_per_day * len(WEEK):,}"
+    again = await asyncio.to_thread(ingest_admin, *command, env=env, cwd=tmp_path)
+    assert (again.returncode, again.stdout) == (0, "nothing to archive\n")
+
+
+def options_read(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``options_read`` with only ``env`` (and PATH), in ``cwd``."""
+    return subprocess.run(
+        [str(BIN / "options_read"), *args],
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("tier", ["local", "s3"])
+async def test_a_chain_reads_the_same_before_and_after_its_week_is_archived(
+    pool, history, database_url, tmp_path, tier, request
+) -> None:
+    """`options_read chain` on a day of the week prints the same rows (every column, csv) and
+    the same table before the week is archived and dropped from PostgreSQL and after, when the
+    day is read from Parquet: on a local directory and on the S3-compatible server."""
+    env = {"DATABASE_URL": database_url, "HOME": str(tmp_path)}
+    if tier == "local":
+        env["ARCHIVE_URL"] = str(tmp_path / "archive")
+        location = open_archive(env["ARCHIVE_URL"])
+    else:
+        settings = request.getfixturevalue("s3_settings")
+        assert settings.archive_url is not None and settings.s3 is not None
+        env |= {
+            "ARCHIVE_URL": settings.archive_url,
+            "AWS_ACCESS_KEY_ID": S3_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_ENDPOINT_URL": str(settings.s3.endpoint_url),
+            "AWS_REGION": "us-east-1",
+        }
+        found = archive_location(settings)
+        assert found is not None
+        location = found
+    # Wednesday 14:45 New York: the slot of 14:30 that day
+    at = ("--at", "2026-11-18 14:45")
+    before_csv = options_read("chain", "AAA", *at, "--format", "csv", env=env, cwd=tmp_path)
+    before_table = options_read("chain", "AAA", *at, env=env, cwd=tmp_path)
+    assert before_csv.returncode == 0, before_csv.stderr
+    assert len(before_csv.stdout.split()) == CONTRACTS + 1  # the header and every contract
+
+    run = await archive_days(pool, location, before=AFTER_WEEK, now=now())
+    assert [d.day for d in run.days if d.rows] == list(WEEK)
+    assert not set(WEEK) & set(await our_days(pool))
+
+    after_csv = options_read("chain", "AAA", *at, "--format", "csv", env=env, cwd=tmp_path)
+    after_table = options_read("chain", "AAA", *at, env=env, cwd=tmp_path)
+    assert after_csv.returncode == 0, after_csv.stderr
+    assert after_csv.stdout == before_csv.stdout
+    assert after_table.stdout == before_table.stdout
+    # the line on stderr names the tier read, and only that differs
+    assert before_table.stderr.rstrip().endswith("(from postgresql)")
+    assert after_table.stderr.replace("(from archive)", "(from postgresql)") == (
+        before_table.stderr
+    )
