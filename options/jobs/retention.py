@@ -22,21 +22,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from options.config import Settings
 from options.errors import ArchiveError, ConfigError
-from options.store.archive import (
-    FAILED,
-    ArchiveRun,
-    DayReport,
-    archive_days,
-    first_kept_day,
-    unarchived_days,
-)
-from options.store.archive_files import ArchiveLocation, archive_location
 from options.store.partitions import drop_old_partitions
+
+# The archive modules load pyarrow (half a second and about 90 MB): imported where used, so a
+# snapshot run without an archive never loads it.
+if TYPE_CHECKING:
+    from options.store.archive import ArchiveRun, DayReport
+    from options.store.archive_files import ArchiveLocation
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +58,10 @@ async def retire_old_days(
     Raises:
         DatabaseError: PostgreSQL failed.
     """
+    if settings.archive_url is None and retain_days is None:
+        return
+    from options.store.archive import archive_days, first_kept_day, unarchived_days
+
     if settings.archive_url is not None:
         keep = settings.archive_after_days
         if retain_days is not None:
@@ -100,6 +102,8 @@ def require_archive(settings: Settings) -> ArchiveLocation:
         ConfigError: ``ARCHIVE_URL`` is not set.
         ArchiveError: the S3 bucket's region cannot be found.
     """
+    from options.store.archive_files import archive_location
+
     location = archive_location(settings)
     if location is None:
         raise ConfigError(
@@ -119,6 +123,8 @@ def archive_before(
 ) -> dt.date:
     """The first day ``ingest_admin archive`` keeps: ``--before DATE``, else the day
     ``--older-than DAYS`` (else ``ARCHIVE_AFTER_DAYS``) keeps from ``now``."""
+    from options.store.archive import first_kept_day
+
     if before is not None:
         return before
     return first_kept_day(now, settings.archive_after_days if older_than is None else older_than)
@@ -172,6 +178,8 @@ def format_archive_run(run: ArchiveRun) -> list[str]:
 
 
 def _row(day: DayReport) -> tuple[str, ...]:
+    from options.store.archive import FAILED
+
     return (
         day.day.isoformat(),
         f"{day.rows:,}",
@@ -193,6 +201,8 @@ def _ratio(total: int | None, rows: int) -> str:
 
 
 def _log_run(run: ArchiveRun) -> None:
+    from options.store.archive import FAILED
+
     done = [day for day in run.days if day.action != FAILED]
     if done:
         logger.info(

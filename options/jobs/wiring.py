@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import asyncpg
 from opentelemetry import trace
@@ -26,7 +27,6 @@ from options.jobs.snapshots import SnapshotRun
 from options.ops.market import market_session
 from options.ops.progress import Progress
 from options.ops.telemetry import observe_pool
-from options.store.archive import ArchiveRun, archive_days
 from options.store.db import Limits, apply_migrations, create_pool, reconnect_window
 from options.store.partitions import ensure_partitions
 from options.store.runs import STATUS_EXIT_CODES, Run, RunSummary
@@ -40,6 +40,9 @@ from options.store.underlyings import (
     set_tracked_enabled,
     sync_configured,
 )
+
+if TYPE_CHECKING:
+    from options.store.archive import ArchiveRun
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -131,6 +134,8 @@ async def archive_snapshots(
 ) -> ArchiveRun:
     """``ingest_admin archive``: archive the days before ``before`` (or older than
     ``older_than`` days, or than ``ARCHIVE_AFTER_DAYS``) and drop them from PostgreSQL."""
+    from options.store.archive import archive_days  # loads pyarrow: only for this command
+
     location = require_archive(settings)
     now = dt.datetime.now(dt.UTC)
     first_kept = archive_before(settings, before=before, older_than=older_than, now=now)
