@@ -184,7 +184,8 @@ async def bench(dsn: str, days: int, count: int) -> None:
                 "chain_at (its body)",
                 "SELECT r.* FROM snapshot_reads r WHERE r.underlying_ticker = $1 "
                 "AND r.captured_at = snapshot_slot_at($1, $2) "
-                "ORDER BY r.expiration_date, r.strike_price, r.contract_type, r.ticker",
+                'ORDER BY r.expiration_date, r.strike_price, r.contract_type COLLATE "C", '
+                'r.ticker COLLATE "C"',
                 (UNDERLYING, at),
             ),
             (
