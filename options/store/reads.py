@@ -44,7 +44,7 @@ from asyncpg.transaction import Transaction
 
 from options.config import S3Access, Settings, redact_url
 from options.errors import ArchiveError, ConfigError, DatabaseError, NotStoredError
-from options.store.archive_files import ArchiveLocation, open_archive
+from options.store.archive_files import ARCHIVE_SCHEMA, ArchiveLocation, open_archive
 from options.store.db import (
     CONNECT_TIMEOUT,
     DB_ERRORS,
@@ -60,44 +60,9 @@ logger = logging.getLogger(__name__)
 MARKET_TZ = ZoneInfo("America/New_York")
 
 _UTC_US = pa.timestamp("us", tz="UTC")
-READ_SCHEMA = pa.schema(
-    [
-        ("captured_at", _UTC_US),
-        ("underlying_ticker", pa.string()),
-        ("ticker", pa.string()),
-        ("contract_type", pa.string()),
-        ("expiration_date", pa.date32()),
-        # the API sends strikes as JSON numbers: a double gives each back as it was sent
-        ("strike_price", pa.float64()),
-        ("bid", pa.float64()),
-        ("bid_size", pa.int64()),
-        ("ask", pa.float64()),
-        ("ask_size", pa.int64()),
-        ("midpoint", pa.float64()),
-        ("quote_updated_at", _UTC_US),
-        ("last_price", pa.float64()),
-        ("last_size", pa.int64()),
-        ("last_trade_at", _UTC_US),
-        ("day_open", pa.float64()),
-        ("day_high", pa.float64()),
-        ("day_low", pa.float64()),
-        ("day_close", pa.float64()),
-        ("day_volume", pa.int64()),
-        ("day_vwap", pa.float64()),
-        ("day_change", pa.float64()),
-        ("day_change_percent", pa.float64()),
-        ("day_previous_close", pa.float64()),
-        ("implied_volatility", pa.float64()),
-        ("delta", pa.float64()),
-        ("gamma", pa.float64()),
-        ("theta", pa.float64()),
-        ("vega", pa.float64()),
-        ("open_interest", pa.int64()),
-        ("break_even_price", pa.float64()),
-        ("underlying_price", pa.float64()),
-        ("fmv", pa.float64()),
-    ]
-)
+# A read's columns are a day file's: snapshot_read's, in its order (strike_price a double, as
+# the API sends strikes as JSON numbers).
+READ_SCHEMA = ARCHIVE_SCHEMA
 """The columns of ``snapshot_read`` (migration 0005), in its order, as Arrow types."""
 READ_COLUMNS: tuple[str, ...] = tuple(READ_SCHEMA.names)
 
