@@ -21,6 +21,8 @@ one line on stderr and the exit code it carries::
     │                                         or before the time asked, no such contract, ...)
     ├── ArchiveError                  exit 1  the Parquet archive cannot be read or written, or
     │                                         a day written to it failed its verification
+    ├── CompactionError               exit 1  a day rewritten into the compact tier did not
+    │                                         read back as stored (it stays as it was)
     ├── AlreadyRunningError           exit 4  a live copy of the job holds the run lease
     └── RunInterrupted                exit 5  a signal or the deadline stopped the run
 
@@ -178,6 +180,11 @@ class ArchiveError(OptionsError):
         super().__init__(message)
         self.url = url
         self.day = day
+
+
+class CompactionError(OptionsError):
+    """A day rewritten into ``snapshot_rows`` did not read back as its ``option_snapshots``
+    rows; the rewrite was rolled back and the day stays in ``option_snapshots``."""
 
 
 class AlreadyRunningError(OptionsError):

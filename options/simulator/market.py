@@ -235,15 +235,18 @@ def snapshot_rows(
             low_c = (open_c if open_c < close_c else close_c) - price * low_f * 100.0 // 1.0
             if low_c < 1.0:
                 low_c = 1.0
+            close, previous = close_c / 100.0, prev_c / 100.0
+            # as the API computes them (its recorded responses): in binary floating point
+            change = close - previous
             day = {
-                "change": (close_c - prev_c) / 100.0,
-                "change_percent": (close_c - prev_c) * 100.0 / prev_c,
-                "close": close_c / 100.0,
+                "change": change,
+                "change_percent": change / previous * 100.0,
+                "close": close,
                 "high": high_c / 100.0,
                 "last_updated": minute_ns,
                 "low": low_c / 100.0,
                 "open": open_c / 100.0,
-                "previous_close": prev_c / 100.0,
+                "previous_close": previous,
                 "volume": volume0 + int(volume_rate * minute_of_day),
                 "vwap": (low_c + (high_c - low_c) * vwap_w) * 100.0 // 1.0 / 10000.0,
             }

@@ -44,7 +44,8 @@ from options.store.db import DB_ERRORS, bounded_db_connection
 
 logger = logging.getLogger(__name__)
 
-PARTITION_PREFIX = "option_snapshots_p"
+WIDE = "option_snapshots"  # the hot tier: the days being written
+COMPACT = "snapshot_rows"  # the compact tier: finished days (options.store.compaction)
 PARTITIONS_AHEAD = 7  # a week: a run after a long weekend or a holiday makes no partition first
 # Waiting for the parent's lock blocks no reader or writer: the run's own partition may wait long
 PARTITION_LOCK_TIMEOUT = 30.0
@@ -55,9 +56,10 @@ RETENTION_LOCK_TIMEOUT = 5.0
 RETENTION_LOCK_KEY = 0x6F7074686973_30
 
 
-def partition_name(day: dt.date) -> str:
-    """The partition of ``option_snapshots`` holding the snapshots captured on ``day`` (UTC)."""
-    return f"{PARTITION_PREFIX}{day:%Y%m%d}"
+def partition_name(day: dt.date, table: str = WIDE) -> str:
+    """The partition of ``table`` (:data:`WIDE` or :data:`COMPACT`) holding the snapshots
+    captured on ``day`` (UTC)."""
+    return f"{table}_p{day:%Y%m%d}"
 
 
 @bounded_db_connection
@@ -111,37 +113,38 @@ async def ensure_partitions(
     return partition_name(day)
 
 
-async def _attached(conn: asyncpg.Connection, names: list[str]) -> set[str]:
-    """Those of ``names`` that are partitions of ``option_snapshots`` (no lock is taken)."""
+async def _attached(conn: asyncpg.Connection, names: list[str], table: str = WIDE) -> set[str]:
+    """Those of ``names`` that are partitions of ``table`` (no lock is taken)."""
     rows = await conn.fetch(
         """
         SELECT n FROM unnest($1::text[]) AS n
         JOIN pg_inherits i ON i.inhrelid = to_regclass(n)
-        WHERE i.inhparent = 'option_snapshots'::regclass
+        WHERE i.inhparent = $2::regclass
         """,
         names,
+        table,
     )
     return {row["n"] for row in rows}
 
 
-async def _attach_partition(conn: asyncpg.Connection, day: dt.date, lock_timeout: float) -> None:
+async def _attach_partition(
+    conn: asyncpg.Connection, day: dt.date, lock_timeout: float, table: str = WIDE
+) -> None:
     """Make ``day``'s partition as a table and attach it, in one transaction, unless another
     session just did.
 
     Raises:
         asyncpg.LockNotAvailableError: a lock was not granted within ``lock_timeout`` seconds.
     """
-    name = partition_name(day)
-    start = f"'{day.isoformat()} 00:00:00+00'"
-    end = f"'{(day + dt.timedelta(days=1)).isoformat()} 00:00:00+00'"
+    name = partition_name(day, table)
     async with conn.transaction():
         await _set_lock_timeout(conn, lock_timeout)
         # the lock ATTACH takes, taken first: concurrent callers take turns here, and none
         # holds a weaker lock on the parent while waiting for this one (no upgrade deadlock)
-        await conn.execute("LOCK TABLE ONLY option_snapshots IN SHARE UPDATE EXCLUSIVE MODE")
+        await conn.execute(f"LOCK TABLE ONLY {table} IN SHARE UPDATE EXCLUSIVE MODE")
         exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name)
         if exists:
-            if await _attached(conn, [name]):
+            if await _attached(conn, [name], table):
                 return  # another session attached it while we waited
             # left unattached: attach it as it is; ATTACH checks its columns and adds any
             # index of the parent's it lacks, the primary key included
@@ -149,19 +152,28 @@ async def _attach_partition(conn: asyncpg.Connection, day: dt.date, lock_timeout
         else:
             # INCLUDING ALL copies the primary key, which ATTACH then makes a partition of the
             # parent's primary key index instead of building another
-            await conn.execute(f"CREATE TABLE {name} (LIKE option_snapshots INCLUDING ALL)")
-        # implies the partition constraint, so ATTACH skips the scan that would prove it
-        await conn.execute(
-            f"ALTER TABLE {name} ADD CONSTRAINT {name}_bounds "
-            f"CHECK (captured_at >= {start} AND captured_at < {end})"
-        )
-        await conn.execute(
-            f"ALTER TABLE option_snapshots ATTACH PARTITION {name} "
-            f"FOR VALUES FROM ({start}) TO ({end})"
-        )
-        # redundant now; dropping it locks only the new partition, which this transaction holds
-        await conn.execute(f"ALTER TABLE {name} DROP CONSTRAINT {name}_bounds")
+            await conn.execute(f"CREATE TABLE {name} (LIKE {table} INCLUDING ALL)")
+        await attach_table(conn, name, day, table)
     logger.info("Attached partition %s", name)
+
+
+async def attach_table(conn: asyncpg.Connection, name: str, day: dt.date, table: str) -> None:
+    """Attach the plain table ``name`` to ``table`` as ``day``'s partition, in the caller's
+    transaction, without the scan that would prove its rows belong to the day (a CHECK
+    constraint of the day's bounds proves it first); ATTACH adds any of the parent's indexes
+    the table lacks. It takes SHARE UPDATE EXCLUSIVE on ``table``: readers and writers go on."""
+    start = f"'{day.isoformat()} 00:00:00+00'"
+    end = f"'{(day + dt.timedelta(days=1)).isoformat()} 00:00:00+00'"
+    # implies the partition constraint, so ATTACH skips the scan that would prove it
+    await conn.execute(
+        f"ALTER TABLE {name} ADD CONSTRAINT {name}_bounds "
+        f"CHECK (captured_at >= {start} AND captured_at < {end})"
+    )
+    await conn.execute(
+        f"ALTER TABLE {table} ATTACH PARTITION {name} FOR VALUES FROM ({start}) TO ({end})"
+    )
+    # redundant now; dropping it locks only the new partition, which this transaction holds
+    await conn.execute(f"ALTER TABLE {name} DROP CONSTRAINT {name}_bounds")
 
 
 async def _set_lock_timeout(conn: asyncpg.Connection, seconds: float) -> None:
@@ -209,7 +221,9 @@ async def drop_old_partitions(
         logger.info("Retention: another session is dropping old partitions; skipped")
         return []
     try:
-        dropped = await _drop_partitions_before(conn, cutoff, lock_timeout)
+        # the compact tier first: a day's coverage rows go with the last of its tables
+        dropped = await _drop_partitions_before(conn, cutoff, lock_timeout, COMPACT)
+        dropped += await _drop_partitions_before(conn, cutoff, lock_timeout, WIDE)
     finally:
         with contextlib.suppress(*DB_ERRORS):  # the server frees it with a broken connection
             await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK_KEY)
@@ -219,23 +233,24 @@ async def drop_old_partitions(
 
 
 async def _drop_partitions_before(
-    conn: asyncpg.Connection, cutoff: dt.date, lock_timeout: float
+    conn: asyncpg.Connection, cutoff: dt.date, lock_timeout: float, table: str
 ) -> list[str]:
-    """Detach and drop our partitions (and detached leftovers) of the days before ``cutoff``."""
-    rows = await _our_tables(conn)
+    """Detach and drop our partitions of ``table`` (and detached leftovers) of the days before
+    ``cutoff``."""
+    rows = await _our_tables(conn, table)
     dropped = []
     for row in rows:
         name = row["relname"]
-        day = _partition_day(name)
+        day = _partition_day(name, table)
         if day is None or day + dt.timedelta(days=1) > cutoff:
             continue  # not one of ours, or not old enough
         try:
             if row["pending"]:
-                await _detach(conn, f"{name} FINALIZE", lock_timeout)
+                await _detach(conn, f"{name} FINALIZE", lock_timeout, table)
             elif row["attached"]:
-                await _detach(conn, f"{name} CONCURRENTLY", lock_timeout)
+                await _detach(conn, f"{name} CONCURRENTLY", lock_timeout, table)
         except asyncpg.LockNotAvailableError:
-            # DETACH waits for every transaction that uses option_snapshots: the next ones
+            # DETACH waits for every transaction that uses the table: the next ones
             # would wait as long, and a detach left pending blocks them anyway
             logger.warning(
                 "Retention: %s is in use by another session; a later run will drop it", name
@@ -267,8 +282,8 @@ async def _drop_partitions_before(
     return sorted(dropped)
 
 
-async def _our_tables(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    """The tables named like our partitions, attached to ``option_snapshots`` or to nothing:
+async def _our_tables(conn: asyncpg.Connection, table: str = WIDE) -> list[asyncpg.Record]:
+    """The tables named like our partitions of ``table``, attached to it or to nothing:
     ``relname``, ``attached``, ``pending`` (a detach left pending first: it blocks the others)."""
     return await conn.fetch(
         """
@@ -276,14 +291,14 @@ async def _our_tables(conn: asyncpg.Connection) -> list[asyncpg.Record]:
                coalesce(i.inhdetachpending, false) AS pending
         FROM pg_class c
         LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
-        WHERE c.relnamespace = (
-                SELECT relnamespace FROM pg_class WHERE oid = 'option_snapshots'::regclass)
+        WHERE c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = $2::regclass)
           AND c.relkind = 'r' AND starts_with(c.relname, $1)
-          AND (i.inhparent IS NULL OR i.inhparent = 'option_snapshots'::regclass)
+          AND (i.inhparent IS NULL OR i.inhparent = $2::regclass)
         -- a pending detach blocks every other one: finish it first
         ORDER BY pending DESC, c.relname
         """,
-        PARTITION_PREFIX,
+        f"{table}_p",
+        table,
     )
 
 
@@ -296,12 +311,14 @@ class PartitionState(enum.Enum):
     ABSENT = "absent"
 
 
-async def partition_states(conn: asyncpg.Connection) -> dict[dt.date, PartitionState]:
-    """Every day that has a table named like our partitions, with where it stands (no lock is
-    taken)."""
+async def partition_states(
+    conn: asyncpg.Connection, table: str = WIDE
+) -> dict[dt.date, PartitionState]:
+    """Every day that has a table named like our partitions of ``table``, with where it stands
+    (no lock is taken)."""
     states = {}
-    for row in await _our_tables(conn):
-        day = _partition_day(row["relname"])
+    for row in await _our_tables(conn, table):
+        day = _partition_day(row["relname"], table)
         if day is None:
             continue
         if row["pending"]:
@@ -328,6 +345,7 @@ async def drop_day_partition(
     expected_rows: int,
     also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
     lock_timeout: float = RETENTION_LOCK_TIMEOUT,
+    table: str = WIDE,
 ) -> DropOutcome:
     """Detach ``day``'s partition and drop it, if it holds exactly ``expected_rows`` rows.
 
@@ -343,15 +361,15 @@ async def drop_day_partition(
         ``CHANGED`` when the count differed (the table is attached again, or left detached if
         that could not be done now; a later call of the caller's sees it so).
     """
-    name = partition_name(day)
-    state = (await partition_states(conn)).get(day, PartitionState.ABSENT)
+    name = partition_name(day, table)
+    state = (await partition_states(conn, table)).get(day, PartitionState.ABSENT)
     if state is PartitionState.ABSENT:
         raise ValueError(f"{name} does not exist")
     try:
         if state is PartitionState.DETACH_PENDING:
-            await _detach(conn, f"{name} FINALIZE", lock_timeout)
+            await _detach(conn, f"{name} FINALIZE", lock_timeout, table)
         elif state is PartitionState.ATTACHED:
-            await _detach(conn, f"{name} CONCURRENTLY", lock_timeout)
+            await _detach(conn, f"{name} CONCURRENTLY", lock_timeout, table)
     except (asyncpg.LockNotAvailableError, asyncpg.ObjectNotInPrerequisiteStateError) as exc:
         # DETACH waits for every transaction that uses option_snapshots; a detach pending
         # elsewhere refuses this one: both pass, a later call retries
@@ -383,12 +401,16 @@ async def drop_day_partition(
         expected_rows,
     )
     with contextlib.suppress(asyncpg.LockNotAvailableError):
-        await reattach_partition(conn, day, lock_timeout=lock_timeout)
+        await reattach_partition(conn, day, lock_timeout=lock_timeout, table=table)
     return DropOutcome.CHANGED
 
 
 async def reattach_partition(
-    conn: asyncpg.Connection, day: dt.date, *, lock_timeout: float = RETENTION_LOCK_TIMEOUT
+    conn: asyncpg.Connection,
+    day: dt.date,
+    *,
+    lock_timeout: float = RETENTION_LOCK_TIMEOUT,
+    table: str = WIDE,
 ) -> None:
     """Attach ``day``'s table again as it is, finishing a detach left pending first; nothing
     when it is attached.
@@ -396,25 +418,28 @@ async def reattach_partition(
     Raises:
         asyncpg.LockNotAvailableError: a lock was not granted within ``lock_timeout`` seconds.
     """
-    name = partition_name(day)
-    state = (await partition_states(conn)).get(day, PartitionState.ABSENT)
+    name = partition_name(day, table)
+    state = (await partition_states(conn, table)).get(day, PartitionState.ABSENT)
     if state is PartitionState.DETACH_PENDING:
-        await _detach(conn, f"{name} FINALIZE", lock_timeout)
+        await _detach(conn, f"{name} FINALIZE", lock_timeout, table)
     if state in (PartitionState.DETACH_PENDING, PartitionState.DETACHED):
-        await _attach_partition(conn, day, lock_timeout)
+        await _attach_partition(conn, day, lock_timeout, table)
 
 
-async def _detach(conn: asyncpg.Connection, partition: str, lock_timeout: float) -> None:
-    """Run ``ALTER TABLE option_snapshots DETACH PARTITION <partition>`` outside a transaction
+async def _detach(
+    conn: asyncpg.Connection, partition: str, lock_timeout: float, table: str = WIDE
+) -> None:
+    """Run ``ALTER TABLE <table> DETACH PARTITION <partition>`` outside a transaction
     (CONCURRENTLY refuses to run in one), waiting at most ``lock_timeout`` seconds for a lock."""
     async with _session_lock_timeout(conn, lock_timeout):
-        await conn.execute(f"ALTER TABLE option_snapshots DETACH PARTITION {partition}")
+        await conn.execute(f"ALTER TABLE {table} DETACH PARTITION {partition}")
 
 
-def _partition_day(name: str) -> dt.date | None:
-    """The day of one of our partitions named ``name``; ``None`` for any other name."""
+def _partition_day(name: str, table: str = WIDE) -> dt.date | None:
+    """The day of one of our partitions of ``table`` named ``name``; ``None`` for any other
+    name."""
     try:
-        day = dt.datetime.strptime(name.removeprefix(PARTITION_PREFIX), "%Y%m%d").date()
+        day = dt.datetime.strptime(name.removeprefix(f"{table}_p"), "%Y%m%d").date()
     except ValueError:
         return None
-    return day if partition_name(day) == name else None
+    return day if partition_name(day, table) == name else None
