@@ -210,11 +210,11 @@ async def take_days(
 ) -> Settings:
     """Snapshots by the real jobs at :data:`SLOT_TIMES` of :data:`DAYS`, each slot moved to
     its time (the job stamps a slot with the clock)."""
-    for day in DAYS:
-        await ensure_partitions(pool, day, days_ahead=0)
     async with simulator(underlyings=UNDERLYINGS, contracts_per_underlying=150) as api:
         settings = make_settings(api.base_url, UNDERLYINGS)
         assert await run_options_job(settings) == ExitCode.OK
+        for day in DAYS:
+            await ensure_partitions(pool, day, days_ahead=0)
         for day in DAYS:
             for at in SLOT_TIMES:
                 slot = dt.datetime.combine(day, at, dt.UTC)

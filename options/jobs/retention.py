@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import asyncpg
 
 from options.config import Settings
-from options.errors import ArchiveError, ConfigError
+from options.errors import ArchiveError, CompactionError, ConfigError, DatabaseError
 from options.store.partitions import drop_old_partitions
 
 # The archive modules load pyarrow (half a second and about 90 MB): imported where used, so a
@@ -35,6 +36,7 @@ from options.store.partitions import drop_old_partitions
 if TYPE_CHECKING:
     from options.store.archive import ArchiveRun, DayReport
     from options.store.archive_files import ArchiveLocation
+    from options.store.compaction import DayCompaction
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,62 @@ async def retire_old_days(
             kept[0],
             kept[-1],
         )
+
+
+async def compact_finished_days(
+    pool: asyncpg.Pool, *, now: dt.datetime, stop: asyncio.Event | None = None
+) -> None:
+    """After a contract sync (the daily job): move the finished days from ``option_snapshots``
+    to the compact tier (:mod:`options.store.compaction`). A day that fails stays where it
+    is, with an error in the log; the run's own status is not changed by it."""
+    from options.store.compaction import compact_days
+
+    try:
+        await compact_days(pool, now=now, stop=stop)
+    except (CompactionError, DatabaseError) as exc:
+        logger.error("Compaction: %s; a later run tries again", exc)
+
+
+def format_compaction(reports: Sequence[DayCompaction] | None) -> list[str]:
+    """``ingest_admin compact``'s table: a line per day (rows, bytes per snapshot before and
+    after, rows with extra values, what was done), then the total."""
+    if reports is None:
+        return ["another session is compacting, archiving or dropping old days: nothing done"]
+    if not reports:
+        return ["nothing to compact: every finished day is in the compact tier"]
+    table: list[tuple[str, ...]] = [("day", "rows", "wide B/row", "compact B/row", "extra", "")]
+    for day in reports:
+        table.append(
+            (
+                day.day.isoformat(),
+                f"{day.rows:,}",
+                _ratio(day.wide_bytes, day.rows),
+                _ratio(day.compact_bytes, day.rows),
+                f"{day.extra_rows:,}",
+                day.action,
+            )
+        )
+    done = [day for day in reports if day.compact_bytes is not None]
+    table.append(
+        (
+            "total",
+            f"{sum(day.rows for day in reports):,}",
+            _ratio(sum(d.wide_bytes for d in reports if d.rows), sum(d.rows for d in reports)),
+            _ratio(sum(d.compact_bytes or 0 for d in done), sum(d.rows for d in done))
+            if done
+            else "-",
+            f"{sum(day.extra_rows for day in reports):,}",
+            "",
+        )
+    )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    return [
+        "  ".join(
+            cell.rjust(width) if 0 < i < 5 else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in table
+    ]
 
 
 def require_archive(settings: Settings) -> ArchiveLocation:

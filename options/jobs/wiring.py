@@ -21,7 +21,12 @@ from options.errors import ConfigError, ExitCode, OptionsError
 from options.jobs.contracts import deactivate_expired, sync_contracts
 from options.jobs.filters import market_today
 from options.jobs.preview import Preview, preview_contracts, preview_snapshots
-from options.jobs.retention import archive_before, require_archive, retire_old_days
+from options.jobs.retention import (
+    archive_before,
+    compact_finished_days,
+    require_archive,
+    retire_old_days,
+)
 from options.jobs.snapshot_plan import planned_chains
 from options.jobs.snapshots import SnapshotRun
 from options.ops.market import market_session
@@ -43,6 +48,7 @@ from options.store.underlyings import (
 
 if TYPE_CHECKING:
     from options.store.archive import ArchiveRun
+    from options.store.compaction import DayCompaction
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -151,6 +157,23 @@ async def archive_snapshots(
         )
 
 
+async def compact_snapshots(
+    settings: Settings,
+    *,
+    before: dt.date | None = None,
+    dry_run: bool = False,
+    stop: asyncio.Event | None = None,
+) -> list[DayCompaction] | None:
+    """``ingest_admin compact``: move the finished days (before ``before``) from
+    ``option_snapshots`` to the compact tier; ``None`` when another session held the lock."""
+    from options.store.compaction import compact_days
+
+    async with open_database(settings, job="admin", pool_stats=False) as pool:
+        return await compact_days(
+            pool, now=dt.datetime.now(dt.UTC), before=before, dry_run=dry_run, stop=stop
+        )
+
+
 async def manage_underlyings(settings: Settings, action: str, tickers: Sequence[str]) -> list[str]:
     """``ingest_admin underlyings``: ``list`` the tracked underlyings, or ``add``, ``disable``
     or ``enable`` ``tickers``; returns the lines to print."""
@@ -251,6 +274,8 @@ async def run_options_job(
                     progress=progress,
                 )
                 await deactivate_expired(pool, run, today=market_today())
+        if not (stop is not None and stop.is_set()):
+            await compact_finished_days(pool, now=dt.datetime.now(dt.UTC), stop=stop)
         return STATUS_EXIT_CODES[run.status]
 
 

@@ -38,11 +38,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
-from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from options.errors import ArchiveError
+from options.errors import ArchiveError, CompactionError
 from options.store.archive_files import (
     ARCHIVE_SCHEMA,
     KEY_DIGEST_SQL,
@@ -56,10 +55,14 @@ from options.store.archive_files import (
     remove_file,
     written_path,
 )
+from options.store.compaction import BUSY, compact_day, last_finished_day
+from options.store.compaction import EMPTY as COMPACTION_EMPTY
 from options.store.db import bounded_db_connection, epoch_microsecond_timestamps
 from options.store.partitions import (
+    COMPACT,
     RETENTION_LOCK_KEY,
     RETENTION_LOCK_TIMEOUT,
+    WIDE,
     DropOutcome,
     PartitionState,
     drop_day_partition,
@@ -70,7 +73,6 @@ from options.store.partitions import (
 
 logger = logging.getLogger(__name__)
 
-NEW_YORK: Final = ZoneInfo("America/New_York")
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 FETCH_ROWS = 5_000  # rows per cursor fetch: ~10 MB of Python objects at a time
 # The day's sort and its checksum scan the whole partition: minutes for the whole market
@@ -172,9 +174,7 @@ def first_kept_day(now: dt.datetime, days: int) -> dt.date:
 def last_archivable_day(now: dt.datetime) -> dt.date:
     """The last day that may be archived at ``now`` (or at the clock, if earlier): the day
     before today, today being the earlier of the UTC day and New York's day."""
-    moment = min(now, dt.datetime.now(dt.UTC))
-    today = min(moment.astimezone(dt.UTC).date(), moment.astimezone(NEW_YORK).date())
-    return today - dt.timedelta(days=1)
+    return last_finished_day(now)
 
 
 @bounded_db_connection
@@ -220,8 +220,10 @@ async def archive_days(
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK_KEY):
         logger.info("Archive: another session is archiving or dropping old partitions; skipped")
         return ArchiveRun((), busy=True)
-    reports: list[DayReport] = []
     try:
+        reports, failed = await _compact_first(conn, before, now, lock_timeout)
+        if failed is not None:
+            return ArchiveRun((*reports, failed))
         for day, state, record in await _days_to_archive(conn, before, now):
             if stop is not None and stop.is_set():
                 return ArchiveRun(tuple(reports), interrupted=True)
@@ -270,12 +272,47 @@ async def unarchived_days(
     ]
 
 
+async def _compact_first(
+    conn: asyncpg.Connection, before: dt.date, now: dt.datetime, lock_timeout: float
+) -> tuple[list[DayReport], DayReport | None]:
+    """Move the days to archive that are still in ``option_snapshots`` to the compact tier,
+    which the archive reads and drops from: the reports of the empty days dropped, and of a
+    day that could not be moved."""
+    emptied: list[DayReport] = []
+    last = min(before - dt.timedelta(days=1), last_archivable_day(now))
+    wide = await partition_states(conn, WIDE)
+    for day in sorted(d for d in wide if d <= last):
+        try:
+            if wide[day] is not PartitionState.ATTACHED:
+                # a retention's leftover, detached before archives existed: attached again
+                await reattach_partition(conn, day, lock_timeout=lock_timeout, table=WIDE)
+            report = await compact_day(conn, day, lock_timeout=lock_timeout)
+        except CompactionError as exc:
+            logger.error("Archive: %s stays in PostgreSQL: %s", day, exc)
+            return emptied, DayReport(day, FAILED, 0, note=str(exc).splitlines()[0])
+        except asyncpg.LockNotAvailableError:
+            report = None
+        if report is None or report.action == BUSY:
+            return emptied, DayReport(day, FAILED, 0, note=f"{partition_name(day)} is in use")
+        if report.action == COMPACTION_EMPTY and day not in await partition_states(conn, COMPACT):
+            emptied.append(
+                DayReport(day, EMPTY, 0, postgres_bytes=report.wide_bytes, postgres="dropped")
+            )
+    return emptied, None
+
+
+async def _day_states(conn: asyncpg.Connection) -> dict[dt.date, PartitionState]:
+    """Where each day's table stands: its compact partition's state, else its
+    ``option_snapshots`` partition's (a day not compacted yet)."""
+    return {**await partition_states(conn, WIDE), **await partition_states(conn, COMPACT)}
+
+
 async def _days_to_archive(
     conn: asyncpg.Connection, before: dt.date, now: dt.datetime
 ) -> list[tuple[dt.date, PartitionState, asyncpg.Record | None]]:
     """The days with a table of ours or a record not dropped, before ``before`` and over."""
     last = min(before - dt.timedelta(days=1), last_archivable_day(now))
-    states = await partition_states(conn)
+    states = await _day_states(conn)
     records = {
         row["day"]: row
         for row in await conn.fetch("SELECT * FROM archived_days WHERE day <= $1", last)
@@ -294,9 +331,14 @@ async def _preview_day(
     """What archiving ``day`` would do, from its partition's size and rows."""
     if state is PartitionState.ABSENT:
         return DayReport(day, ARCHIVED_BEFORE, record["rows"] if record else 0, postgres="dropped")
-    name = partition_name(day)
-    size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", name)
-    rows = await conn.fetchval(f"SELECT count(*) FROM {name}", timeout=ARCHIVE_STATEMENT_TIMEOUT)
+    size = rows = 0
+    for table in (WIDE, COMPACT):  # a day not compacted yet is compacted first
+        name = partition_name(day, table)
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+            size += await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", name)
+            rows += await conn.fetchval(
+                f"SELECT count(*) FROM {name}", timeout=ARCHIVE_STATEMENT_TIMEOUT
+            )
     if record is not None and record["dropped_at"] is not None:
         return DayReport(day, LEFT, rows, postgres_bytes=size, postgres="kept")
     if record is not None:
@@ -314,8 +356,9 @@ async def _archive_day(
     stop: asyncio.Event | None,
     lock_timeout: float,
 ) -> DayReport:
-    """Take one day from where it stands to archived and dropped (or kept, if asked)."""
-    name = partition_name(day)
+    """Take one day of the compact tier from where it stands to archived and dropped (or
+    kept, if asked)."""
+    name = partition_name(day, COMPACT)
     if record is not None and record["dropped_at"] is not None:
         logger.warning(
             "Archive: %s was archived and dropped on %s, yet table %s exists again (a slot of "
@@ -334,7 +377,7 @@ async def _archive_day(
     if record is None and state is not PartitionState.ATTACHED:
         # a retention's leftover, detached before archives existed: readers see it again first
         try:
-            await reattach_partition(conn, day, lock_timeout=lock_timeout)
+            await reattach_partition(conn, day, lock_timeout=lock_timeout, table=COMPACT)
         except asyncpg.LockNotAvailableError:
             logger.warning("Archive: cannot attach %s again now; a later run will", name)
             return DayReport(day, FAILED, 0, postgres_bytes=size, note=f"{name} is in use")
@@ -355,6 +398,7 @@ async def _archive_day(
         expected_rows=digest.rows,
         also=_marking_dropped(day) if digest.rows else None,
         lock_timeout=lock_timeout,
+        table=COMPACT,
     )
     if outcome is DropOutcome.CHANGED:
         # the record no longer describes the partition: the next run archives the day again
