@@ -1,14 +1,16 @@
-"""Benchmark the Parquet archive on a realistic simulated day: bytes per snapshot, and speed.
+"""Storage on a realistic simulated day: bytes per snapshot in each tier (PostgreSQL as written,
+PostgreSQL compacted, Parquet), and the speed of compaction and archiving.
 
 A day of the simulator's market is stored by the real jobs: contracts synced, then
 ``ingest_snapshots`` (in-process) once per slot, 39 slots ten minutes apart (09:30 to 15:50
 New York), the simulator's clock set to each slot's minute so prices, greeks and IV move as
 they would through a day; each slot is then moved to its time on a past day (the job stamps
-slots with the database's clock). The day is then archived to a temporary directory by the
-real ``ingest_admin archive --before`` as a child process (its wall time and peak RSS are
-measured): written, read back, verified, recorded, dropped. Prints the file's bytes per
-snapshot (and per column), the partition's bytes per row before it was dropped, and the
-archive's speed.
+slots with the database's clock). The day is then compacted by the real ``ingest_admin
+compact`` and archived to a temporary directory by the real ``ingest_admin archive --before``,
+each as a child process (wall time and peak RSS measured). Prints the bytes per snapshot of the
+day's ``option_snapshots`` partition as the job wrote it, of its ``snapshot_rows`` partition
+after compaction (``pg_total_relation_size``: table, TOAST and every index), and of the Parquet
+file (and per column), and both commands' speed.
 
 Uses BENCH_DATABASE_URL when set (a database whose public schema it may drop), else a
 throwaway local PostgreSQL.
@@ -21,12 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import io
 import os
 import tempfile
 
 import asyncpg
-import pyarrow as pa
 import pyarrow.parquet as pq
 from harness import benchmark_database, header, reset_database, run_child
 
@@ -35,13 +35,12 @@ from options.config import Secret, Settings
 from options.errors import ExitCode
 from options.jobs.wiring import run_options_job, run_snapshots_job
 from options.simulator import SimulatorConfig, create_app, make_universe_names, start_server
-from options.store.archive_files import WRITER_OPTIONS, open_archive
-from options.store.partitions import ensure_partitions, partition_name
+from options.store.archive_files import open_archive
+from options.store.partitions import COMPACT, WIDE, ensure_partitions, partition_name
 
 DAY = dt.date(2026, 11, 20)  # a Friday, before the clock's today
 FIRST_SLOT = dt.datetime(2026, 11, 20, 14, 30, tzinfo=dt.UTC)  # 09:30 in New York
 KEY = "bench-key"
-FLOAT32_WHAT_IF = ("implied_volatility", "delta", "gamma", "theta", "vega")
 
 
 async def store_day(dsn: str, underlyings: int, contracts: int, slots: int) -> int:
@@ -83,12 +82,13 @@ async def store_day(dsn: str, underlyings: int, contracts: int, slots: int) -> i
     return int(rows)
 
 
-async def day_sizes(dsn: str) -> tuple[int, int | None]:
-    """The partition's size with its primary key, and the archived file's size (if any)."""
+async def day_sizes(dsn: str, table: str = WIDE) -> tuple[int, int | None]:
+    """The day's partition of ``table`` with its indexes, and the archived file's size (if
+    any)."""
     conn = await asyncpg.connect(dsn)
     try:
         size = await conn.fetchval(
-            "SELECT pg_total_relation_size(to_regclass($1))", partition_name(DAY)
+            "SELECT pg_total_relation_size(to_regclass($1))", partition_name(DAY, table)
         )
         archived = await conn.fetchval("SELECT bytes FROM archived_days WHERE day = $1", DAY)
     finally:
@@ -109,18 +109,6 @@ def column_bytes(path: str) -> list[tuple[str, int]]:
     return sorted(sizes.items(), key=lambda item: -item[1])
 
 
-def float32_what_if(path: str) -> int:
-    """The file's size if the greeks and IV carried a float's precision (7 digits) instead of
-    a double's: what a PostgreSQL ``real`` column would hand the archive. Not what is written."""
-    table = pq.read_table(path)
-    for name in FLOAT32_WHAT_IF:
-        column = table[name].cast(pa.float32()).cast(pa.float64())
-        table = table.set_column(table.schema.get_field_index(name), name, column)
-    sink = io.BytesIO()
-    pq.write_table(table, sink, row_group_size=table.num_rows, **WRITER_OPTIONS)
-    return len(sink.getvalue())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--underlyings", type=int, default=4)
@@ -134,6 +122,11 @@ def main() -> None:
         postgres, _ = asyncio.run(day_sizes(dsn))
         env = {**os.environ, "DATABASE_URL": dsn, "ARCHIVE_URL": directory, "LOG_LEVEL": "WARNING"}
         before = (DAY + dt.timedelta(days=1)).isoformat()
+        compact_seconds, code, compact_rss = run_child(
+            "ingest_admin", env, "compact", "--before", before
+        )
+        assert code == 0, code
+        compact, _ = asyncio.run(day_sizes(dsn, COMPACT))
         seconds, code, rss = run_child("ingest_admin", env, "archive", "--before", before)
         assert code == 0, code
         gone, parquet = asyncio.run(day_sizes(dsn))
@@ -143,10 +136,22 @@ def main() -> None:
             f"{args.underlyings} underlyings x {args.contracts:,} contracts x {args.slots} "
             f"slots = {rows:,} snapshots of {DAY} (simulator)"
         )
-        print(f"PostgreSQL partition (table and primary key): {postgres / rows:.1f} B per row")
+        print(
+            f"PostgreSQL as written (option_snapshots, table and indexes): {postgres:,} bytes, "
+            f"{postgres / rows:.1f} B per snapshot"
+        )
+        print(
+            f"PostgreSQL compacted (snapshot_rows, table and indexes): {compact:,} bytes, "
+            f"{compact / rows:.1f} B per snapshot"
+        )
         print(
             f"Parquet: {parquet:,} bytes, {parquet / rows:.1f} B per snapshot "
-            f"({postgres / parquet:.1f}x smaller)"
+            f"({compact / parquet:.1f}x smaller than compacted)"
+        )
+        print(
+            f"ingest_admin compact of the day (rewrite, verify, truncate, drop): "
+            f"{compact_seconds:.2f} s, {rows / compact_seconds:,.0f} rows/s, "
+            f"peak RSS {compact_rss} MB"
         )
         print(
             f"ingest_admin archive of the day (export, write, read back, verify, record, drop): "
@@ -155,11 +160,6 @@ def main() -> None:
         print("bytes per snapshot by column:")
         for name, size in column_bytes(path):
             print(f"  {name:20s} {size / rows:6.2f}")
-        what_if = float32_what_if(path)
-        print(
-            f"what if greeks and IV kept 7 digits (float4 in PostgreSQL; not what is written): "
-            f"{what_if / rows:.1f} B per snapshot"
-        )
 
 
 if __name__ == "__main__":

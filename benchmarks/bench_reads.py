@@ -2,7 +2,8 @@
 
 Fills a benchmark database with 30 trading days x 39 slots x 10,000 contracts of one underlying
 (11.7 million snapshots, written by SQL straight into the day partitions the jobs use, each slot
-with its complete coverage row), then times the three reads through the SQL functions every
+with its complete coverage row, then compacted as ``ingest_options`` compacts finished days:
+the reads decode the compact tier), then times the three reads through the SQL functions every
 client uses (psql, pandas, `options_read`): `chain_at`, `contract_history` over the month and
 `latest_chain`. Each is run 30 times after one warm-up, on fresh arguments each time; the
 median and the 95th percentile are printed, then each plan (EXPLAIN ANALYZE, BUFFERS).
@@ -25,8 +26,9 @@ import asyncpg
 from harness import benchmark_database, reset_database
 
 from options.ops.calendar import sessions_between
+from options.store.compaction import compact_days
 from options.store.db import apply_migrations
-from options.store.partitions import ensure_partitions
+from options.store.partitions import COMPACT, WIDE, ensure_partitions
 
 NEW_YORK = ZoneInfo("America/New_York")
 UNDERLYING = "BENCH"
@@ -85,16 +87,30 @@ async def _fill(
             INSERT INTO option_snapshots (ticker, underlying_ticker, captured_at, bid, bid_size,
                 ask, ask_size, midpoint, quote_updated_at, last_price, last_size, last_trade_at,
                 day_open, day_high, day_low, day_close, day_volume, day_vwap,
-                day_previous_close, implied_volatility, delta, gamma, theta, vega,
-                open_interest, underlying_price)
-            SELECT c.ticker, $1, s.at, p.bid, 10, p.bid + 0.1, 12, p.bid + 0.05,
-                   s.at - interval '3 seconds', p.bid + 0.05, 1, s.at - interval '5 minutes',
-                   p.bid, p.bid + 0.2, p.bid - 0.1, p.bid + 0.05, 100, p.bid + 0.04, p.bid,
+                day_previous_close, day_change, day_change_percent, implied_volatility, delta,
+                gamma, theta, vega, open_interest, break_even_price, underlying_price)
+            -- prices in whole cents, the midpoint, day change and break-even as the API
+            -- computes them
+            SELECT c.ticker, $1, s.at, p.bid, 10, p.ask, 12, p.mid,
+                   s.at - interval '3 seconds', p.close, 1, s.at - interval '5 minutes',
+                   p.bid, p.high, p.low, p.close, 100, p.vwap, p.bid, p.close - p.bid,
+                   (p.close - p.bid) / p.bid * 100,
                    0.2 + random() * 0.3, random(), random() / 10, -random() / 10, random(),
-                   1000, 100.25
+                   1000,
+                   CASE c.contract_type WHEN 'call' THEN c.strike_price::float8 + p.mid
+                                        ELSE c.strike_price::float8 - p.mid END,
+                   100.25
             FROM unnest($2::timestamptz[]) AS s(at)
             CROSS JOIN option_contracts c
-            CROSS JOIN LATERAL (SELECT round((random() * 20)::numeric, 2)::float8 AS bid) p
+            CROSS JOIN LATERAL (SELECT 1 + floor(random() * 2000)::int AS cents) r
+            CROSS JOIN LATERAL (
+                SELECT r.cents / 100.0::float8 AS bid, (r.cents + 10) / 100.0::float8 AS ask,
+                       (2 * r.cents + 10) / 200.0::float8 AS mid,
+                       (r.cents + 5) / 100.0::float8 AS close,
+                       (r.cents + 20) / 100.0::float8 AS high,
+                       greatest(r.cents - 10, 1) / 100.0::float8 AS low,
+                       (r.cents + 4) / 100.0::float8 AS vwap
+            ) p
             WHERE c.underlying_ticker = $1
             ORDER BY s.at, c.ticker
             """,
@@ -113,8 +129,18 @@ async def _fill(
             flush=True,
         )
         slots.extend(day_slots)
-    await conn.execute("VACUUM ANALYZE")
     return slots
+
+
+async def tier_size(conn: asyncpg.Connection, table: str) -> str:
+    """The size of ``table``'s partitions with their indexes, for people."""
+    return str(
+        await conn.fetchval(
+            "SELECT pg_size_pretty(sum(pg_total_relation_size(relid))) "
+            "FROM pg_partition_tree($1) WHERE isleaf",
+            table,
+        )
+    )
 
 
 async def timed(label: str, call: Callable[[], Awaitable[int]]) -> None:
@@ -140,11 +166,17 @@ async def bench(dsn: str, days: int, count: int) -> None:
         print(f"filling {days} trading days x 39 slots x {count:,} contracts ...", flush=True)
         slots = await fill(pool, days, count)
         total = await conn.fetchval("SELECT count(*) FROM option_snapshots")
-        size = await conn.fetchval(
-            "SELECT pg_size_pretty(sum(pg_total_relation_size(relid))) "
-            "FROM pg_partition_tree('option_snapshots') WHERE isleaf"
+        print(f"{total:,} snapshots, {await tier_size(conn, WIDE)} with indexes", flush=True)
+        started = time.perf_counter()
+        compacted = await compact_days(pool, now=dt.datetime.now(dt.UTC))
+        assert compacted is not None and sum(day.rows for day in compacted) == total
+        print(
+            f"compacted (as ingest_options does each day) in {time.perf_counter() - started:.0f} s:"
+            f" {await tier_size(conn, COMPACT)} with indexes, "
+            f"{sum(day.extra_rows for day in compacted):,} rows with extra values",
+            flush=True,
         )
-        print(f"{total:,} snapshots, {size} with indexes", flush=True)
+        await conn.execute("VACUUM ANALYZE")
         tickers = [row[0] for row in await conn.fetch("SELECT ticker FROM option_contracts")]
         rng = random.Random(7)
         first, last = slots[0], slots[-1] + dt.timedelta(minutes=1)

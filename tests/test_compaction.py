@@ -20,6 +20,7 @@ from options.jobs.wiring import run_options_job, run_snapshots_job
 from options.simulator import RunningSimulator
 from options.store import db as store_db
 from options.store.compaction import (
+    BUSY,
     COMPACTED,
     EMPTY,
     MERGED,
@@ -343,3 +344,33 @@ async def test_a_day_that_does_not_read_back_stays_as_it_was(pool: asyncpg.Pool)
     assert_same(before, await all_reads(pool))
     async with pool.acquire() as conn:
         assert DAYS[0] not in await partition_states(conn, COMPACT)
+
+
+async def test_the_contracts_job_compacts_the_finished_days_after_its_sync(
+    pool: asyncpg.Pool,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+) -> None:
+    await take_days(pool, simulator, make_settings)
+    before = await all_reads(pool)
+    assert await tier_rows(pool) == (len(before), 0)
+    async with simulator(underlyings=UNDERLYINGS, contracts_per_underlying=150) as api:
+        assert await run_options_job(make_settings(api.base_url, UNDERLYINGS)) == ExitCode.OK
+    assert await tier_rows(pool) == (0, len(before))
+    assert_same(before, await all_reads(pool))
+
+
+async def test_a_day_being_read_is_left_for_a_later_run(pool: asyncpg.Pool) -> None:
+    """Emptying the day's hot partition waits for its readers only so long: the move is rolled
+    back, and the next run makes it."""
+    slot = dt.datetime.combine(DAYS[0], SLOT_TIMES[0], dt.UTC)
+    await ensure_partitions(pool, DAYS[0], days_ahead=0)
+    async with pool.acquire() as conn:
+        stored = await insert_odd_rows(conn, slot)
+    async with pool.acquire() as reader, reader.transaction():
+        assert await reader.fetchval("SELECT count(*) FROM option_snapshots_p20261118") == stored
+        reports = await compact_days(pool, now=LATER, lock_timeout=0.3)
+        assert [(r.day, r.action) for r in reports or []] == [(DAYS[0], BUSY)]
+        assert await tier_rows(pool) == (stored, 0)
+    assert [r.action for r in await compact_days(pool, now=LATER) or []] == [COMPACTED]
+    assert await tier_rows(pool) == (0, stored)

@@ -1,4 +1,6 @@
-"""What leaves PostgreSQL, and how: old days archived to Parquet, or deleted only when asked.
+"""What leaves ``option_snapshots``, and how: finished days moved to the compact tier (after each
+contract sync, :func:`compact_finished_days`), old days archived to Parquet, or deleted only
+when asked.
 
 Nothing is deleted from PostgreSQL that is not verified in the archive, unless the user asks
 for deletion explicitly. After each snapshot run (:func:`retire_old_days`):

@@ -73,7 +73,9 @@ seconds; every key is always present, ``null`` when unknown)::
                               snapshot_rows, snapshot_rows_source ("estimate": pg_class.reltuples
                               of every partition; "estimate+count": partitions never analyzed
                               counted with count(*); "count": all counted), bytes_per_snapshot
-                              (option_snapshots bytes / snapshot_rows, null without rows)
+                              (the bytes of both tiers, option_snapshots and snapshot_rows,
+                              and of the ids, SNAPSHOT_TABLES, / snapshot_rows; null without
+                              rows)
 """
 
 from __future__ import annotations
@@ -510,6 +512,14 @@ def _run_info(row: Mapping[str, Any], now: dt.datetime) -> RunInfo:
     )
 
 
+# What stored snapshots take: both tiers, and the ids the compact one refers to
+SNAPSHOT_TABLES: Final = (
+    "option_snapshots",
+    "snapshot_rows",
+    "snapshot_tickers",
+    "snapshot_underlyings",
+)
+
 _RUN_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(RunInfo)
@@ -536,7 +546,7 @@ def _storage(
         source = "count"
     else:
         source = "estimate"
-    snapshot_bytes = next((t.bytes for t in sizes if t.table == "option_snapshots"), 0)
+    snapshot_bytes = sum(t.bytes for t in sizes if t.table in SNAPSHOT_TABLES)
     return Storage(
         tables=sizes,
         total_bytes=sum(t.bytes for t in sizes),

@@ -19,7 +19,7 @@ from options.store.underlyings import root
 
 JOBS: Final = ("options", "snapshots")
 LAST_RUNS: Final = 5  # per job
-SCHEMA_VERSION: Final = 4  # the data-quality columns of snapshot_coverage
+SCHEMA_VERSION: Final = 8  # the compact tier (snapshot_rows)
 QUALITY_COUNTS: Final = (
     "crossed_quotes",
     "negative_prices",
@@ -164,7 +164,9 @@ async def read_observed(
         partitions = await conn.fetch(
             """
             SELECT t.relid::regclass::text AS name, c.reltuples::bigint AS estimate
-            FROM pg_partition_tree('option_snapshots') t JOIN pg_class c ON c.oid = t.relid
+            FROM (SELECT * FROM pg_partition_tree('option_snapshots')
+                  UNION ALL SELECT * FROM pg_partition_tree('snapshot_rows')) t
+            JOIN pg_class c ON c.oid = t.relid
             WHERE t.isleaf
             """
         )

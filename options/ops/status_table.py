@@ -222,7 +222,8 @@ def _storage(status: Status) -> str:
         else "no snapshot stored"
     )
     return (
-        _align(table) + f"\noption_snapshots: {storage.snapshot_rows:,} rows ({source}), {per_row}"
+        _align(table) + f"\nsnapshots (option_snapshots, snapshot_rows and their ids): "
+        f"{storage.snapshot_rows:,} rows ({source}), {per_row}"
     )
 
 

@@ -1,8 +1,10 @@
-"""The archive tier: old days of ``option_snapshots`` written to Parquet, verified, recorded, and
-only then dropped from PostgreSQL; idempotent and resumable.
+"""The archive tier: old days of snapshots written to Parquet, verified, recorded, and only then
+dropped from PostgreSQL; idempotent and resumable.
 
-One day at a time, oldest first, under the retention lock (one archive or retention at a time
-per database):
+A day still in ``option_snapshots`` is first moved to the compact tier
+(:mod:`options.store.compaction`); the archive then works on the day's ``snapshot_rows``
+partition. One day at a time, oldest first, under the retention lock (one compaction, archive or
+retention at a time per database):
 
 1. **Write.** The day's rows are read through the ``snapshot_reads`` view (each snapshot with its
    contract's type, expiration and strike) by a server-side cursor, sorted by underlying, ticker

@@ -1,8 +1,12 @@
-"""The daily partitions of ``option_snapshots``: attached ahead of the runs, detached and dropped
-whole by retention, without ever locking readers or writers out of the table.
+"""The daily partitions of both tiers, ``option_snapshots`` (:data:`WIDE`, the days being
+written) and ``snapshot_rows`` (:data:`COMPACT`, finished days, :mod:`options.store.compaction`):
+attached ahead of the runs, detached and dropped whole by retention, without ever locking
+readers or writers out of the table. Every function takes the tier as ``table`` (default the
+hot one); what follows says ``option_snapshots`` for either.
 
 A partition holds the snapshots captured on one UTC day and is named after it
-(``option_snapshots_p20261123``). Only tables named so (the prefix and a date) are ever dropped.
+(``option_snapshots_p20261123``, ``snapshot_rows_p20261123``). Only tables named so (the
+prefix and a date) are ever dropped.
 
 ``CREATE TABLE ... PARTITION OF`` and ``DROP TABLE`` of a partition take ACCESS EXCLUSIVE on
 ``option_snapshots``: they wait behind every reader, and while they wait every new reader and
@@ -25,8 +29,9 @@ until ``DETACH PARTITION ... FINALIZE`` completes it, which the next retention d
 The archive (:mod:`options.store.archive`) drops one day at a time with
 :func:`drop_day_partition`: the same detach, then, under the detached table's own lock, a count
 of its rows against what was archived, so a row written after the archive was verified puts the
-partition back instead of being dropped with it. Retention and the archive take turns under one
-advisory lock (:data:`RETENTION_LOCK_KEY`).
+partition back instead of being dropped with it. Compaction drops the hot partition it emptied
+the same way. Retention, compaction and the archive take turns under one advisory lock
+(:data:`RETENTION_LOCK_KEY`).
 """
 
 from __future__ import annotations
