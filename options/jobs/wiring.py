@@ -19,6 +19,7 @@ from options.api.polygon import PolygonClient
 from options.config import Settings
 from options.errors import ConfigError, ExitCode, OptionsError
 from options.jobs.contracts import deactivate_expired, sync_contracts
+from options.jobs.daily import build_daily
 from options.jobs.filters import market_today
 from options.jobs.preview import Preview, preview_contracts, preview_snapshots
 from options.jobs.retention import (
@@ -276,6 +277,45 @@ async def run_options_job(
                 await deactivate_expired(pool, run, today=market_today())
         if not (stop is not None and stop.is_set()):
             await compact_finished_days(pool, now=dt.datetime.now(dt.UTC), stop=stop)
+        return STATUS_EXIT_CODES[run.status]
+
+
+async def run_daily_job(
+    settings: Settings,
+    *,
+    only: Sequence[str] = (),
+    stop: asyncio.Event | None = None,
+    progress: Progress | None = None,
+    now: dt.datetime | None = None,
+    on_end: Callable[[RunSummary], None] | None = None,
+) -> ExitCode:
+    """``ingest_daily``: build the daily rows (``contract_days``) of the sessions not complete
+    yet, from the stored snapshots, for every tracked underlying (or ``only``).
+
+    Args:
+        now: the moment the closed sessions are taken from (``None``: the clock).
+    """
+    dsn = settings.require_database_url()
+    async with open_database(settings, job="daily") as pool:
+        underlyings = list(only) or await tracked_underlyings(settings, pool)
+        with tracer.start_as_current_span("ingest_daily.run") as span:
+            async with recorded_run(pool, "daily", dsn=dsn, on_end=on_end) as run:
+                span.set_attribute("options.run_id", run.id)
+                builds = await build_daily(
+                    pool,
+                    run,
+                    underlyings,
+                    now=now or dt.datetime.now(dt.UTC),
+                    stop=stop,
+                    progress=progress,
+                )
+                complete = sum(b.complete for b in builds)
+                logger.info(
+                    "Daily rows: %d sessions built (%d complete), %d rows written or changed",
+                    len(builds),
+                    complete,
+                    run.stats.rows_written,
+                )
         return STATUS_EXIT_CODES[run.status]
 
 

@@ -30,7 +30,11 @@ from options.store.runs import Run, run_lost_message
 
 logger = logging.getLogger(__name__)
 
-JOB_LOCK_KEYS = {"options": 0x6F7074686973_10, "snapshots": 0x6F7074686973_11}
+JOB_LOCK_KEYS = {
+    "options": 0x6F7074686973_10,
+    "snapshots": 0x6F7074686973_11,
+    "daily": 0x6F7074686973_12,
+}
 LEASE_SECONDS = 60.0  # a run whose heartbeat is older than this is dead
 HEARTBEAT_SECONDS = 5.0
 
