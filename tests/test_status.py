@@ -15,8 +15,9 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from options.ops.calendar import latest_slot, market_seconds, recent_sessions, sessions_between
-from options.ops.status import SNAPSHOT_TABLES, collect_status
+from options.ops.status import NOT_BUILT, SNAPSHOT_TABLES, collect_status
 from options.ops.status_table import format_status
+from options.store.daily import NO_OI_SLOT
 
 NY = ZoneInfo("America/New_York")
 UTC = dt.UTC
@@ -307,7 +308,7 @@ async def test_gaps_are_the_missing_slots_with_their_causes(pool: asyncpg.Pool) 
                                                     "2026-11-27"}  # fmt: skip
     assert list(status) == [
         "now", "fresh", "problems", "settings", "calendar", "runs", "underlyings", "gaps",
-        "quality", "storage",
+        "daily_gaps", "quality", "storage",
     ]  # fmt: skip
     assert list(status["gaps"][0]) == ["ticker", "date", "slot", "cause", "detail", "run_id"]
     assert list(status["underlyings"][0]) == [
@@ -337,7 +338,11 @@ async def test_table_collapses_consecutive_gap_slots(pool: asyncpg.Pool) -> None
     text = format_status(await collect_status(pool, now=NOW))
     lines = text.splitlines()
     assert lines[0] == "Status at 2026-11-30 10:05 EST: fresh"
-    aapl = [line.split(None, 5) for line in lines if line.startswith("AAPL    Mon 2026-11-23")]
+    aapl = [
+        line.split(None, 5)
+        for line in lines
+        if line.startswith("AAPL    Mon 2026-11-23") and "ingest_daily" not in line
+    ]
     assert aapl == [["AAPL", "Mon", "2026-11-23", "10:00-10:20", "3", "no run"]]
     assert any("Fri 2026-11-27  10:30" in line and "incomplete: 3 contracts" in line
                for line in lines)  # fmt: skip
@@ -539,3 +544,43 @@ async def test_a_later_capture_in_the_window_covers_the_slot(pool: asyncpg.Pool)
         ("AAPL", ny(23, 10, 0), "no run"),
         ("AAPL", ny(23, 10, 15), "no run"),
     ]
+
+
+async def test_closed_sessions_without_complete_daily_rows_are_shown(pool: asyncpg.Pool) -> None:
+    """A closed session with snapshots but no complete daily rows is listed with its reason:
+    the coverage row's, or that no build covered it; today's open session is not."""
+    await prepare(pool)
+    run_id = await pool.fetchval(
+        "INSERT INTO ingest_runs (job, started_at, finished_at, status) "
+        "VALUES ('daily', $1, $1, 'succeeded') RETURNING id",
+        NOW,
+    )
+    await pool.executemany(
+        "INSERT INTO daily_coverage (underlying_ticker, session, run_id, contracts, complete, "
+        "reason, built_at) VALUES ($1, $2, $3, 10, $4::text IS NULL, $4::text, $5)",
+        [
+            ("AAPL", dt.date(2026, 11, 23), run_id, None, NOW),
+            ("AAPL", dt.date(2026, 11, 24), run_id, NO_OI_SLOT, NOW),
+        ],
+    )
+    status = await collect_status(pool, now=NOW)
+    aapl = [(g.session, g.reason) for g in status.daily_gaps if g.ticker == "AAPL"]
+    snapshotted = sorted(
+        {
+            row["captured_at"].astimezone(NY).date()
+            for row in await pool.fetch(
+                "SELECT captured_at FROM snapshot_coverage WHERE underlying_ticker = 'AAPL'"
+            )
+        }
+    )
+    assert dt.date(2026, 11, 24) in snapshotted and NOW.date() in snapshotted
+    assert aapl == [(dt.date(2026, 11, 24), NO_OI_SLOT)] + [
+        (day, NOT_BUILT)
+        for day in snapshotted
+        if day in {s.day for s in status.sessions}
+        and day not in (dt.date(2026, 11, 23), dt.date(2026, 11, 24), NOW.date())
+    ]
+    text = format_status(status)
+    assert "Daily rows: closed sessions not complete" in text
+    assert NO_OI_SLOT[:40] in text
+    assert next(g["reason"] for g in status.as_dict()["daily_gaps"]) == NO_OI_SLOT

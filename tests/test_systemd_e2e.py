@@ -212,14 +212,12 @@ async def test_timer_fires_the_hardened_service_which_stores_the_contracts(
 ) -> None:
     """A calendar timer starts ingest_options.service; it runs sandboxed and the rows land."""
     box = installed
-    verify = box.run(
-        "exec", "systemd-analyze", "verify", "/etc/systemd/system/ingest_options.service"
-    )
-    assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
-    security = box.run(
-        "exec", "systemd-analyze", "security", "--threshold=20", "ingest_options.service"
-    )
-    assert security.returncode == 0, security.stdout[-1500:]
+    for service in ("ingest_options.service", "ingest_daily.service"):
+        verify = box.run("exec", "systemd-analyze", "verify", f"/etc/systemd/system/{service}")
+        assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
+        # exposure 2.0 at most
+        security = box.run("exec", "systemd-analyze", "security", "--threshold=20", service)
+        assert security.returncode == 0, security.stdout[-1500:]
 
     before = int(
         box.show("ingest_options.service", "ExecMainStartTimestampMonotonic")[

@@ -33,7 +33,7 @@ from options.ops.units import (
 BIN = Path(sys.executable).parent
 NEW_YORK = ZoneInfo("America/New_York")
 NOTIFY_HOOK = TEMPLATE_DIR / "notify-failure"
-SERVICES = ("ingest_options.service", "ingest_snapshots.service")
+SERVICES = ("ingest_options.service", "ingest_snapshots.service", "ingest_daily.service")
 # A normal host: venv and code in /opt, settings in /etc, interpreter from the system.
 OPT = Installation(
     exec_dir=Path("/opt/options-history/.venv/bin"),

@@ -96,6 +96,7 @@ from options.ops.gaps import Gap, find_gaps, run_moment
 from options.ops.market import NEW_YORK
 from options.ops.status_reads import JOBS, QUALITY_COUNTS, read_observed
 from options.ops.units import DEFAULT_SNAPSHOT_EVERY
+from options.store.daily import CLOSE_GRACE
 from options.store.db import (
     CONNECT_TIMEOUT,
     DB_ERRORS,
@@ -200,6 +201,16 @@ class Problem:
 
 
 @dataclass(frozen=True)
+class DailyGap:
+    """A closed session of the days shown whose daily rows are not complete: ``reason`` is the
+    coverage row's, or that no build has covered it yet."""
+
+    ticker: str
+    session: dt.date
+    reason: str
+
+
+@dataclass(frozen=True)
 class Status:
     """Everything ``ingest_admin status`` shows, as of :attr:`now`."""
 
@@ -217,6 +228,7 @@ class Status:
     quality: list[Quality]
     storage: Storage
     problems: list[Problem]
+    daily_gaps: list[DailyGap]
 
     @property
     def fresh(self) -> bool:
@@ -253,6 +265,7 @@ class Status:
             "runs": {job: [_plain(r) for r in self.runs.get(job, [])] for job in JOBS},
             "underlyings": [_plain(u) for u in self.underlyings],
             "gaps": [_plain(g) for g in self.gaps],
+            "daily_gaps": [_plain(g) for g in self.daily_gaps],
             "quality": [_plain(q) for q in self.quality],
             "storage": _plain(self.storage),
         }
@@ -348,10 +361,11 @@ async def collect_status(
     window_runs = sorted(data.window_runs, key=run_moment)
     slots = [slot for session in sessions for slot in session.slots(every)]
 
-    shown, gaps, quality = [], [], []
+    shown, gaps, quality, daily_gaps = [], [], [], []
     for subject in data.subjects:
         key = subject["underlying"]
         rows = data.coverage.get(key, [])
+        daily_gaps.extend(_daily_gaps(subject["ticker"], sessions, rows, data.daily[key], now))
         found = find_gaps(
             subject["ticker"],
             slots,
@@ -406,7 +420,29 @@ async def collect_status(
         problems=judge(
             runs, shown, now=now, latest=latest, max_age=max_age, max_sync_age=max_sync_age
         ),
+        daily_gaps=daily_gaps,
     )
+
+
+def _daily_gaps(
+    ticker: str,
+    sessions: Sequence[Session],
+    coverage: Sequence[Mapping[str, Any]],
+    daily: Mapping[dt.date, Mapping[str, Any]],
+    now: dt.datetime,
+) -> list[DailyGap]:
+    """The closed sessions with snapshots whose daily rows are not complete."""
+    snapshotted = {row["captured_at"].astimezone(NEW_YORK).date() for row in coverage}
+    found = []
+    for session in sessions:
+        if session.close + CLOSE_GRACE > now or session.day not in snapshotted:
+            continue
+        row = daily.get(session.day)
+        if row is None:
+            found.append(DailyGap(ticker, session.day, NOT_BUILT))
+        elif not row["complete"]:
+            found.append(DailyGap(ticker, session.day, row["reason"]))
+    return found
 
 
 def judge(
@@ -511,6 +547,8 @@ def _run_info(row: Mapping[str, Any], now: dt.datetime) -> RunInfo:
         **{name: row[name] for name in _RUN_FIELDS},
     )
 
+
+NOT_BUILT: Final = "not built yet: ingest_daily has not run since the close"
 
 # What stored snapshots take: both tiers, and the ids the compact one refers to
 SNAPSHOT_TABLES: Final = (

@@ -14,12 +14,13 @@ from typing import Any, Final
 import asyncpg
 
 from options.errors import DatabaseError
+from options.ops.market import NEW_YORK
 from options.store.db import bounded_db_connection
 from options.store.underlyings import root
 
-JOBS: Final = ("options", "snapshots")
+JOBS: Final = ("options", "snapshots", "daily")
 LAST_RUNS: Final = 5  # per job
-SCHEMA_VERSION: Final = 8  # the compact tier (snapshot_rows)
+SCHEMA_VERSION: Final = 9  # the daily table (daily_coverage)
 QUALITY_COUNTS: Final = (
     "crossed_quotes",
     "negative_prices",
@@ -43,6 +44,7 @@ class Observed:
     last_sync: dict[str, dt.datetime]
     tables: list[asyncpg.Record]
     partitions: list[dict[str, Any]]
+    daily: dict[str, dict[dt.date, asyncpg.Record]]
 
 
 _RUN_COLUMNS = """
@@ -145,6 +147,16 @@ async def read_observed(
             )
             if row["at"] is not None
         }
+        daily: dict[str, dict[dt.date, asyncpg.Record]] = {key: {} for key in keys}
+        for row in await conn.fetch(
+            """
+            SELECT underlying_ticker, session, complete, reason FROM daily_coverage
+            WHERE session >= $1 AND underlying_ticker = ANY($2::text[])
+            """,
+            since.astimezone(NEW_YORK).date(),
+            keys,
+        ):
+            daily[row["underlying_ticker"]][row["session"]] = row
         tables = await conn.fetch(
             """
             SELECT c.relname AS table,
@@ -186,6 +198,7 @@ async def read_observed(
         last_sync=last_sync,
         tables=list(tables),
         partitions=counted,
+        daily=daily,
     )
 
 

@@ -30,6 +30,7 @@ def format_status(status: Status) -> str:
             f"Gaps: slots without a complete snapshot, last {len(status.sessions)} trading days",
             _gaps(status),
         ),
+        _section("Daily rows: closed sessions not complete, same days", _daily_gaps(status)),
         _section("Data quality: sums over the same days' coverage rows", _quality(status)),
         _section("Storage", _storage(status)),
     ]
@@ -152,6 +153,15 @@ def _gaps(status: Status) -> list[list[str]] | str:
         local = [moment.astimezone(NEW_YORK) for moment in (first, last)]
         slots = f"{local[0]:%H:%M}" + (f"-{local[1]:%H:%M}" if count > 1 else "")
         table.append([ticker, f"{day:%a %Y-%m-%d}", slots, str(count), _short(cause, 90)])
+    return table
+
+
+def _daily_gaps(status: Status) -> list[list[str]] | str:
+    if not status.daily_gaps:
+        return "every closed session is complete"
+    table = [["ticker", "session", "reason"]]
+    for gap in status.daily_gaps:
+        table.append([gap.ticker, f"{gap.session:%a %Y-%m-%d}", _short(gap.reason, 90)])
     return table
 
 

@@ -35,10 +35,12 @@ UNIT_FILES = (
     "ingest_options.timer",
     "ingest_snapshots.service",
     "ingest_snapshots.timer",
+    "ingest_daily.service",
+    "ingest_daily.timer",
     "ingest-notify@.service",
 )
-TIMERS = ("ingest_options.timer", "ingest_snapshots.timer")
-JOB_SCRIPTS = ("ingest_options", "ingest_snapshots")
+TIMERS = ("ingest_options.timer", "ingest_snapshots.timer", "ingest_daily.timer")
+JOB_SCRIPTS = ("ingest_options", "ingest_snapshots", "ingest_daily")
 TIME_ZONE = "America/New_York"
 SNAPSHOT_PERIODS = (5, 10, 15)
 DEFAULT_SNAPSHOT_EVERY = 10
