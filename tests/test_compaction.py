@@ -157,7 +157,7 @@ async def test_a_database_written_before_the_compact_tier_is_compacted_without_l
     old_schema_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     migrations = store_db.load_migrations()
-    assert migrations[-1].name == "0008_compact.sql"
+    assert migrations[7].name == "0008_compact.sql"
     old = await asyncpg.create_pool(old_schema_url, min_size=1, max_size=2)
     try:
         monkeypatch.setattr(store_db, "load_migrations", lambda: migrations[:7])
@@ -174,7 +174,7 @@ async def test_a_database_written_before_the_compact_tier_is_compacted_without_l
         before = await all_reads(old)
         assert len(before) == stored
 
-        assert await store_db.apply_migrations(old) == ["0008_compact.sql"]
+        assert (await store_db.apply_migrations(old))[0] == "0008_compact.sql"
         assert_same(before, await all_reads(old))  # the migration alone changes no read
 
         reports = await compact_days(old, now=LATER)

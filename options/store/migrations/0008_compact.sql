@@ -185,3 +185,28 @@ FROM option_snapshots s
 LEFT JOIN option_contracts c ON c.ticker = s.ticker
 UNION ALL
 SELECT * FROM compact_reads;
+
+-- The reads, as before, over both tiers. The slot is found once (an InitPlan), not once a row
+-- as a bitmap scan's recheck would; the planner's guess of the chain's size before it knows
+-- the slot (every day's partition) is large enough to start JIT compilation, which costs more
+-- than the query: it is off for these functions.
+CREATE OR REPLACE FUNCTION chain_at(p_underlying text, p_at timestamptz)
+RETURNS SETOF snapshot_read
+LANGUAGE sql STABLE STRICT
+SET jit = off
+AS $$
+    SELECT r.* FROM snapshot_reads r
+    WHERE r.underlying_ticker = regexp_replace(p_underlying, '^I:', '')
+      AND r.captured_at = (SELECT snapshot_slot_at(p_underlying, p_at))
+    ORDER BY r.expiration_date, r.strike_price, r.contract_type COLLATE "C", r.ticker COLLATE "C"
+$$;
+
+CREATE OR REPLACE FUNCTION contract_history(p_ticker text, p_from timestamptz, p_to timestamptz)
+RETURNS SETOF snapshot_read
+LANGUAGE sql STABLE STRICT
+SET jit = off
+AS $$
+    SELECT r.* FROM snapshot_reads r
+    WHERE r.ticker = p_ticker AND r.captured_at >= p_from AND r.captured_at < p_to
+    ORDER BY r.captured_at
+$$;
