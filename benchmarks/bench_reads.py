@@ -211,11 +211,12 @@ async def bench(dsn: str, days: int, count: int) -> None:
         await timed(f"  contract_history(ticker, {days} trading days)", history)
         await timed("  latest_chain(underlying)", latest)
         at = slots[len(slots) // 2] + dt.timedelta(minutes=3)
+        await conn.execute("SET jit = off")  # as the functions run
         for label, query, args in (
             (
                 "chain_at (its body)",
                 "SELECT r.* FROM snapshot_reads r WHERE r.underlying_ticker = $1 "
-                "AND r.captured_at = snapshot_slot_at($1, $2) "
+                "AND r.captured_at = (SELECT snapshot_slot_at($1, $2)) "
                 'ORDER BY r.expiration_date, r.strike_price, r.contract_type COLLATE "C", '
                 'r.ticker COLLATE "C"',
                 (UNDERLYING, at),

@@ -48,7 +48,7 @@ SETTING_NAMES = tuple(
         "DB_RECONNECT_SECONDS SNAPSHOT_RESUME_WINDOW SNAPSHOT_RETAIN_DAYS "
         "SNAPSHOT_DELETE_UNARCHIVED ARCHIVE_URL ARCHIVE_AFTER_DAYS LOG_LEVEL NOTIFY_COMMAND "
         "AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_REGION AWS_DEFAULT_REGION "
-        "AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3"
+        "AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3 COMPUTE_GREEKS GREEKS_RATE GREEKS_DIVIDEND_YIELD"
     ).split()
 )
 """The project's own variables (``.env.example`` lists each); NOTIFY_COMMAND is the failure
@@ -171,6 +171,13 @@ class Settings:
     archive_after_days: int = 30
     """Days of snapshots kept in PostgreSQL when there is an archive; older days are archived."""
     s3: S3Access = field(default_factory=S3Access)
+    compute_greeks: bool = True
+    """``COMPUTE_GREEKS``: after each snapshot run, compute IV and greeks for the rows the API
+    left without them (``computed_greeks``)."""
+    greeks_rate: float = 0.04
+    """``GREEKS_RATE``: the continuous risk-free rate of the computed greeks (0.04 is 4%)."""
+    greeks_dividend_yield: float = 0.0
+    """``GREEKS_DIVIDEND_YIELD``: the continuous dividend yield of the computed greeks."""
     snapshot_resume_window: float = 120.0
     max_deactivation_percent: float = 20.0
     db_statement_timeout: float = 300.0
@@ -283,6 +290,13 @@ class Settings:
             s3=_parse_s3_access(get)
             if archive_url and archive_url.startswith("s3://")
             else S3Access(),
+            compute_greeks=_parse_bool("COMPUTE_GREEKS", get("COMPUTE_GREEKS"), True),
+            greeks_rate=_parse_float(
+                "GREEKS_RATE", get("GREEKS_RATE"), 0.04, minimum=-0.1, maximum=1.0
+            ),
+            greeks_dividend_yield=_parse_float(
+                "GREEKS_DIVIDEND_YIELD", get("GREEKS_DIVIDEND_YIELD"), 0.0, minimum=0.0, maximum=1.0
+            ),
             snapshot_resume_window=_parse_seconds(
                 "SNAPSHOT_RESUME_WINDOW", get("SNAPSHOT_RESUME_WINDOW"), 120.0, allow_zero=True
             ),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -33,7 +34,14 @@ from options.jobs.snapshots import SnapshotRun
 from options.ops.market import market_session
 from options.ops.progress import Progress
 from options.ops.telemetry import observe_pool
-from options.store.db import Limits, apply_migrations, create_pool, reconnect_window
+from options.store.db import (
+    DB_ERRORS,
+    Limits,
+    apply_migrations,
+    create_pool,
+    describe_db_error,
+    reconnect_window,
+)
 from options.store.partitions import ensure_partitions
 from options.store.runs import STATUS_EXIT_CODES, Run, RunSummary
 from options.store.runs_lease import close_dead_runs
@@ -443,11 +451,40 @@ async def _snapshot(
                 await snapshot.execute(planned, stop)
             finally:
                 await _say_why_unstored(pool, run, captured_at)
+            if settings.compute_greeks:
+                await _compute_greeks(settings, pool, captured_at)
             # the week ahead after the rows are stored, so nothing waits on partition DDL
             await ensure_partitions(pool, day, lock_timeout=AHEAD_LOCK_TIMEOUT)
             retain = retain_days if retain_days is not None else settings.snapshot_retain_days
             await retire_old_days(settings, pool, retain_days=retain, now=captured_at, stop=stop)
         return STATUS_EXIT_CODES[run.status]
+
+
+async def _compute_greeks(settings: Settings, pool: asyncpg.Pool, captured_at: dt.datetime) -> None:
+    """IV and greeks for the slot's rows the API left without them (``computed_greeks``); a
+    failure costs only those values, with a warning."""
+    from options.store.greeks import compute_slot_greeks  # loads NumPy and SciPy
+
+    started = time.perf_counter()
+    try:
+        async with pool.acquire() as conn:
+            done, failed = await compute_slot_greeks(
+                conn,
+                captured_at,
+                rate=settings.greeks_rate,
+                dividend=settings.greeks_dividend_yield,
+            )
+    except DB_ERRORS as exc:
+        logger.warning("Computed greeks not stored: %s", describe_db_error(exc))
+        return
+    if done or failed:
+        logger.info(
+            "Computed IV and greeks for %d snapshots the API gave none (%d could not be: see "
+            "computed_greeks.reason) in %.2f s",
+            done,
+            failed,
+            time.perf_counter() - started,
+        )
 
 
 async def _say_why_unstored(pool: asyncpg.Pool, run: Run, captured_at: dt.datetime) -> None:
