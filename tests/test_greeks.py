@@ -4,10 +4,16 @@ gets none, and the values against the simulator's own where it gives them."""
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
+import asyncpg
 import numpy as np
 import pytest
 
+from options.config import Settings
+from options.errors import ExitCode
 from options.jobs.greeks import (
     ABOVE_MAXIMUM,
     BELOW_INTRINSIC,
@@ -16,12 +22,15 @@ from options.jobs.greeks import (
     NO_CONTRACT,
     NO_QUOTE,
     NO_UNDERLYING,
+    REASONS,
     bsm_price,
     compute,
     greeks,
     implied_volatility,
     years_to_expiry,
 )
+from options.jobs.wiring import run_options_job, run_snapshots_job
+from options.simulator import RunningSimulator
 
 
 def grid(n: int = 20_000, seed: int = 3) -> dict[str, np.ndarray]:
@@ -103,3 +112,63 @@ def test_time_runs_to_the_close_in_new_york_on_the_expiration_day() -> None:
     at = dt.datetime(2026, 12, 18, 14, 30, tzinfo=dt.UTC)  # 09:30 in New York
     assert years_to_expiry(dt.date(2026, 12, 18), at) == pytest.approx(6.5 / 24 / 365)
     assert years_to_expiry(dt.date(2026, 12, 17), at) < 0
+
+
+async def test_a_snapshot_run_computes_what_the_api_left_out(
+    pool: asyncpg.Pool,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=400) as api:
+        # the simulator prices without rates or dividends
+        settings = make_settings(api.base_url, ("AAA",), greeks_rate=0.0)
+        assert await run_options_job(settings) == ExitCode.OK
+        assert await run_snapshots_job(settings, force=True) == ExitCode.OK
+    missing = await pool.fetchval(
+        "SELECT count(*) FROM option_snapshots WHERE implied_volatility IS NULL OR delta IS NULL"
+    )
+    assert missing > 0
+    rows = await pool.fetch(
+        "SELECT g.*, s.implied_volatility AS api_iv, s.delta AS api_delta "
+        "FROM computed_greeks g JOIN option_snapshots s USING (ticker, captured_at)"
+    )
+    assert len(rows) == missing  # only those, never a row the API gave values for
+    assert all(r["api_iv"] is None or r["api_delta"] is None for r in rows)
+    assert all(r["reason"] in REASONS for r in rows if r["implied_volatility"] is None)
+    computed = [r for r in rows if r["reason"] is None]
+    reasons = Counter(r["reason"] for r in rows)
+    assert len(computed) > len(rows) // 2, reasons
+    assert all(
+        r["model"] == "black-scholes-merton" and (r["rate"], r["dividend_yield"]) == (0.0, 0.0)
+        for r in rows
+    )
+    assert all(0 < r["implied_volatility"] < 10 and r["delta"] is not None for r in computed)
+    # the view gives each snapshot's values with their source, the API's first
+    sources = {
+        r["source"]
+        for r in await pool.fetch("SELECT source FROM snapshot_greeks WHERE source IS NOT NULL")
+    }
+    assert {"snapshot", "computed"} <= sources
+    api_delta = await pool.fetchval(
+        "SELECT count(*) FROM snapshot_greeks v JOIN option_snapshots s "
+        "USING (ticker, captured_at) WHERE s.delta IS NOT NULL AND v.delta IS DISTINCT FROM s.delta"
+    )
+    assert api_delta == 0
+
+    # for rows whose IV the API gave: the model price at that IV gives it back
+    given = await pool.fetch(
+        "SELECT s.implied_volatility, s.underlying_price, c.strike_price::float8 AS strike, "
+        "c.contract_type, c.expiration_date, s.captured_at FROM option_snapshots s "
+        "JOIN option_contracts c USING (ticker) WHERE s.implied_volatility IS NOT NULL"
+    )
+    vol = np.array([r["implied_volatility"] for r in given])
+    spot = np.array([r["underlying_price"] for r in given])
+    strike = np.array([r["strike"] for r in given])
+    years = np.array([years_to_expiry(r["expiration_date"], r["captured_at"]) for r in given])
+    is_call = np.array([r["contract_type"] == "call" for r in given])
+    price = bsm_price(spot, strike, years, vol, is_call, 0.04, 0.0)
+    back = implied_volatility(price, spot, strike, years, is_call, 0.04, 0.0)
+    vega = greeks(spot, strike, years, vol, is_call, 0.04, 0.0)[3]
+    sensitive = vega * 100 > 1e-6 * price
+    assert sensitive.sum() > 0.9 * len(given)
+    assert np.max(np.abs(back[sensitive] - vol[sensitive])) < 1e-4

@@ -110,14 +110,18 @@ def implied_volatility(
     p_hi = bsm_price(spot, strike, years, hi, is_call, rate, dividend)
     found = (price >= p_lo) & (price <= p_hi)
     vol = np.full(price.shape, 0.3)
+    vol = np.clip(vol, lo, hi)
+    previous = hi - lo  # the step before last, as rtsafe keeps it
     sqrt_t = np.sqrt(years)
     spot_df = spot * np.exp(-dividend * years)
     active = found.copy()
+    converged = np.zeros(price.shape, dtype=np.bool_)
     for _ in range(MAX_STEPS):
         if not active.any():
             break
         idx = np.flatnonzero(active)
         v = vol[idx]
+        s_t = sqrt_t[idx]
         p = bsm_price(spot[idx], strike[idx], years[idx], v, is_call[idx], rate, dividend)
         diff = p - price[idx]
         # the bracket: the price rises with the volatility
@@ -125,16 +129,28 @@ def implied_volatility(
         hi[idx] = np.where(above, v, hi[idx])
         lo[idx] = np.where(above, lo[idx], v)
         d1 = (np.log(spot[idx] / strike[idx]) + (rate - dividend + 0.5 * v * v) * years[idx]) / (
-            v * sqrt_t[idx]
+            v * s_t
         )
-        vega = spot_df[idx] * np.exp(-0.5 * d1 * d1) / np.sqrt(2.0 * np.pi) * sqrt_t[idx]
+        vega = spot_df[idx] * np.exp(-0.5 * d1 * d1) / np.sqrt(2.0 * np.pi) * s_t
         with np.errstate(divide="ignore", invalid="ignore"):
-            step = v - diff / vega
-        inside = np.isfinite(step) & (step > lo[idx]) & (step < hi[idx])
-        new = np.where(inside, step, 0.5 * (lo[idx] + hi[idx]))
+            step = diff / vega
+        target = v - step
+        # Newton where it stays inside the bracket and at least halves the step before last;
+        # bisection otherwise (Numerical Recipes' rtsafe)
+        newton = (
+            np.isfinite(target)
+            & (target >= lo[idx])
+            & (target <= hi[idx])
+            & (np.abs(2.0 * step) < np.abs(previous[idx]))
+        )
+        new = np.where(newton, target, 0.5 * (lo[idx] + hi[idx]))
+        new = np.where(diff == 0, v, new)  # exactly the price: this is the volatility
+        previous[idx] = np.abs(new - v)
         vol[idx] = new
-        done = (np.abs(new - v) < TOLERANCE) | (hi[idx] - lo[idx] < TOLERANCE)
+        done = (np.abs(new - v) < TOLERANCE) | (hi[idx] - lo[idx] < TOLERANCE) | (diff == 0)
+        converged[idx[done]] = True
         active[idx[done]] = False
+    found &= converged
     return np.where(found, vol, np.nan)
 
 
