@@ -13,6 +13,7 @@ from typing import Final
 CONTRACTS_PATH: Final = "/v3/reference/options/contracts"
 CHAIN_PATH: Final = "/v3/snapshot/options/{underlying}"
 PREVIOUS_CLOSE_PATH: Final = "/v2/aggs/ticker/{ticker}/prev"
+DAILY_BARS_PATH: Final = "/v2/aggs/ticker/{ticker}/range/1/day/{start}/{end}"
 MARKET_STATUS_PATH: Final = "/v1/marketstatus/now"
 MARKET_HOLIDAYS_PATH: Final = "/v1/marketstatus/upcoming"
 # What the request metrics are labelled with: a path template, so a ticker never becomes a label.
@@ -22,6 +23,7 @@ _ENDPOINTS: Final = tuple(
         CONTRACTS_PATH,
         CHAIN_PATH,
         PREVIOUS_CLOSE_PATH,
+        DAILY_BARS_PATH,
         MARKET_STATUS_PATH,
         MARKET_HOLIDAYS_PATH,
     )

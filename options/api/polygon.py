@@ -28,6 +28,7 @@ Usage::
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncGenerator, Mapping
 from types import TracebackType
 from typing import Any, Final
@@ -36,6 +37,7 @@ from urllib.parse import quote
 from options.api.endpoints import (
     CHAIN_PATH,
     CONTRACTS_PATH,
+    DAILY_BARS_PATH,
     MARKET_HOLIDAYS_PATH,
     MARKET_STATUS_PATH,
     PREVIOUS_CLOSE_PATH,
@@ -215,6 +217,32 @@ class PolygonClient:
                 request_id=request_id_of(body),
             )
         return float(close)
+
+    async def daily_bars(
+        self, ticker: str, start: dt.date, end: dt.date
+    ) -> tuple[list[dict[str, Any]], str]:
+        """The daily bars of option ``ticker`` from ``start`` to ``end`` (New York days),
+        oldest first, as the API sent them, and the request path (for errors). A day without
+        a trade has no bar; a range without any has no ``results`` at all.
+
+        Raises:
+            ConfigError: the ticker is malformed (checked before any request).
+            PageShapeError: ``results`` that is not a list of objects.
+        """
+        normalized = validate_option_ticker(ticker)
+        path = DAILY_BARS_PATH.format(
+            ticker=_quote_segment(normalized), start=start.isoformat(), end=end.isoformat()
+        )
+        body = await self.get_object(path, {"adjusted": "true", "sort": "asc", "limit": 50_000})
+        results = body.get("results", [])
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise PageShapeError(
+                f"{path} returned results that are not a list of bars",
+                endpoint=path,
+                status=200,
+                request_id=request_id_of(body),
+            )
+        return results, path
 
     async def market_status_now(self) -> dict[str, Any]:
         """Return the current market status object (``/v1/marketstatus/now``)."""

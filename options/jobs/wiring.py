@@ -20,6 +20,7 @@ from opentelemetry import trace
 from options.api.polygon import PolygonClient
 from options.config import Settings
 from options.errors import ConfigError, ExitCode, OptionsError
+from options.jobs.backfill import backfill, closed_sessions
 from options.jobs.contracts import deactivate_expired, sync_contracts
 from options.jobs.daily import build_daily
 from options.jobs.filters import market_today
@@ -296,28 +297,46 @@ async def run_daily_job(
     stop: asyncio.Event | None = None,
     progress: Progress | None = None,
     now: dt.datetime | None = None,
+    backfill_range: tuple[dt.date, dt.date] | None = None,
+    budget: int | None = None,
     on_end: Callable[[RunSummary], None] | None = None,
 ) -> ExitCode:
     """``ingest_daily``: build the daily rows (``contract_days``) of the sessions not complete
-    yet, from the stored snapshots, for every tracked underlying (or ``only``).
+    yet, from the stored snapshots, for every tracked underlying (or ``only``); with
+    ``backfill_range``, then the past sessions of that range without snapshots, from their
+    listings and daily bars (:mod:`options.jobs.backfill`).
 
     Args:
         now: the moment the closed sessions are taken from (``None``: the clock).
+        backfill_range: ``--from`` and ``--to``, New York days.
+        budget: at most this many API requests for the backfill (``None``: no bound).
     """
     dsn = settings.require_database_url()
+    if backfill_range is not None:
+        settings.require_api_key()
+    moment = now or dt.datetime.now(dt.UTC)
     async with open_database(settings, job="daily") as pool:
         underlyings = list(only) or await tracked_underlyings(settings, pool)
         with tracer.start_as_current_span("ingest_daily.run") as span:
             async with recorded_run(pool, "daily", dsn=dsn, on_end=on_end) as run:
                 span.set_attribute("options.run_id", run.id)
                 builds = await build_daily(
-                    pool,
-                    run,
-                    underlyings,
-                    now=now or dt.datetime.now(dt.UTC),
-                    stop=stop,
-                    progress=progress,
+                    pool, run, underlyings, now=moment, stop=stop, progress=progress
                 )
+                if backfill_range is not None:
+                    sessions = closed_sessions(*backfill_range, moment)
+                    async with open_client(settings) as client:
+                        left = await backfill(
+                            pool,
+                            client,
+                            run,
+                            underlyings,
+                            sessions,
+                            budget=budget,
+                            stop=stop,
+                            progress=progress,
+                        )
+                    logger.info("Backfill of %d sessions: %d left incomplete", len(sessions), left)
                 complete = sum(b.complete for b in builds)
                 logger.info(
                     "Daily rows: %d sessions built (%d complete), %d rows written or changed",

@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from options.simulator.config import SimulatorConfig
+from options.simulator.history import bars_of, holidays, listed_then
 from options.simulator.market import prev_bar, snapshot_rows, stock_snapshot
 from options.simulator.universe import Chain, ContractFilter, Universe
 
@@ -126,6 +127,9 @@ def create_app(config: SimulatorConfig) -> web.Application:
     app.router.add_get("/v3/snapshot/options/{underlying}", _chain_snapshot)
     app.router.add_get("/v3/snapshot/options/{underlying}/{option_contract}", _option_snapshot)
     app.router.add_get("/v2/aggs/ticker/{ticker}/prev", _previous_close)
+    app.router.add_get(
+        "/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{start}/{end}", _daily_bars
+    )
     app.router.add_get("/v2/snapshot/locale/us/markets/stocks/tickers/{ticker}", _stock_snapshot)
     app.router.add_get("/v1/marketstatus/now", _market_status_now)
     app.router.add_get("/v1/marketstatus/upcoming", _market_status_upcoming)
@@ -270,6 +274,12 @@ def _first_page(request: web.Request, kind: str, max_limit: int) -> dict[str, An
             raise ApiFailure(400, "expired must be true or false.")
         payload["x"] = expired == "true"
         payload["u"] = query.get("underlying_ticker")
+        as_of = query.get("as_of")
+        if as_of is not None:
+            try:
+                payload["a"] = dt.date.fromisoformat(as_of).isoformat()
+            except ValueError:
+                raise ApiFailure(400, "as_of must be a date (YYYY-MM-DD).") from None
     return payload
 
 
@@ -352,7 +362,8 @@ async def _list_contracts(request: web.Request) -> web.Response:
     state = request.app[STATE]
     universe = state.universe
     page, flt = _page_state(request, "contracts", CONTRACTS_MAX_LIMIT)
-    if page.get("x"):
+    as_of = dt.date.fromisoformat(page["a"]) if page.get("a") else None
+    if page.get("x") and as_of is None:
         return _list_response(state, _list_body((), _request_id(), None))
     loop_url = None
     if page.get("u") is None:
@@ -366,8 +377,11 @@ async def _list_contracts(request: web.Request) -> web.Response:
     results: list[bytes] = []
     next_url = None
     while index < len(names):
-        chain = universe.chain(names[index])
+        chain = universe.chain(names[index], as_of)
         positions = chain.select(flt)
+        if as_of is not None:
+            # the listing of a past day: expired=true gives its contracts expired since
+            positions = listed_then(chain, positions, today=universe.as_of, expired=page["x"])
         if offset < len(positions):
             if len(results) == limit:
                 next_url = _next_url(request, page, underlying=index, offset=offset)
@@ -503,7 +517,7 @@ async def _stock_snapshot(request: web.Request) -> web.Response:
 async def _market_status_now(request: web.Request) -> web.Response:
     now = dt.datetime.now(NEW_YORK)
     minutes = now.hour * 60 + now.minute
-    trading_day = now.weekday() < 5 and now.date() not in _holidays(now.year)
+    trading_day = now.weekday() < 5 and now.date() not in holidays(now.year)
     early = trading_day and 4 * 60 <= minutes < 9 * 60 + 30
     after = trading_day and 16 * 60 <= minutes < 20 * 60
     is_open = trading_day and 9 * 60 + 30 <= minutes < 16 * 60
@@ -525,7 +539,7 @@ async def _market_status_upcoming(request: web.Request) -> web.Response:
     today = dt.datetime.now(NEW_YORK).date()
     body = []
     for year in (today.year, today.year + 1):
-        for day, (name, early_close) in sorted(_holidays(year).items()):
+        for day, (name, early_close) in sorted(holidays(year).items()):
             if day < today:
                 continue
             for exchange in ("NYSE", "NASDAQ"):
@@ -546,40 +560,43 @@ async def _market_status_upcoming(request: web.Request) -> web.Response:
     return json_response(body)
 
 
-def _holidays(year: int) -> dict[dt.date, tuple[str, bool]]:
-    """Return the fixed-rule US market holidays of ``year`` (no Good Friday); True = early close."""
-
-    def observed(day: dt.date) -> dt.date:
-        return (
-            day - dt.timedelta(days=1)
-            if day.weekday() == 5
-            else day + dt.timedelta(days=1 if day.weekday() == 6 else 0)
-        )
-
-    def nth_weekday(month: int, weekday: int, n: int) -> dt.date:
-        first = dt.date(year, month, 1)
-        return first + dt.timedelta(days=(weekday - first.weekday()) % 7 + 7 * (n - 1))
-
-    thanksgiving = nth_weekday(11, 3, 4)
-    days = {
-        observed(dt.date(year, 1, 1)): ("New Year's Day", False),
-        nth_weekday(1, 0, 3): ("Martin Luther King, Jr. Day", False),
-        nth_weekday(2, 0, 3): ("Washington's Birthday", False),
-        nth_weekday(5, 0, 5) if nth_weekday(5, 0, 5).month == 5 else nth_weekday(5, 0, 4): (
-            "Memorial Day",
-            False,
-        ),
-        observed(dt.date(year, 6, 19)): ("Juneteenth", False),
-        observed(dt.date(year, 7, 4)): ("Independence Day", False),
-        nth_weekday(9, 0, 1): ("Labor Day", False),
-        thanksgiving: ("Thanksgiving", False),
-        thanksgiving + dt.timedelta(days=1): ("Thanksgiving", True),
-        observed(dt.date(year, 12, 25)): ("Christmas", False),
+async def _daily_bars(request: web.Request) -> web.Response:
+    """``/v2/aggs/ticker/{ticker}/range/1/day/{from}/{to}``: one bar a session the contract
+    traded on, as its snapshot at that session's close gives the day (see ``bars_of``)."""
+    state = request.app[STATE]
+    info, query = request.match_info, request.query
+    if (info["multiplier"], info["timespan"]) != ("1", "day"):
+        raise ApiFailure(400, "Only 1/day aggregates are simulated.")
+    order = query.get("sort", "asc")
+    if order not in ("asc", "desc"):
+        raise ApiFailure(400, "sort must be asc or desc.")
+    try:
+        start, end = (_bar_day(info[key]) for key in ("start", "end"))
+        limit = int(query.get("limit", "5000"))
+    except ValueError:
+        raise ApiFailure(400, "from and to must be dates (YYYY-MM-DD) or Unix ms.") from None
+    if not 1 <= limit <= 50_000:
+        raise ApiFailure(400, "limit must be between 1 and 50000.")
+    bars = bars_of(state.universe, info["ticker"], start, end, state.config)[:limit]
+    if order == "desc":
+        bars.reverse()
+    body: dict[str, Any] = {
+        "ticker": info["ticker"],
+        "queryCount": len(bars),
+        "resultsCount": len(bars),
+        "adjusted": query.get("adjusted", "true") != "false",
+        "status": "OK",
+        "request_id": _request_id(),
     }
-    christmas_eve = dt.date(year, 12, 24)
-    if christmas_eve.weekday() < 5 and christmas_eve not in days:
-        days[christmas_eve] = ("Christmas", True)
-    return {day: entry for day, entry in days.items() if day.year == year}
+    if bars:  # as the API answers a range without trades: no results key at all
+        body["results"] = bars
+    return json_response(body)
+
+
+def _bar_day(raw: str) -> dt.date:
+    if raw.isdigit():
+        return dt.datetime.fromtimestamp(int(raw) / 1000, NEW_YORK).date()
+    return dt.date.fromisoformat(raw)
 
 
 async def _sim_stats(request: web.Request) -> web.Response:

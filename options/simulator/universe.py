@@ -269,23 +269,27 @@ class Universe:
             self._lookup.setdefault(name.removeprefix("I:"), name)
         self._by_root = {option_root(name): name for name in config.underlyings}
         self._capacity = max(4, CACHED_CONTRACTS // config.contracts_per_underlying)
-        self._chains: OrderedDict[str, Chain] = OrderedDict()
+        self._chains: OrderedDict[tuple[str, dt.date], Chain] = OrderedDict()
 
     def resolve(self, name: str) -> str | None:
         """Return the configured name for ``name`` (``SPX`` finds ``I:SPX``), or ``None``."""
         return self._lookup.get(name)
 
-    def chain(self, name: str) -> Chain:
-        """Return the chain of a configured underlying name, building it on first use."""
-        chain = self._chains.get(name)
+    def chain(self, name: str, as_of: dt.date | None = None) -> Chain:
+        """Return the chain of a configured underlying name as listed on ``as_of`` (``None``:
+        the universe's day), building it on first use. A past day's chain is laid out as the
+        universe's own is, from that day: its weekly expirations start that week."""
+        day = self.as_of if as_of is None else as_of
+        key = (name, day)
+        chain = self._chains.get(key)
         if chain is not None:
-            self._chains.move_to_end(name)
+            self._chains.move_to_end(key)
             return chain
         chain = Chain(
             name,
             seed=self.config.seed,
             contracts=self.config.contracts_per_underlying,
-            as_of=self.as_of,
+            as_of=day,
         )
         config = self.config
         if config.malformed_contracts_rate:
@@ -296,19 +300,20 @@ class Universe:
             chain.malformed_snapshots = frozenset(
                 i for i, ticker in enumerate(chain.tickers) if config.malformed_snapshot(ticker)
             )
-        self._chains[name] = chain
+        self._chains[key] = chain
         if len(self._chains) > self._capacity:
             self._chains.popitem(last=False)
         return chain
 
-    def locate(self, ticker: str) -> tuple[Chain, int] | None:
-        """Return the chain and position of option ``ticker``, or ``None`` if it is not listed."""
+    def locate(self, ticker: str, as_of: dt.date | None = None) -> tuple[Chain, int] | None:
+        """Return the chain and position of option ``ticker`` as listed on ``as_of`` (``None``:
+        the universe's day), or ``None`` if it is not listed then."""
         if not ticker.startswith("O:") or len(ticker) < 18:
             return None
         name = self._by_root.get(ticker[2:-15])
         if name is None:
             return None
-        chain = self.chain(name)
+        chain = self.chain(name, as_of)
         position = chain.find(ticker)
         return None if position is None else (chain, position)
 

@@ -35,6 +35,7 @@ CREATE TABLE contract_days (
     day_close           double precision,
     day_volume          bigint,
     day_vwap            double precision,
+    day_trades          integer,    -- the bar's trade count, when the API gives it
     bar_source          text CHECK (bar_source IN ('snapshot', 'bars')),
     built_at            timestamptz NOT NULL,
     PRIMARY KEY (ticker, session)
@@ -52,7 +53,34 @@ CREATE TABLE daily_coverage (
     contracts           integer NOT NULL,
     complete            boolean NOT NULL,
     reason              text,           -- why not complete
+    -- what the rows come from: the stored snapshots, or (a session before collection) the
+    -- past listing and the daily bars
+    source              text NOT NULL DEFAULT 'snapshots' CHECK (source IN ('snapshots', 'bars')),
     built_at            timestamptz NOT NULL,
     PRIMARY KEY (underlying_ticker, session),
     CHECK (complete = (reason IS NULL))
+);
+
+-- Backfill (ingest_daily --from/--to): the contracts listed on a past session (as_of), stored
+-- whole per underlying and session with its daily_listings row, and which contract's bar of
+-- which session was asked for (a contract without a trade that day has no bar: not a gap).
+CREATE TABLE daily_listings (
+    underlying_ticker   text NOT NULL,
+    session             date NOT NULL,
+    contracts           integer NOT NULL,
+    listed_at           timestamptz NOT NULL,
+    PRIMARY KEY (underlying_ticker, session)
+);
+
+CREATE TABLE listed_contracts (
+    underlying_ticker   text NOT NULL,
+    session             date NOT NULL,
+    ticker              text NOT NULL,
+    PRIMARY KEY (underlying_ticker, session, ticker)
+);
+
+CREATE TABLE bar_checks (
+    ticker              text NOT NULL,
+    session             date NOT NULL,
+    PRIMARY KEY (ticker, session)
 );

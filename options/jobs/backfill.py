@@ -1,0 +1,138 @@
+"""``ingest_daily --from DATE --to DATE``: the daily rows of past sessions, from the contracts
+listed on each (``as_of``) and their daily bars, bounded by a request budget; resumable after a
+kill at any moment (:mod:`options.store.backfill` has the units)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+
+import asyncpg
+
+from options.api.normalize import contract_ticker
+from options.api.polygon import PolygonClient
+from options.errors import DatabaseError, RunInterrupted
+from options.ops.calendar import sessions_between
+from options.ops.progress import Progress
+from options.store.backfill import (
+    bar_session,
+    contracts_without_bars,
+    listed_sessions,
+    sessions_to_backfill,
+    store_backfill_coverage,
+    store_bars,
+    store_listing,
+)
+from options.store.db import DB_ERRORS, describe_db_error
+from options.store.runs import Run
+
+logger = logging.getLogger(__name__)
+
+
+class _BudgetSpent(Exception):
+    """The run's request budget is spent."""
+
+
+def closed_sessions(first: dt.date, last: dt.date, now: dt.datetime) -> list[dt.date]:
+    """The exchange's sessions from ``first`` to ``last`` that have closed by ``now``."""
+    return [s.day for s in sessions_between(first, last) if s.close <= now]
+
+
+async def backfill(
+    pool: asyncpg.Pool,
+    client: PolygonClient,
+    run: Run,
+    underlyings: Sequence[str],
+    sessions: Sequence[dt.date],
+    *,
+    budget: int | None,
+    stop: asyncio.Event | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Backfill ``sessions`` of each of ``underlyings``; returns the sessions left incomplete.
+
+    Raises:
+        RunInterrupted: ``stop`` was set, or the request budget was spent, first.
+        DatabaseError: PostgreSQL failed or went away; the units stored before stay.
+    """
+    start = client.requests_sent
+
+    def spend() -> None:
+        run.stats.api_requests = client.requests_sent - start
+        if stop is not None and stop.is_set():
+            raise RunInterrupted("stopped: the backfill goes on from here when run again")
+        if budget is not None and client.requests_sent - start >= budget:
+            raise _BudgetSpent
+
+    run.stats.underlyings_requested = len(underlyings)
+    left = 0
+    try:
+        for underlying in underlyings:
+            key = underlying.removeprefix("I:")
+            left += await _backfill_underlying(pool, client, run, underlying, key, sessions, spend)
+            run.stats.add({"underlyings_succeeded": 1})
+            if progress is not None:
+                progress.update(done=run.stats.underlyings_succeeded, rows=run.stats.rows_written)
+    except _BudgetSpent:
+        raise RunInterrupted(
+            f"the request budget ({budget:,} requests) is spent: the backfill goes on from "
+            "here when run again"
+        ) from None
+    except DB_ERRORS as exc:
+        if isinstance(exc, DatabaseError):
+            raise
+        raise DatabaseError(f"backfilling daily rows: {describe_db_error(exc)}") from exc
+    finally:
+        run.stats.api_requests = client.requests_sent - start
+    return left
+
+
+async def _backfill_underlying(
+    pool: asyncpg.Pool,
+    client: PolygonClient,
+    run: Run,
+    underlying: str,
+    key: str,
+    sessions: Sequence[dt.date],
+    check: Callable[[], None],
+) -> int:
+    """One underlying's sessions: listings, then bars, then coverage; ``check`` is called
+    before each request (it raises when the run must stop)."""
+    async with pool.acquire() as conn:
+        todo = await sessions_to_backfill(conn, key, sessions)
+        if not todo:
+            return 0
+        listed = await listed_sessions(conn, key, todo)
+    for day in todo:
+        if day in listed:
+            continue
+        tickers: set[str] = set()
+        for expired in ("false", "true"):  # the listing then: live now, and expired since
+            check()
+            params: dict[str, str | int] = {
+                "as_of": day.isoformat(),
+                "expired": expired,
+                "expiration_date.gte": day.isoformat(),
+            }
+            async for page in client.list_contracts(underlying, params):
+                tickers.update(t for r in page.results if (t := contract_ticker(r)) is not None)
+                check()
+        async with pool.acquire() as conn:
+            count = await store_listing(conn, run, key, day, tickers)
+        logger.info("%s %s: %d contracts listed", key, day, count)
+    async with pool.acquire() as conn:
+        pending = await contracts_without_bars(conn, key, todo)
+    for ticker, days in pending:
+        check()
+        bars, _ = await client.daily_bars(ticker, days[0], days[-1])
+        dated = [(when, bar) for bar in bars if (when := bar_session(bar)) is not None]
+        async with pool.acquire() as conn:
+            await store_bars(conn, run, key, ticker, days, dated)
+    async with pool.acquire() as conn:
+        found = await store_backfill_coverage(conn, run, key, todo)
+    incomplete = [(day, reason) for day, reason in found if reason is not None]
+    for day, reason in incomplete:
+        logger.warning("%s %s: not complete: %s", key, day, reason)
+    return len(incomplete)
