@@ -16,12 +16,14 @@ from operator import eq, ge, gt, le, lt
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import orjson
 import pytest
 import yarl
 
+import options.simulator.app as simulator_app
 from options.simulator import (
     SimulatorConfig,
     SimulatorProcess,
@@ -1267,3 +1269,65 @@ def test_simulate_refuses_a_count_with_tickers() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("error: --underlyings N and --tickers")
     assert result.stderr.count("\n") == 1
+
+
+async def test_past_listings_and_daily_bars_agree_with_the_snapshots(
+    http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A past day's listing is the chain laid out from that day; a contract's daily bar of a
+    session is the day bar its snapshot gives at that session's close; no trade, no bar."""
+    past = AS_OF - dt.timedelta(days=9)  # a Monday
+    async with simulator(underlyings=("AAA",), as_of=past) as then_url:
+        then = {
+            row["details"]["ticker"]: row
+            for page in await walk(http, f"{then_url}/v3/snapshot/options/AAA", limit=250)
+            for row in page["results"]
+        }
+        close = dt.datetime.combine(past, dt.time(16), tzinfo=ZoneInfo("America/New_York"))
+        minute = int(close.timestamp() // 60)
+        monkeypatch.setattr(simulator_app, "_minute", lambda: minute)
+        at_close = {
+            row["details"]["ticker"]: row
+            for page in await walk(http, f"{then_url}/v3/snapshot/options/AAA", limit=250)
+            for row in page["results"]
+        }
+        monkeypatch.undo()
+    async with simulator(underlyings=("AAA",)) as url:
+        listed = [
+            c["ticker"]
+            for expired in ("true", "false")
+            for page in await walk(
+                http,
+                f"{url}/v3/reference/options/contracts",
+                underlying_ticker="AAA",
+                as_of=past.isoformat(),
+                expired=expired,
+                limit=1000,
+            )
+            for c in page["results"]
+        ]
+        assert sorted(listed) == sorted(then)
+        traded = [t for t, row in at_close.items() if row.get("day")]
+        untraded = [t for t, row in at_close.items() if not row.get("day")]
+        assert traded and untraded
+        for ticker in traded[:5] + untraded[:2]:
+            status, body, _ = await get(
+                http, f"{url}/v2/aggs/ticker/{ticker}/range/1/day/{past}/{past}"
+            )
+            assert status == 200, body
+            day = at_close[ticker].get("day")
+            if not day:
+                assert body["resultsCount"] == 0 and "results" not in body
+                continue
+            (bar,) = body["results"]
+            assert (bar["o"], bar["h"], bar["l"], bar["c"], bar["v"], bar["vw"]) == (
+                day["open"], day["high"], day["low"], day["close"], day["volume"], day["vwap"]
+            )  # fmt: skip
+            midnight = dt.datetime.combine(past, dt.time(0), tzinfo=ZoneInfo("America/New_York"))
+            assert bar["t"] == int(midnight.timestamp() * 1000)
+        status, body, _ = await get(http, f"{url}/v2/aggs/ticker/{traded[0]}/range/1/week/a/b")
+        assert status == 400
+        status, body, _ = await get(
+            http, f"{url}/v3/reference/options/contracts", underlying_ticker="AAA", as_of="x"
+        )
+        assert (status, body["status"]) == (400, "ERROR")
