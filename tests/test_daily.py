@@ -30,6 +30,9 @@ CLOSING = (
 )  # fmt: skip
 
 
+GREEKS = ("implied_volatility", "delta", "gamma", "theta", "vega")
+
+
 async def take(pool: asyncpg.Pool, settings: Settings, slots: list[dt.datetime]) -> None:
     """One snapshot by the real job per slot, each moved to its time."""
     for slot in slots:
@@ -39,7 +42,12 @@ async def take(pool: asyncpg.Pool, settings: Settings, slots: list[dt.datetime])
             "SELECT captured_at FROM ingest_runs WHERE job = 'snapshots' ORDER BY id DESC LIMIT 1"
         )
         async with pool.acquire() as conn, conn.transaction():
-            for table in ("option_snapshots", "snapshot_coverage", "ingest_runs"):
+            for table in (
+                "option_snapshots",
+                "snapshot_coverage",
+                "ingest_runs",
+                "computed_greeks",
+            ):
                 await conn.execute(
                     f"UPDATE {table} SET captured_at = $1 WHERE captured_at = $2", slot, taken
                 )
@@ -81,6 +89,7 @@ async def test_the_daily_table_holds_each_sessions_close_and_open_interest(
         }
         rows = await days_table(pool)
         assert len(rows) == len(SESSIONS) * 120
+        assert {r["greeks_source"] for r in rows} >= {"snapshot", "computed"}
         for row in rows:
             session = row["session"]
             close_at = dt.datetime.combine(session, SLOT_TIMES[1], dt.UTC)
@@ -90,11 +99,16 @@ async def test_the_daily_table_holds_each_sessions_close_and_open_interest(
                 close_at,
             )
             assert row["close_captured_at"] == close_at
+            greeks = await pool.fetchrow(
+                "SELECT * FROM snapshot_greeks WHERE ticker = $1 AND captured_at = $2",
+                row["ticker"],
+                close_at,
+            )
             for name in CLOSING:
-                assert row[name] == closing[name], (row["ticker"], session, name)
-            assert row["greeks_source"] == ("snapshot" if closing["delta"] is not None
-                                            or closing["implied_volatility"] is not None
-                                            else None)  # fmt: skip
+                # IV and greeks: the API's, else those computed for the slot
+                want = greeks[name] if name in GREEKS else closing[name]
+                assert row[name] == want, (row["ticker"], session, name)
+            assert row["greeks_source"] == greeks["source"]
             assert row["bar_source"] == ("snapshot" if closing["day_close"] is not None else None)
             if session == SESSIONS[-1]:
                 assert (row["open_interest"], row["oi_source"]) == (None, None)

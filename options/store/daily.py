@@ -152,7 +152,11 @@ async def sessions_to_build(
 # session keeps its closing values and gains its open interest.
 BUILD = """
 WITH closing AS (
-    SELECT * FROM snapshot_reads WHERE underlying_ticker = $1 AND captured_at = $3
+    SELECT r.*, g.implied_volatility AS g_iv, g.delta AS g_delta, g.gamma AS g_gamma,
+           g.theta AS g_theta, g.vega AS g_vega
+    FROM snapshot_reads r
+    LEFT JOIN computed_greeks g ON g.ticker = r.ticker AND g.captured_at = r.captured_at
+    WHERE r.underlying_ticker = $1 AND r.captured_at = $3
 ), oi AS (
     SELECT ticker, open_interest, captured_at FROM snapshot_reads
     WHERE underlying_ticker = $1 AND captured_at = $4
@@ -164,8 +168,15 @@ INSERT INTO contract_days AS d (ticker, session, underlying_ticker, open_interes
 SELECT coalesce(c.ticker, o.ticker), $2, $1, o.open_interest,
        CASE WHEN o.ticker IS NOT NULL THEN 'snapshot' END, o.captured_at,
        c.captured_at, c.bid, c.ask, c.midpoint, c.last_price, c.last_trade_at,
-       c.implied_volatility, c.delta, c.gamma, c.theta, c.vega, c.underlying_price,
-       CASE WHEN c.implied_volatility IS NOT NULL OR c.delta IS NOT NULL THEN 'snapshot' END,
+       coalesce(c.implied_volatility, c.g_iv), coalesce(c.delta, c.g_delta),
+       coalesce(c.gamma, c.g_gamma), coalesce(c.theta, c.g_theta), coalesce(c.vega, c.g_vega),
+       c.underlying_price,
+       -- as the view snapshot_greeks says it: the API's values first, computed ones for the rest
+       CASE WHEN c.implied_volatility IS NOT NULL AND c.delta IS NOT NULL THEN 'snapshot'
+            WHEN c.g_iv IS NOT NULL
+                 THEN CASE WHEN c.implied_volatility IS NULL AND c.delta IS NULL
+                           THEN 'computed' ELSE 'snapshot+computed' END
+            WHEN c.implied_volatility IS NOT NULL OR c.delta IS NOT NULL THEN 'snapshot' END,
        c.day_open, c.day_high, c.day_low, c.day_close, c.day_volume, c.day_vwap,
        CASE WHEN c.day_close IS NOT NULL THEN 'snapshot' END, now()
 FROM closing c

@@ -27,7 +27,9 @@ CREATE TABLE contract_days (
     theta               double precision,
     vega                double precision,
     underlying_price    double precision,
-    greeks_source       text CHECK (greeks_source IN ('snapshot', 'computed')),
+    -- as snapshot_greeks.source: the API's, computed (computed_greeks), or the API's IV with
+    -- computed greeks
+    greeks_source       text CHECK (greeks_source IN ('snapshot', 'computed', 'snapshot+computed')),
     -- the day bar, as the session's last complete slot gave it
     day_open            double precision,
     day_high            double precision,
