@@ -1,5 +1,6 @@
 """``computed_greeks``: IV and greeks computed for a slot's snapshots the API left without them
-(:mod:`options.jobs.greeks` does the arithmetic)."""
+(:mod:`options.jobs.greeks` does the arithmetic). The rows go to NumPy and back as whole
+columns (one array per column, both ways), not row by row."""
 
 from __future__ import annotations
 
@@ -9,19 +10,38 @@ from typing import Final
 import asyncpg
 import numpy as np
 
-from options.jobs.greeks import compute, years_to_expiry
+from options.jobs.greeks import YEAR_SECONDS, compute
 
 MODEL: Final = "black-scholes-merton"
 
-# The slot's rows missing IV or delta, with what the model needs
-_MISSING = """
-SELECT s.ticker, s.bid, s.ask, s.underlying_price, c.strike_price::float8 AS strike,
-       c.contract_type, c.expiration_date
+# The slot's rows missing IV or delta, as columns, with what the model needs; the time to
+# expiry runs to 16:00 New York time on the expiration day (NULL for an unknown contract)
+_MISSING = f"""
+SELECT array_agg(s.ticker) AS ticker,
+       array_agg(coalesce(s.bid, 'NaN')) AS bid,
+       array_agg(coalesce(s.ask, 'NaN')) AS ask,
+       array_agg(coalesce(s.underlying_price, 'NaN')) AS spot,
+       array_agg(CASE WHEN c.contract_type IN ('call', 'put') AND c.expiration_date IS NOT NULL
+                      THEN coalesce(c.strike_price::float8, 'NaN') ELSE 'NaN' END) AS strike,
+       array_agg(coalesce(extract(epoch FROM (c.expiration_date + time '16:00')
+                                             AT TIME ZONE 'America/New_York' - $1)::float8
+                          / {YEAR_SECONDS}, 'NaN')) AS years,
+       array_agg(c.contract_type = 'call') AS is_call
 FROM option_snapshots s
 LEFT JOIN option_contracts c ON c.ticker = s.ticker
 WHERE s.captured_at = $1 AND (s.implied_volatility IS NULL OR s.delta IS NULL)
   AND NOT EXISTS (
       SELECT 1 FROM computed_greeks g WHERE g.ticker = s.ticker AND g.captured_at = s.captured_at)
+"""
+
+_STORE = """
+INSERT INTO computed_greeks (ticker, captured_at, implied_volatility, delta, gamma, theta, vega,
+    reason, model, rate, dividend_yield, years, computed_at)
+SELECT t, $2, nullif(iv, 'NaN'), nullif(d, 'NaN'), nullif(g, 'NaN'), nullif(th, 'NaN'),
+       nullif(v, 'NaN'), r, $9, $10, $11, nullif(y, 'NaN'), now()
+FROM unnest($1::text[], $3::float8[], $4::float8[], $5::float8[], $6::float8[], $7::float8[],
+            $8::text[], $12::float8[]) AS u(t, iv, d, g, th, v, r, y)
+ON CONFLICT (ticker, captured_at) DO NOTHING
 """
 
 
@@ -33,66 +53,34 @@ async def compute_slot_greeks(
     Returns:
         The rows computed, and those stored with a reason instead.
     """
-    rows = await conn.fetch(_MISSING, captured_at)
-    if not rows:
+    columns = await conn.fetchrow(_MISSING, captured_at)
+    if columns is None or columns["ticker"] is None:
         return 0, 0
-    n = len(rows)
-    nan = float("nan")
-    bid = np.array([r["bid"] if r["bid"] is not None else nan for r in rows], dtype=np.float64)
-    ask = np.array([r["ask"] if r["ask"] is not None else nan for r in rows], dtype=np.float64)
-    spot = np.array(
-        [r["underlying_price"] if r["underlying_price"] is not None else nan for r in rows],
-        dtype=np.float64,
+    years = np.array(columns["years"], dtype=np.float64)
+    result = compute(
+        np.array(columns["bid"], dtype=np.float64),
+        np.array(columns["ask"], dtype=np.float64),
+        np.array(columns["spot"], dtype=np.float64),
+        np.array(columns["strike"], dtype=np.float64),
+        years,
+        np.array([flag is True for flag in columns["is_call"]], dtype=np.bool_),
+        rate=rate,
+        dividend=dividend,
     )
-    known = [r["contract_type"] in ("call", "put") and r["expiration_date"] is not None
-             for r in rows]  # fmt: skip
-    strike = np.array(
-        [
-            r["strike"] if ok and r["strike"] is not None else nan
-            for r, ok in zip(rows, known, strict=True)
-        ],
-        dtype=np.float64,
+    await conn.execute(
+        _STORE,
+        columns["ticker"],
+        captured_at,
+        result.implied_volatility.tolist(),
+        result.delta.tolist(),
+        result.gamma.tolist(),
+        result.theta.tolist(),
+        result.vega.tolist(),
+        result.reason,
+        MODEL,
+        rate,
+        dividend,
+        years.tolist(),
     )
-    years = np.array(
-        [
-            years_to_expiry(r["expiration_date"], captured_at) if ok else nan
-            for r, ok in zip(rows, known, strict=True)
-        ],
-        dtype=np.float64,
-    )
-    is_call = np.array([r["contract_type"] == "call" for r in rows], dtype=np.bool_)
-    result = compute(bid, ask, spot, strike, years, is_call, rate=rate, dividend=dividend)
-    now = dt.datetime.now(dt.UTC)
-
-    def value(array: np.ndarray, i: int) -> float | None:
-        v = float(array[i])
-        return None if np.isnan(v) else v
-
-    records = [
-        (
-            rows[i]["ticker"],
-            captured_at,
-            value(result.implied_volatility, i),
-            value(result.delta, i),
-            value(result.gamma, i),
-            value(result.theta, i),
-            value(result.vega, i),
-            result.reason[i],
-            MODEL,
-            rate,
-            dividend,
-            value(years, i),
-            now,
-        )
-        for i in range(n)
-    ]
-    await conn.copy_records_to_table(
-        "computed_greeks",
-        records=records,
-        columns=[
-            "ticker", "captured_at", "implied_volatility", "delta", "gamma", "theta", "vega",
-            "reason", "model", "rate", "dividend_yield", "years", "computed_at",
-        ],
-    )  # fmt: skip
-    failed = sum(r is not None for r in result.reason)
-    return n - failed, failed
+    failed = sum(reason is not None for reason in result.reason)
+    return len(result.reason) - failed, failed
