@@ -15,10 +15,12 @@ import click
 
 from cli.common import (
     COMMAND_SETTINGS,
+    deadline_option,
     env_file_option,
     fail,
     load_settings,
     one_off_underlyings,
+    parse_deadline,
     refuse,
     run,
     version_option,
@@ -164,6 +166,49 @@ def compact(env_file: Path | None, before: dt.datetime | None, dry_run: bool) ->
         return ExitCode.ALREADY_RUNNING if reports is None else ExitCode.OK
 
     run(compact_days)
+
+
+@main.command()
+@env_file_option
+@click.option(
+    "--since",
+    default="24h",
+    show_default=True,
+    metavar="DURATION",
+    help="Compute the slots taken in the last DURATION (90m, 24h, 168h).",
+)
+@deadline_option
+@version_option
+def greeks(env_file: Path | None, since: str, deadline: str | None) -> None:
+    """Compute IV and greeks for the snapshots the API left without them (computed_greeks).
+
+    The slots of the last --since not computed yet, or with chains stored since, one slot per
+    transaction. The snapshot service runs this right after each ingest_snapshots run; it does
+    nothing when COMPUTE_GREEKS=false. Prints one line per slot and the total.
+    """
+    from options.config import parse_duration
+    from options.jobs.wiring import greeks_command
+
+    try:
+        seconds = parse_duration(since, name="--since")
+    except OptionsError as exc:
+        fail(exc)
+    settings = load_settings(env_file)
+
+    async def compute(stop: asyncio.Event) -> int:
+        moment = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+        result = await greeks_command(settings, since=moment, stop=stop)
+        if result is None:
+            click.echo("COMPUTE_GREEKS=false: nothing computed")
+            return ExitCode.OK
+        slots, done, failed = result
+        click.echo(
+            f"{slots} slots: IV and greeks computed for {done:,} snapshots, "
+            f"{failed:,} could not be (see computed_greeks.reason)"
+        )
+        return ExitCode.INTERRUPTED if stop.is_set() else ExitCode.OK
+
+    run(compute, deadline=parse_deadline(deadline))
 
 
 @main.group()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import importlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,7 +18,7 @@ from opentelemetry import trace
 
 from options.api.polygon import PolygonClient
 from options.config import Settings
-from options.errors import ConfigError, ExitCode, OptionsError
+from options.errors import ConfigError, DatabaseError, ExitCode, OptionsError
 from options.jobs.backfill import backfill, closed_sessions
 from options.jobs.contracts import deactivate_expired, sync_contracts
 from options.jobs.daily import build_daily
@@ -62,6 +61,9 @@ if TYPE_CHECKING:
     from options.store.compaction import DayCompaction
 
 logger = logging.getLogger(__name__)
+
+# How far back ingest_daily computes the greeks the snapshot runs left: a week of slots
+GREEKS_CATCH_UP = dt.timedelta(days=7)
 tracer = trace.get_tracer(__name__)
 
 POOL_CLOSE_TIMEOUT = 10.0
@@ -183,6 +185,17 @@ async def compact_snapshots(
         return await compact_days(
             pool, now=dt.datetime.now(dt.UTC), before=before, dry_run=dry_run, stop=stop
         )
+
+
+async def greeks_command(
+    settings: Settings, *, since: dt.datetime, stop: asyncio.Event | None = None
+) -> tuple[int, int, int] | None:
+    """``ingest_admin greeks``: :func:`compute_greeks` on its own pool; ``None`` when
+    ``COMPUTE_GREEKS`` is off."""
+    if not settings.compute_greeks:
+        return None
+    async with open_database(settings, job="admin", pool_stats=False) as pool:
+        return await compute_greeks(settings, pool, since=since, stop=stop)
 
 
 async def manage_underlyings(settings: Settings, action: str, tickers: Sequence[str]) -> list[str]:
@@ -320,6 +333,9 @@ async def run_daily_job(
         with tracer.start_as_current_span("ingest_daily.run") as span:
             async with recorded_run(pool, "daily", dsn=dsn, on_end=on_end) as run:
                 span.set_attribute("options.run_id", run.id)
+                if settings.compute_greeks:
+                    # what the snapshot runs left (a run that ended partial computes none)
+                    await compute_greeks(settings, pool, since=moment - GREEKS_CATCH_UP, stop=stop)
                 builds = await build_daily(
                     pool, run, underlyings, now=moment, stop=stop, progress=progress
                 )
@@ -458,14 +474,6 @@ async def _snapshot(
             day = captured_at.astimezone(dt.UTC).date()
             # only the slot's own day before the snapshot (normally it exists: no DDL at all)
             partition = await ensure_partitions(pool, day, days_ahead=0)
-            # NumPy and SciPy take a third of a second to import: done while the chains load
-            preload = (
-                asyncio.ensure_future(
-                    asyncio.to_thread(importlib.import_module, "options.store.greeks")
-                )
-                if settings.compute_greeks
-                else None
-            )
             snapshot = SnapshotRun(
                 settings,
                 client,
@@ -479,9 +487,6 @@ async def _snapshot(
                 await snapshot.execute(planned, stop)
             finally:
                 await _say_why_unstored(pool, run, captured_at)
-            if preload is not None:
-                await preload
-                await _compute_greeks(settings, pool, captured_at)
             # the week ahead after the rows are stored, so nothing waits on partition DDL
             await ensure_partitions(pool, day, lock_timeout=AHEAD_LOCK_TIMEOUT)
             retain = retain_days if retain_days is not None else settings.snapshot_retain_days
@@ -489,31 +494,49 @@ async def _snapshot(
         return STATUS_EXIT_CODES[run.status]
 
 
-async def _compute_greeks(settings: Settings, pool: asyncpg.Pool, captured_at: dt.datetime) -> None:
-    """IV and greeks for the slot's rows the API left without them (``computed_greeks``); a
-    failure costs only those values, with a warning."""
-    from options.store.greeks import compute_slot_greeks  # loads NumPy and SciPy
+async def compute_greeks(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    *,
+    since: dt.datetime,
+    stop: asyncio.Event | None = None,
+) -> tuple[int, int, int]:
+    """IV and greeks for the rows the API left without them, in the slots from ``since`` on
+    not computed yet (``computed_greeks``), a slot per transaction.
 
-    started = time.perf_counter()
+    Returns:
+        The slots done, the rows computed, and those stored with a reason instead.
+
+    Raises:
+        DatabaseError: PostgreSQL failed or went away; the slots done before stay.
+    """
+    from options.store.greeks import compute_slot_greeks, slots_to_compute  # NumPy, SciPy
+
+    slots = done = failed = 0
     try:
         async with pool.acquire() as conn:
-            done, failed = await compute_slot_greeks(
-                conn,
-                captured_at,
-                rate=settings.greeks_rate,
-                dividend=settings.greeks_dividend_yield,
-            )
+            for slot in await slots_to_compute(conn, since):
+                if stop is not None and stop.is_set():
+                    break
+                started = time.perf_counter()
+                computed, refused = await compute_slot_greeks(
+                    conn,
+                    slot,
+                    rate=settings.greeks_rate,
+                    dividend=settings.greeks_dividend_yield,
+                )
+                slots, done, failed = slots + 1, done + computed, failed + refused
+                logger.info(
+                    "Slot %s: IV and greeks computed for %d snapshots the API gave none (%d "
+                    "could not be: see computed_greeks.reason) in %.2f s",
+                    slot.isoformat(),
+                    computed,
+                    refused,
+                    time.perf_counter() - started,
+                )
     except DB_ERRORS as exc:
-        logger.warning("Computed greeks not stored: %s", describe_db_error(exc))
-        return
-    if done or failed:
-        logger.info(
-            "Computed IV and greeks for %d snapshots the API gave none (%d could not be: see "
-            "computed_greeks.reason) in %.2f s",
-            done,
-            failed,
-            time.perf_counter() - started,
-        )
+        raise DatabaseError(f"computing greeks: {describe_db_error(exc)}") from exc
+    return slots, done, failed
 
 
 async def _say_why_unstored(pool: asyncpg.Pool, run: Run, captured_at: dt.datetime) -> None:

@@ -40,7 +40,7 @@ UNIT_FILES = (
     "ingest-notify@.service",
 )
 TIMERS = ("ingest_options.timer", "ingest_snapshots.timer", "ingest_daily.timer")
-JOB_SCRIPTS = ("ingest_options", "ingest_snapshots", "ingest_daily")
+JOB_SCRIPTS = ("ingest_options", "ingest_snapshots", "ingest_daily", "ingest_admin")
 TIME_ZONE = "America/New_York"
 SNAPSHOT_PERIODS = (5, 10, 15)
 DEFAULT_SNAPSHOT_EVERY = 10

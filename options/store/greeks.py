@@ -45,14 +45,49 @@ ON CONFLICT (ticker, captured_at) DO NOTHING
 """
 
 
+async def slots_to_compute(conn: asyncpg.Connection, since: dt.datetime) -> list[dt.datetime]:
+    """The slots from ``since`` on with chains committed and still in ``option_snapshots``, not
+    computed yet or with chains committed since they were."""
+    rows = await conn.fetch(
+        """
+        SELECT c.captured_at FROM snapshot_coverage c
+        LEFT JOIN greeks_slots g USING (captured_at)
+        WHERE c.captured_at >= $1 AND c.committed_at IS NOT NULL
+        GROUP BY c.captured_at, g.computed_at
+        HAVING g.computed_at IS NULL OR max(c.committed_at) > g.computed_at
+        ORDER BY c.captured_at
+        """,
+        since,
+    )
+    return [row["captured_at"] for row in rows]
+
+
 async def compute_slot_greeks(
     conn: asyncpg.Connection, captured_at: dt.datetime, *, rate: float, dividend: float
 ) -> tuple[int, int]:
-    """Compute and store the slot's missing IV and greeks (rows done before are skipped).
+    """Compute and store the slot's missing IV and greeks (rows done before are skipped), and
+    its ``greeks_slots`` row, in one transaction.
 
     Returns:
         The rows computed, and those stored with a reason instead.
     """
+    async with conn.transaction():
+        done, failed = await _compute(conn, captured_at, rate, dividend)
+        await conn.execute(
+            "INSERT INTO greeks_slots (captured_at, computed, not_computed, computed_at) "
+            "VALUES ($1, $2, $3, now()) ON CONFLICT (captured_at) DO UPDATE SET "
+            "computed = greeks_slots.computed + $2, "
+            "not_computed = greeks_slots.not_computed + $3, computed_at = now()",
+            captured_at,
+            done,
+            failed,
+        )
+    return done, failed
+
+
+async def _compute(
+    conn: asyncpg.Connection, captured_at: dt.datetime, rate: float, dividend: float
+) -> tuple[int, int]:
     columns = await conn.fetchrow(_MISSING, captured_at)
     if columns is None or columns["ticker"] is None:
         return 0, 0

@@ -38,3 +38,12 @@ SELECT r.captured_at, r.underlying_ticker, r.ticker,
        g.reason AS not_computed_because
 FROM snapshot_reads r
 LEFT JOIN computed_greeks g ON g.ticker = r.ticker AND g.captured_at = r.captured_at;
+
+-- The slots whose missing values were computed, and when: a slot whose chains were committed
+-- after that (a resumed slot) is computed again for its new rows.
+CREATE TABLE greeks_slots (
+    captured_at     timestamptz PRIMARY KEY,
+    computed        integer NOT NULL,
+    not_computed    integer NOT NULL,
+    computed_at     timestamptz NOT NULL
+);
