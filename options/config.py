@@ -172,8 +172,9 @@ class Settings:
     """Days of snapshots kept in PostgreSQL when there is an archive; older days are archived."""
     s3: S3Access = field(default_factory=S3Access)
     compute_greeks: bool = True
-    """``COMPUTE_GREEKS``: after each snapshot run, compute IV and greeks for the rows the API
-    left without them (``computed_greeks``)."""
+    """``COMPUTE_GREEKS``: ``ingest_admin greeks`` (run right after each snapshot run) and
+    ``ingest_daily`` compute IV and greeks for the rows the API left without them
+    (``computed_greeks``)."""
     greeks_rate: float = 0.04
     """``GREEKS_RATE``: the continuous risk-free rate of the computed greeks (0.04 is 4%)."""
     greeks_dividend_yield: float = 0.0
