@@ -283,7 +283,8 @@ async def test_a_failed_run_triggers_the_notification_hook(installed: Sandbox) -
 
 
 async def test_snapshot_service_stores_snapshots(installed: Sandbox, database_url: str) -> None:
-    """ingest_snapshots.service (forced, markets may be closed) stores a snapshot per contract."""
+    """ingest_snapshots.service (forced, markets may be closed) stores a snapshot per contract,
+    then computes the greeks the API left out."""
     box = installed
     synced = box.systemctl("start", "ingest_options.service")
     assert synced.returncode == 0, box.messages("ingest_options.service")
@@ -303,3 +304,5 @@ async def test_snapshot_service_stores_snapshots(installed: Sandbox, database_ur
     journal = box.messages("ingest_snapshots.service")
     assert started.returncode == 0, journal
     assert await count_rows(database_url, "option_snapshots") > 0, journal
+    # its ExecStartPost= computed the IV and greeks the API left out, inside the same sandbox
+    assert await count_rows(database_url, "computed_greeks") > 0, journal
