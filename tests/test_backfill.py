@@ -19,12 +19,12 @@ import asyncpg
 import pytest
 
 from options.config import Settings
-from options.errors import ExitCode, RunInterrupted
+from options.errors import DatabaseError, ExitCode, RunInterrupted
 from options.jobs.wiring import run_daily_job
 from options.simulator import RunningSimulator, SimulatorConfig
 from options.simulator.history import bars_of
 from options.simulator.universe import Universe
-from tests.conftest import SIM_KEY
+from tests.conftest import SIM_KEY, black_out
 
 UNDERLYINGS = ("AAA", "BBB", "CCC")
 CONTRACTS = 40
@@ -185,3 +185,77 @@ async def test_a_budget_stops_the_backfill_and_the_next_run_goes_on(
     assert await coverage(pool) == {(UNDERLYINGS[0], d): None for d in SESSIONS}
     expected = {k: v for k, v in expected_rows().items() if v["underlying_ticker"] == "AAA"}
     assert await stored_rows(pool) == expected
+
+
+async def test_sigterm_ends_the_backfill_interrupted_and_the_next_run_completes_it(
+    pool: asyncpg.Pool,
+    database_url: str,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    async with simulator(
+        underlyings=UNDERLYINGS[:2],
+        contracts_per_underlying=CONTRACTS,
+        as_of=SIM_TODAY,
+        latency=0.01,
+    ) as api:
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "POLYGON_BASE_URL": api.base_url,
+            "POLYGON_API_KEY": SIM_KEY,
+            "UNDERLYINGS": ",".join(UNDERLYINGS[:2]),
+            "POLYGON_RATE_LIMIT": "off",
+            "LOG_LEVEL": "WARNING",
+        }
+        child = await asyncio.create_subprocess_exec(
+            str(BIN / "ingest_daily"), "--from", f"{FIRST}", "--to", f"{LAST}",
+            env=env, cwd=tmp_path, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        # once it is under way: a run row and a listing stored
+        for _ in range(200):
+            if await pool.fetchval("SELECT count(*) FROM daily_listings"):
+                break
+            await asyncio.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(child.wait(), 30) == ExitCode.INTERRUPTED
+        run = await pool.fetchrow("SELECT status FROM ingest_runs ORDER BY id DESC LIMIT 1")
+        assert run["status"] == "interrupted"
+        settings = make_settings(api.base_url, UNDERLYINGS[:2])
+        assert await run_daily_job(settings, backfill_range=(FIRST, LAST)) == ExitCode.OK
+    expected = {k: v for k, v in expected_rows().items() if v["underlying_ticker"] != "CCC"}
+    assert await stored_rows(pool) == expected
+    assert await coverage(pool) == {(u, d): None for u in UNDERLYINGS[:2] for d in SESSIONS}
+
+
+async def test_api_faults_and_a_database_outage_cost_no_row(
+    pool: asyncpg.Pool,
+    database_url: str,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+) -> None:
+    """5xx answers are retried; connections lost to an outage are replaced (or, when the
+    database refuses new ones, the run fails naming the database); a rerun completes it."""
+    async with simulator(
+        underlyings=UNDERLYINGS[:2],
+        contracts_per_underlying=CONTRACTS,
+        as_of=SIM_TODAY,
+        latency=0.002,
+        error_rate=0.05,
+    ) as api:
+        settings = make_settings(
+            api.base_url, UNDERLYINGS[:2], http_max_retries=6, db_reconnect_seconds=10.0
+        )
+        outage = asyncio.create_task(black_out(database_url, after=0.5, seconds=1.5))
+        try:
+            code = await run_daily_job(settings, backfill_range=(FIRST, LAST))
+        except DatabaseError as exc:
+            assert "database" in str(exc)
+            code = None
+        await outage
+        if code != ExitCode.OK:
+            assert await run_daily_job(settings, backfill_range=(FIRST, LAST)) == ExitCode.OK
+    expected = {k: v for k, v in expected_rows().items() if v["underlying_ticker"] != "CCC"}
+    assert await stored_rows(pool) == expected
+    assert await coverage(pool) == {(u, d): None for u in UNDERLYINGS[:2] for d in SESSIONS}

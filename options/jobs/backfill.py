@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import asyncpg
 
@@ -25,10 +27,12 @@ from options.store.backfill import (
     store_bars,
     store_listing,
 )
-from options.store.db import DB_ERRORS, describe_db_error
+from options.store.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error, reconnecting
 from options.store.runs import Run
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class _BudgetSpent(Exception):
@@ -100,11 +104,14 @@ async def _backfill_underlying(
 ) -> int:
     """One underlying's sessions: listings, then bars, then coverage; ``check`` is called
     before each request (it raises when the run must stop)."""
-    async with pool.acquire() as conn:
+
+    async def read_state(conn: asyncpg.Connection) -> tuple[list[dt.date], set[dt.date]]:
         todo = await sessions_to_backfill(conn, key, sessions)
-        if not todo:
-            return 0
-        listed = await listed_sessions(conn, key, todo)
+        return todo, (await listed_sessions(conn, key, todo) if todo else set())
+
+    todo, listed = await _unit(pool, f"{key}: reading the backfill's state", read_state)
+    if not todo:
+        return 0
     for day in todo:
         if day in listed:
             continue
@@ -119,20 +126,46 @@ async def _backfill_underlying(
             async for page in client.list_contracts(underlying, params):
                 tickers.update(t for r in page.results if (t := contract_ticker(r)) is not None)
                 check()
-        async with pool.acquire() as conn:
-            count = await store_listing(conn, run, key, day, tickers)
+        count = await _unit(
+            pool,
+            f"{key} {day}: storing the listing",
+            functools.partial(store_listing, run=run, underlying=key, session=day, tickers=tickers),
+        )
         logger.info("%s %s: %d contracts listed", key, day, count)
-    async with pool.acquire() as conn:
-        pending = await contracts_without_bars(conn, key, todo)
+    pending = await _unit(
+        pool,
+        f"{key}: reading the contracts without bars",
+        lambda conn: contracts_without_bars(conn, key, todo),
+    )
     for ticker, days in pending:
         check()
         bars, _ = await client.daily_bars(ticker, days[0], days[-1])
         dated = [(when, bar) for bar in bars if (when := bar_session(bar)) is not None]
-        async with pool.acquire() as conn:
-            await store_bars(conn, run, key, ticker, days, dated)
-    async with pool.acquire() as conn:
-        found = await store_backfill_coverage(conn, run, key, todo)
+        await _unit(
+            pool,
+            f"{ticker}: storing its bars",
+            functools.partial(
+                store_bars, run=run, underlying=key, ticker=ticker, sessions=days, bars=dated
+            ),
+        )
+    found = await _unit(
+        pool,
+        f"{key}: storing the coverage",
+        lambda conn: store_backfill_coverage(conn, run, key, todo),
+    )
     incomplete = [(day, reason) for day, reason in found if reason is not None]
     for day, reason in incomplete:
         logger.warning("%s %s: not complete: %s", key, day, reason)
     return len(incomplete)
+
+
+async def _unit(
+    pool: asyncpg.Pool, what: str, work: Callable[[asyncpg.Connection], Awaitable[T]]
+) -> T:
+    """Run one unit (a read, or a transaction that stores what is not there yet) on a
+    connection of the pool, again on a new one while the connection keeps being lost."""
+    async for attempt in reconnecting(what=what):
+        with attempt:
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                return await work(conn)
+    raise AssertionError("unreachable: reconnecting() returns or raises")
