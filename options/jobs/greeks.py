@@ -73,6 +73,22 @@ def years_to_expiry(expiration: dt.date, at: dt.datetime) -> float:
     return (close - at).total_seconds() / YEAR_SECONDS
 
 
+def _d1(
+    spot: FloatArray,
+    strike: FloatArray,
+    years: FloatArray,
+    sqrt_t: FloatArray,
+    vol: FloatArray,
+    rate: float,
+    dividend: float,
+) -> FloatArray:
+    """Black-Scholes-Merton's d1."""
+    d1: FloatArray = (np.log(spot / strike) + (rate - dividend + 0.5 * vol * vol) * years) / (
+        vol * sqrt_t
+    )
+    return d1
+
+
 def bsm_price(
     spot: FloatArray,
     strike: FloatArray,
@@ -84,7 +100,7 @@ def bsm_price(
 ) -> FloatArray:
     """Black-Scholes-Merton prices."""
     sqrt_t = np.sqrt(years)
-    d1 = (np.log(spot / strike) + (rate - dividend + 0.5 * vol * vol) * years) / (vol * sqrt_t)
+    d1 = _d1(spot, strike, years, sqrt_t, vol, rate, dividend)
     d2 = d1 - vol * sqrt_t
     spot_df = spot * np.exp(-dividend * years)
     strike_df = strike * np.exp(-rate * years)
@@ -128,9 +144,7 @@ def implied_volatility(
         above = diff > 0
         hi[idx] = np.where(above, v, hi[idx])
         lo[idx] = np.where(above, lo[idx], v)
-        d1 = (np.log(spot[idx] / strike[idx]) + (rate - dividend + 0.5 * v * v) * years[idx]) / (
-            v * s_t
-        )
+        d1 = _d1(spot[idx], strike[idx], years[idx], s_t, v, rate, dividend)
         vega = spot_df[idx] * np.exp(-0.5 * d1 * d1) / np.sqrt(2.0 * np.pi) * s_t
         with np.errstate(divide="ignore", invalid="ignore"):
             step = diff / vega
@@ -222,7 +236,7 @@ def greeks(
 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
     """Delta, gamma, theta (per calendar day) and vega (per volatility point)."""
     sqrt_t = np.sqrt(years)
-    d1 = (np.log(spot / strike) + (rate - dividend + 0.5 * vol * vol) * years) / (vol * sqrt_t)
+    d1 = _d1(spot, strike, years, sqrt_t, vol, rate, dividend)
     d2 = d1 - vol * sqrt_t
     q_df = np.exp(-dividend * years)
     r_df = np.exp(-rate * years)
