@@ -259,3 +259,37 @@ async def test_api_faults_and_a_database_outage_cost_no_row(
     expected = {k: v for k, v in expected_rows().items() if v["underlying_ticker"] != "CCC"}
     assert await stored_rows(pool) == expected
     assert await coverage(pool) == {(u, d): None for u in UNDERLYINGS[:2] for d in SESSIONS}
+
+
+async def test_units_the_api_refused_are_left_and_the_run_ends_partial(
+    pool: asyncpg.Pool,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+) -> None:
+    """With no retries, 5xx answers fail single listings and contracts' bars: the backfill
+    goes on past them, ends partial (exit 3) naming the first, and the next run completes."""
+    names = UNDERLYINGS[:2]
+    async with simulator(
+        underlyings=names, contracts_per_underlying=CONTRACTS, as_of=SIM_TODAY, error_rate=0.1
+    ) as api:
+        settings = make_settings(api.base_url, names, http_max_retries=0)
+        code = await run_daily_job(settings, backfill_range=(FIRST, LAST))
+    assert code == ExitCode.PARTIAL
+    run = await pool.fetchrow(
+        "SELECT status, underlyings_failed, error FROM ingest_runs ORDER BY id DESC LIMIT 1"
+    )
+    assert run["status"] == "partial" and run["underlyings_failed"] >= 1
+    assert (
+        "left for the next run" in run["error"]
+        or "the bars of" in run["error"]
+        or ("the listing of" in run["error"])
+    )
+    assert any(reason is not None for reason in (await coverage(pool)).values())
+    async with simulator(
+        underlyings=names, contracts_per_underlying=CONTRACTS, as_of=SIM_TODAY
+    ) as api:
+        settings = make_settings(api.base_url, names)
+        assert await run_daily_job(settings, backfill_range=(FIRST, LAST)) == ExitCode.OK
+    expected = {k: v for k, v in expected_rows().items() if v["underlying_ticker"] in names}
+    assert await stored_rows(pool) == expected
+    assert await coverage(pool) == {(u, d): None for u in names for d in SESSIONS}

@@ -15,7 +15,7 @@ import asyncpg
 
 from options.api.normalize import contract_ticker
 from options.api.polygon import PolygonClient
-from options.errors import DatabaseError, RunInterrupted
+from options.errors import ApiError, DatabaseError, KeyRejectedError, RunInterrupted
 from options.ops.calendar import sessions_between
 from options.ops.progress import Progress
 from options.store.backfill import (
@@ -54,11 +54,18 @@ async def backfill(
     budget: int | None,
     stop: asyncio.Event | None = None,
     progress: Progress | None = None,
-) -> int:
-    """Backfill ``sessions`` of each of ``underlyings``; returns the sessions left incomplete.
+) -> dict[str, str]:
+    """Backfill ``sessions`` of each of ``underlyings``.
+
+    An API error on a listing or on a contract's bars (retries spent, or a 4xx) leaves that
+    unit for the next run and the backfill goes on; the underlying is then failed.
+
+    Returns:
+        The failed underlyings, each with why.
 
     Raises:
         RunInterrupted: ``stop`` was set, or the request budget was spent, first.
+        KeyRejectedError: the API key was refused.
         DatabaseError: PostgreSQL failed or went away; the units stored before stay.
     """
     start = client.requests_sent
@@ -70,15 +77,17 @@ async def backfill(
         if budget is not None and client.requests_sent - start >= budget:
             raise _BudgetSpent
 
-    run.stats.underlyings_requested = len(underlyings)
-    left = 0
+    failures: dict[str, str] = {}
     try:
-        for underlying in underlyings:
+        for n, underlying in enumerate(underlyings, 1):
             key = underlying.removeprefix("I:")
-            left += await _backfill_underlying(pool, client, run, underlying, key, sessions, spend)
-            run.stats.add({"underlyings_succeeded": 1})
+            failure = await _backfill_underlying(
+                pool, client, run, underlying, key, sessions, spend
+            )
+            if failure is not None:
+                failures[key] = failure
             if progress is not None:
-                progress.update(done=run.stats.underlyings_succeeded, rows=run.stats.rows_written)
+                progress.update(done=n, rows=run.stats.rows_written, failed=len(failures))
     except _BudgetSpent:
         raise RunInterrupted(
             f"the request budget ({budget:,} requests) is spent: the backfill goes on from "
@@ -90,7 +99,7 @@ async def backfill(
         raise DatabaseError(f"backfilling daily rows: {describe_db_error(exc)}") from exc
     finally:
         run.stats.api_requests = client.requests_sent - start
-    return left
+    return failures
 
 
 async def _backfill_underlying(
@@ -101,9 +110,10 @@ async def _backfill_underlying(
     key: str,
     sessions: Sequence[dt.date],
     check: Callable[[], None],
-) -> int:
+) -> str | None:
     """One underlying's sessions: listings, then bars, then coverage; ``check`` is called
-    before each request (it raises when the run must stop)."""
+    before each request (it raises when the run must stop). Returns why it failed, if it
+    did: the first API error, and how many units it left."""
 
     async def read_state(conn: asyncpg.Connection) -> tuple[list[dt.date], set[dt.date]]:
         todo = await sessions_to_backfill(conn, key, sessions)
@@ -111,21 +121,19 @@ async def _backfill_underlying(
 
     todo, listed = await _unit(pool, f"{key}: reading the backfill's state", read_state)
     if not todo:
-        return 0
+        return None
+    errors: list[str] = []
     for day in todo:
         if day in listed:
             continue
-        tickers: set[str] = set()
-        for expired in ("false", "true"):  # the listing then: live now, and expired since
-            check()
-            params: dict[str, str | int] = {
-                "as_of": day.isoformat(),
-                "expired": expired,
-                "expiration_date.gte": day.isoformat(),
-            }
-            async for page in client.list_contracts(underlying, params):
-                tickers.update(t for r in page.results if (t := contract_ticker(r)) is not None)
-                check()
+        try:
+            tickers = await _listing(client, underlying, day, check)
+        except ApiError as exc:
+            if isinstance(exc, KeyRejectedError):
+                raise
+            logger.warning("%s %s: listing not read: %s", key, day, exc)
+            errors.append(f"the listing of {day}: {exc}")
+            continue
         count = await _unit(
             pool,
             f"{key} {day}: storing the listing",
@@ -139,7 +147,14 @@ async def _backfill_underlying(
     )
     for ticker, days in pending:
         check()
-        bars, _ = await client.daily_bars(ticker, days[0], days[-1])
+        try:
+            bars, _ = await client.daily_bars(ticker, days[0], days[-1])
+        except ApiError as exc:
+            if isinstance(exc, KeyRejectedError):
+                raise
+            logger.warning("%s: daily bars not read: %s", ticker, exc)
+            errors.append(f"the bars of {ticker}: {exc}")
+            continue
         dated = [(when, bar) for bar in bars if (when := bar_session(bar)) is not None]
         await _unit(
             pool,
@@ -156,7 +171,28 @@ async def _backfill_underlying(
     incomplete = [(day, reason) for day, reason in found if reason is not None]
     for day, reason in incomplete:
         logger.warning("%s %s: not complete: %s", key, day, reason)
-    return len(incomplete)
+    if not errors:
+        return None
+    more = f" (and {len(errors) - 1} more units left for the next run)" if len(errors) > 1 else ""
+    return errors[0] + more
+
+
+async def _listing(
+    client: PolygonClient, underlying: str, day: dt.date, check: Callable[[], None]
+) -> set[str]:
+    """The contracts listed on ``day``: live now, and expired since."""
+    tickers: set[str] = set()
+    for expired in ("false", "true"):
+        check()
+        params: dict[str, str | int] = {
+            "as_of": day.isoformat(),
+            "expired": expired,
+            "expiration_date.gte": day.isoformat(),
+        }
+        async for page in client.list_contracts(underlying, params):
+            tickers.update(t for r in page.results if (t := contract_ticker(r)) is not None)
+            check()
+    return tickers
 
 
 async def _unit(

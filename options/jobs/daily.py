@@ -14,7 +14,7 @@ from options.errors import DatabaseError, RunInterrupted
 from options.ops.progress import Progress
 from options.store.daily import SessionBuild, build_underlying, sessions_to_build
 from options.store.db import DB_ERRORS, describe_db_error
-from options.store.runs import Run
+from options.store.runs import Run, count_committed
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ async def build_daily(
     """
     run.stats.underlyings_requested = len(underlyings)
     builds: list[SessionBuild] = []
+    built = 0
     for underlying in underlyings:
         if stop is not None and stop.is_set():
             break
@@ -48,7 +49,8 @@ async def build_daily(
             raise DatabaseError(
                 f"building the daily rows of {key}: {describe_db_error(exc)}"
             ) from exc
-        run.stats.add({"underlyings_succeeded": 1, "rows_written": sum(b.changed for b in done)})
+        run.stats.add({"rows_written": sum(b.changed for b in done)})
+        built += 1
         builds.extend(done)
         for build in done:
             if build.reason is not None:
@@ -60,13 +62,33 @@ async def build_daily(
                     build.reason,
                 )
         if progress is not None:
-            progress.update(
-                done=run.stats.underlyings_succeeded, rows=run.stats.rows_written, failed=0
-            )
-    done_count = run.stats.underlyings_succeeded
-    if stop is not None and stop.is_set() and done_count < len(underlyings):
+            progress.update(done=built, rows=run.stats.rows_written, failed=0)
+    if stop is not None and stop.is_set() and built < len(underlyings):
         raise RunInterrupted(
-            f"stopped before every underlying was built: {len(underlyings) - done_count} left "
+            f"stopped before every underlying was built: {len(underlyings) - built} left "
             "untouched (the others are stored)"
         )
     return builds
+
+
+async def count_underlyings(
+    pool: asyncpg.Pool, run: Run, underlyings: Sequence[str], failures: dict[str, str]
+) -> None:
+    """Once the job is done with them: each of ``underlyings`` counted succeeded, or failed
+    with its reason from ``failures``, in the run's row.
+
+    Raises:
+        DatabaseError: PostgreSQL failed or went away.
+    """
+    counts = {
+        "underlyings_succeeded": len(underlyings) - len(failures),
+        "underlyings_failed": len(failures),
+    }
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await count_committed(
+                conn, run, counts, failures=[f"{key}: {why}" for key, why in failures.items()]
+            )
+    except DB_ERRORS as exc:
+        raise DatabaseError(f"counting the run's underlyings: {describe_db_error(exc)}") from exc
+    run.stats.add(counts)

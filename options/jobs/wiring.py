@@ -21,7 +21,7 @@ from options.config import Settings
 from options.errors import ConfigError, DatabaseError, ExitCode, OptionsError
 from options.jobs.backfill import backfill, closed_sessions
 from options.jobs.contracts import deactivate_expired, sync_contracts
-from options.jobs.daily import build_daily
+from options.jobs.daily import build_daily, count_underlyings
 from options.jobs.filters import market_today
 from options.jobs.preview import Preview, preview_contracts, preview_snapshots
 from options.jobs.retention import (
@@ -339,10 +339,11 @@ async def run_daily_job(
                 builds = await build_daily(
                     pool, run, underlyings, now=moment, stop=stop, progress=progress
                 )
+                failures: dict[str, str] = {}
                 if backfill_range is not None:
                     sessions = closed_sessions(*backfill_range, moment)
                     async with open_client(settings) as client:
-                        left = await backfill(
+                        failures = await backfill(
                             pool,
                             client,
                             run,
@@ -352,7 +353,14 @@ async def run_daily_job(
                             stop=stop,
                             progress=progress,
                         )
-                    logger.info("Backfill of %d sessions: %d left incomplete", len(sessions), left)
+                    logger.info(
+                        "Backfill of %d sessions: %d underlyings with units left for the next run",
+                        len(sessions),
+                        len(failures),
+                    )
+                await count_underlyings(
+                    pool, run, [u.removeprefix("I:") for u in underlyings], failures
+                )
                 complete = sum(b.complete for b in builds)
                 logger.info(
                     "Daily rows: %d sessions built (%d complete), %d rows written or changed",
