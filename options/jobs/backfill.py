@@ -33,6 +33,9 @@ from options.store.runs import Run
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Contracts whose bars are requested at once (the client's rate limit and connection cap still
+# apply); after a stop or a spent budget, the bars already fetched are stored, no more asked
+BAR_REQUESTS_IN_FLIGHT = 8
 
 
 class _BudgetSpent(Exception):
@@ -69,13 +72,19 @@ async def backfill(
         DatabaseError: PostgreSQL failed or went away; the units stored before stay.
     """
     start = client.requests_sent
+    started = 0  # requests let through: with several in flight, more than were sent yet
 
-    def spend() -> None:
+    def spend(reserve: bool = True) -> None:
+        """Before a request (``reserve``: one the backfill sends itself; a next page is sent by
+        the pagination, counted once sent)."""
+        nonlocal started
         run.stats.api_requests = client.requests_sent - start
         if stop is not None and stop.is_set():
             raise RunInterrupted("stopped: the backfill goes on from here when run again")
-        if budget is not None and client.requests_sent - start >= budget:
+        if budget is not None and max(started, client.requests_sent - start) >= budget:
             raise _BudgetSpent
+        if reserve:
+            started = max(started, client.requests_sent - start) + 1
 
     failures: dict[str, str] = {}
     try:
@@ -109,7 +118,7 @@ async def _backfill_underlying(
     underlying: str,
     key: str,
     sessions: Sequence[dt.date],
-    check: Callable[[], None],
+    check: Callable[..., None],
 ) -> str | None:
     """One underlying's sessions: listings, then bars, then coverage; ``check`` is called
     before each request (it raises when the run must stop). Returns why it failed, if it
@@ -145,16 +154,26 @@ async def _backfill_underlying(
         f"{key}: reading the contracts without bars",
         lambda conn: contracts_without_bars(conn, key, todo),
     )
-    for ticker, days in pending:
-        check()
-        try:
-            bars, _ = await client.daily_bars(ticker, days[0], days[-1])
-        except ApiError as exc:
-            if isinstance(exc, KeyRejectedError):
-                raise
-            logger.warning("%s: daily bars not read: %s", ticker, exc)
-            errors.append(f"the bars of {ticker}: {exc}")
-            continue
+    gate = asyncio.Semaphore(BAR_REQUESTS_IN_FLIGHT)
+    halted: list[BaseException] = []  # a stop or a spent budget: no new request
+
+    async def contract_bars(ticker: str, days: list[dt.date]) -> None:
+        async with gate:
+            if halted:
+                return
+            try:
+                check()
+            except (RunInterrupted, _BudgetSpent) as exc:
+                halted.append(exc)
+                return
+            try:
+                bars, _ = await client.daily_bars(ticker, days[0], days[-1])
+            except ApiError as exc:
+                if isinstance(exc, KeyRejectedError):
+                    raise
+                logger.warning("%s: daily bars not read: %s", ticker, exc)
+                errors.append(f"the bars of {ticker}: {exc}")
+                return
         dated = [(when, bar) for bar in bars if (when := bar_session(bar)) is not None]
         await _unit(
             pool,
@@ -163,6 +182,15 @@ async def _backfill_underlying(
                 store_bars, run=run, underlying=key, ticker=ticker, sessions=days, bars=dated
             ),
         )
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for ticker, days in pending:
+                group.create_task(contract_bars(ticker, days))
+    except BaseExceptionGroup as failed:
+        raise _first_cause(failed) from None
+    if halted:
+        raise halted[0]  # after the bars fetched before it were stored
     found = await _unit(
         pool,
         f"{key}: storing the coverage",
@@ -178,7 +206,7 @@ async def _backfill_underlying(
 
 
 async def _listing(
-    client: PolygonClient, underlying: str, day: dt.date, check: Callable[[], None]
+    client: PolygonClient, underlying: str, day: dt.date, check: Callable[..., None]
 ) -> set[str]:
     """The contracts listed on ``day``: live now, and expired since."""
     tickers: set[str] = set()
@@ -191,8 +219,28 @@ async def _listing(
         }
         async for page in client.list_contracts(underlying, params):
             tickers.update(t for r in page.results if (t := contract_ticker(r)) is not None)
-            check()
+            check(False)  # before the next page, if there is one
     return tickers
+
+
+def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a failed group of requests stands for: a stop first (the others were
+    cancelled by it), else the first error."""
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        else:
+            leaves.append(error)
+
+    collect(group)
+    for kind in (RunInterrupted, _BudgetSpent):
+        for error in leaves:
+            if isinstance(error, kind):
+                return error
+    return leaves[0]
 
 
 async def _unit(
