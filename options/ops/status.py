@@ -90,21 +90,13 @@ from typing import Any, Final
 import asyncpg
 
 from options.config import Settings
-from options.errors import DatabaseError
 from options.ops.calendar import CALENDAR, Session, latest_slot, market_seconds, recent_sessions
 from options.ops.gaps import Gap, find_gaps, run_moment
 from options.ops.market import NEW_YORK
 from options.ops.status_reads import JOBS, QUALITY_COUNTS, read_observed
 from options.ops.units import DEFAULT_SNAPSHOT_EVERY
 from options.store.daily import CLOSE_GRACE
-from options.store.db import (
-    CONNECT_TIMEOUT,
-    DB_ERRORS,
-    Limits,
-    create_pool,
-    describe_db_error,
-    reconnect_window,
-)
+from options.store.db import Limits, looking_pool
 from options.store.runs_lease import LEASE_SECONDS
 
 DEFAULT_DAYS: Final = 5
@@ -291,23 +283,12 @@ async def read_status(
         ConfigError: ``DATABASE_URL`` is not set.
         DatabaseError: the database cannot be read, or its schema is older than this code.
     """
-    # a look, not a job: no waiting for a database that went away, the next look tries again
-    reconnect_window.set(0.0)
-    pool = await create_pool(
+    async with looking_pool(
         settings.require_database_url(),
-        max_size=1,
+        location=settings.database_location(),
         limits=Limits(settings.db_statement_timeout, settings.db_lock_timeout),
         application_name="ingest_admin status",
-    )
-    try:
-        try:
-            async with pool.acquire(timeout=CONNECT_TIMEOUT):
-                pass  # the pool opens connections on demand: say at once if none can be had
-        except DB_ERRORS as exc:
-            raise DatabaseError(
-                f"cannot connect to PostgreSQL at {settings.database_location()}: "
-                f"{describe_db_error(exc)}"
-            ) from exc
+    ) as pool:
         return await collect_status(
             pool,
             now=now,
@@ -317,8 +298,6 @@ async def read_status(
             max_sync_age=max_sync_age,
             underlyings=underlyings,
         )
-    finally:
-        await pool.close()
 
 
 async def collect_status(

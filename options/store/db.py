@@ -172,6 +172,32 @@ async def _enable_client_keepalive(conn: asyncpg.Connection) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+@contextlib.asynccontextmanager
+async def looking_pool(
+    dsn: str, *, location: str, limits: Limits, application_name: str
+) -> AsyncIterator[asyncpg.Pool]:
+    """A one-connection pool for a look at the database (a read command, ``status``), closed at
+    the end. A look does not wait for a database that went away (the next look tries again),
+    and says at once when no connection can be had.
+
+    Raises:
+        DatabaseError: the database cannot be reached.
+    """
+    reconnect_window.set(0.0)
+    pool = await create_pool(dsn, max_size=1, limits=limits, application_name=application_name)
+    try:
+        try:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT):
+                pass  # the pool opens connections on demand: say at once if none can be had
+        except DB_ERRORS as exc:
+            raise DatabaseError(
+                f"cannot connect to PostgreSQL at {location}: {describe_db_error(exc)}"
+            ) from exc
+        yield pool
+    finally:
+        await pool.close()
+
+
 def describe_db_error(exc: BaseException) -> str:
     """Return a one-line description of a database error, without secrets.
 

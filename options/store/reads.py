@@ -43,17 +43,9 @@ import pyarrow.fs as pafs
 from asyncpg.transaction import Transaction
 
 from options.config import S3Access, Settings, redact_url
-from options.errors import ArchiveError, ConfigError, DatabaseError, NotStoredError
+from options.errors import ArchiveError, ConfigError, NotStoredError
 from options.store.archive_files import ARCHIVE_SCHEMA, ArchiveLocation, open_archive
-from options.store.db import (
-    CONNECT_TIMEOUT,
-    DB_ERRORS,
-    Limits,
-    bounded_db_connection,
-    create_pool,
-    describe_db_error,
-    reconnect_window,
-)
+from options.store.db import Limits, bounded_db_connection, looking_pool
 
 logger = logging.getLogger(__name__)
 
@@ -319,26 +311,13 @@ async def open_reader(
     """
     url = archive_url or settings.archive_url
     archive = Archive.at(url, s3=settings.s3) if url else None
-    # a look, not a job: no waiting for a database that went away
-    reconnect_window.set(0.0)
-    pool = await create_pool(
+    async with looking_pool(
         settings.require_database_url(),
-        max_size=1,
+        location=settings.database_location(),
         limits=Limits(settings.db_statement_timeout, settings.db_lock_timeout),
         application_name=application_name,
-    )
-    try:
-        try:
-            async with pool.acquire(timeout=CONNECT_TIMEOUT):
-                pass  # the pool opens connections on demand: say at once if none can be had
-        except DB_ERRORS as exc:
-            raise DatabaseError(
-                f"cannot connect to PostgreSQL at {settings.database_location()}: "
-                f"{describe_db_error(exc)}"
-            ) from exc
+    ) as pool:
         yield Reader(pool, archive=archive)
-    finally:
-        await pool.close()
 
 
 def utc_day(moment: dt.datetime) -> dt.date:
