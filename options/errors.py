@@ -23,6 +23,8 @@ one line on stderr and the exit code it carries::
     │                                         a day written to it failed its verification
     ├── CompactionError               exit 1  a day rewritten into the compact tier did not
     │                                         read back as stored (it stays as it was)
+    ├── DayRefusedError               exit 1  a write into a day that left PostgreSQL (archived,
+    │                                         or deleted by retention): refused, nothing stored
     ├── AlreadyRunningError           exit 4  a live copy of the job holds the run lease
     └── RunInterrupted                exit 5  a signal or the deadline stopped the run
 
@@ -185,6 +187,19 @@ class ArchiveError(OptionsError):
 class CompactionError(OptionsError):
     """A day rewritten into ``snapshot_rows`` did not read back as its ``option_snapshots``
     rows; the rewrite was rolled back and the day stays in ``option_snapshots``."""
+
+
+class DayRefusedError(OptionsError):
+    """A write into a day that is no longer in PostgreSQL (archived, or deleted by retention)
+    was refused; nothing was stored (:mod:`options.store.lifecycle`).
+
+    Attributes:
+        day: the UTC day refused.
+    """
+
+    def __init__(self, message: str, *, day: dt.date) -> None:
+        super().__init__(message)
+        self.day = day
 
 
 class AlreadyRunningError(OptionsError):

@@ -96,9 +96,9 @@ async def write_archive(
 
 
 async def mark_dropped(pool: asyncpg.Pool, root: Path, days: list[dt.date]) -> bool:
-    """Record ``days`` of the archive at ``root`` in ``archived_days`` as archived and dropped
-    (their PostgreSQL rows stay); ``False`` when the table does not exist (the archive's
-    migration is not there)."""
+    """Record ``days`` of the archive at ``root`` in ``archived_days`` as archived and dropped,
+    and in ``stored_days`` as archived (their PostgreSQL rows stay); ``False`` when the table
+    does not exist (the archive's migration is not there)."""
     if not await pool.fetchval("SELECT to_regclass('archived_days') IS NOT NULL"):
         return False
     rows = []
@@ -113,4 +113,10 @@ async def mark_dropped(pool: asyncpg.Pool, root: Path, days: list[dt.date]) -> b
         """,
         rows,
     )
+    if await pool.fetchval("SELECT to_regclass('stored_days') IS NOT NULL"):
+        await pool.executemany(
+            "INSERT INTO stored_days (day, tier) VALUES ($1, 'archived') "
+            "ON CONFLICT (day) DO UPDATE SET tier = 'archived'",
+            [(day,) for day in days],
+        )
     return True

@@ -28,6 +28,7 @@ from options.store.compaction import (
     compact_days,
     last_finished_day,
 )
+from options.store.lifecycle import lock_for_write
 from options.store.partitions import (
     COMPACT,
     RETENTION_LOCK_KEY,
@@ -286,6 +287,8 @@ async def test_days_taken_by_the_jobs_read_back_the_same_and_the_reads_agree(
 
 
 async def test_rows_written_to_a_compacted_day_are_merged_once(pool: asyncpg.Pool) -> None:
+    """Rows an older version left in option_snapshots for a compacted day are merged into its
+    compact partition by the next compaction, once each."""
     slot = dt.datetime.combine(DAYS[0], SLOT_TIMES[0], dt.UTC)
     await ensure_partitions(pool, DAYS[0], days_ahead=0)
     async with pool.acquire() as conn:
@@ -360,15 +363,41 @@ async def test_the_contracts_job_compacts_the_finished_days_after_its_sync(
     assert_same(before, await all_reads(pool))
 
 
-async def test_a_day_being_read_is_left_for_a_later_run(pool: asyncpg.Pool) -> None:
-    """Emptying the day's hot partition waits for its readers only so long: the move is rolled
-    back, and the next run makes it."""
+async def test_a_reader_sees_a_day_in_one_tier_while_it_moves(pool: asyncpg.Pool) -> None:
+    """The move is MVCC-safe: a repeatable-read reader whose snapshot predates it sees the day
+    exactly once (in the hot tier) after the move committed, and the emptied partition is
+    dropped only once that reader is gone."""
+    slot = dt.datetime.combine(DAYS[0], SLOT_TIMES[0], dt.UTC)
+    await ensure_partitions(pool, DAYS[0], days_ahead=0)
+    async with pool.acquire() as conn:
+        await insert_odd_rows(conn, slot)
+    before = await all_reads(pool)
+    async with pool.acquire() as reader, reader.transaction(isolation="repeatable_read"):
+        # its snapshot is taken now, by a query that touches neither tier
+        assert await reader.fetchval("SELECT count(*) FROM ingest_runs") == 0
+        reports = await compact_days(pool, now=LATER, lock_timeout=0.3)
+        assert [(r.day, r.action) for r in reports or []] == [(DAYS[0], COMPACTED)]
+        seen = [dict(r) for r in await reader.fetch(f"SELECT * FROM snapshot_reads {ORDER}")]
+        assert_same(before, seen)
+        async with pool.acquire() as conn:
+            assert DAYS[0] in await partition_states(conn, WIDE)  # kept for that reader
+    assert_same(before, await all_reads(pool))
+    assert [r.action for r in await compact_days(pool, now=LATER) or []] == [EMPTY]
+    async with pool.acquire() as conn:
+        assert DAYS[0] not in await partition_states(conn, WIDE)
+    assert await tier_rows(pool) == (0, len(before))
+    assert_same(before, await all_reads(pool))
+
+
+async def test_a_writer_of_the_day_makes_the_move_wait(pool: asyncpg.Pool) -> None:
+    """A transaction writing into the day (it holds the day's state FOR SHARE) keeps the move
+    from starting: the day is left busy for a later run, which moves it."""
     slot = dt.datetime.combine(DAYS[0], SLOT_TIMES[0], dt.UTC)
     await ensure_partitions(pool, DAYS[0], days_ahead=0)
     async with pool.acquire() as conn:
         stored = await insert_odd_rows(conn, slot)
-    async with pool.acquire() as reader, reader.transaction():
-        assert await reader.fetchval("SELECT count(*) FROM option_snapshots_p20261118") == stored
+    async with pool.acquire() as writer, writer.transaction():
+        await lock_for_write(writer, DAYS[0])
         reports = await compact_days(pool, now=LATER, lock_timeout=0.3)
         assert [(r.day, r.action) for r in reports or []] == [(DAYS[0], BUSY)]
         assert await tier_rows(pool) == (stored, 0)

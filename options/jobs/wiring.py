@@ -18,7 +18,7 @@ from opentelemetry import trace
 
 from options.api.polygon import PolygonClient
 from options.config import Settings
-from options.errors import ConfigError, DatabaseError, ExitCode, OptionsError
+from options.errors import ConfigError, DatabaseError, DayRefusedError, ExitCode, OptionsError
 from options.jobs.backfill import backfill, closed_sessions
 from options.jobs.contracts import deactivate_expired, sync_contracts
 from options.jobs.daily import build_daily, count_underlyings
@@ -43,7 +43,8 @@ from options.store.db import (
     describe_db_error,
     reconnect_window,
 )
-from options.store.partitions import ensure_partitions
+from options.store.lifecycle import HOT, REFUSED_REASONS, find_tier
+from options.store.partitions import ensure_partitions, partition_name
 from options.store.runs import STATUS_EXIT_CODES, Run, RunSummary
 from options.store.runs_lease import close_dead_runs
 from options.store.runs_recording import recorded_run
@@ -454,6 +455,8 @@ async def _snapshot(
     async with open_database(settings, job="snapshots") as pool:
         underlyings = list(only) or await tracked_underlyings(settings, pool)
         slot = await _slot_to_resume(settings, pool, resume=resume, only=only)
+        if slot is not None:
+            await _refuse_if_gone(pool, slot.captured_at)
         if resume and slot is None:
             await close_dead_runs(pool, "snapshots")  # what opening a run would have done
             logger.info("Nothing to resume: every chain of the latest slots is stored")
@@ -480,8 +483,11 @@ async def _snapshot(
                 )
             run.stats.underlyings_requested = len(planned)
             day = captured_at.astimezone(dt.UTC).date()
-            # only the slot's own day before the snapshot (normally it exists: no DDL at all)
-            partition = await ensure_partitions(pool, day, days_ahead=0)
+            partition = partition_name(day)
+            hot = await find_tier(pool, day) is HOT  # else the rows merge into the day's tier
+            if hot:
+                # only the slot's own day before the snapshot (normally it exists: no DDL)
+                await ensure_partitions(pool, day, days_ahead=0)
             snapshot = SnapshotRun(
                 settings,
                 client,
@@ -496,7 +502,8 @@ async def _snapshot(
             finally:
                 await _say_why_unstored(pool, run, captured_at)
             # the week ahead after the rows are stored, so nothing waits on partition DDL
-            await ensure_partitions(pool, day, lock_timeout=AHEAD_LOCK_TIMEOUT)
+            ahead = day if hot else dt.datetime.now(dt.UTC).date()
+            await ensure_partitions(pool, ahead, lock_timeout=AHEAD_LOCK_TIMEOUT)
             retain = retain_days if retain_days is not None else settings.snapshot_retain_days
             await retire_old_days(settings, pool, retain_days=retain, now=captured_at, stop=stop)
         return STATUS_EXIT_CODES[run.status]
@@ -527,12 +534,16 @@ async def compute_greeks(
                 if stop is not None and stop.is_set():
                     break
                 started = time.perf_counter()
-                computed, refused = await compute_slot_greeks(
-                    conn,
-                    slot,
-                    rate=settings.greeks_rate,
-                    dividend=settings.greeks_dividend_yield,
-                )
+                try:
+                    computed, refused = await compute_slot_greeks(
+                        conn,
+                        slot,
+                        rate=settings.greeks_rate,
+                        dividend=settings.greeks_dividend_yield,
+                    )
+                except DayRefusedError as exc:
+                    logger.warning("Slot %s: IV and greeks not computed: %s", slot.isoformat(), exc)
+                    continue
                 slots, done, failed = slots + 1, done + computed, failed + refused
                 logger.info(
                     "Slot %s: IV and greeks computed for %d snapshots the API gave none (%d "
@@ -545,6 +556,22 @@ async def compute_greeks(
     except DB_ERRORS as exc:
         raise DatabaseError(f"computing greeks: {describe_db_error(exc)}") from exc
     return slots, done, failed
+
+
+async def _refuse_if_gone(pool: asyncpg.Pool, captured_at: dt.datetime) -> None:
+    """Refuse to resume a slot whose day left PostgreSQL (archived or deleted).
+
+    Raises:
+        DayRefusedError: it did.
+    """
+    day = captured_at.astimezone(dt.UTC).date()
+    tier = await find_tier(pool, day)
+    if tier in REFUSED_REASONS:
+        raise DayRefusedError(
+            f"cannot resume the slot of {captured_at.isoformat()}: its day {day} is "
+            f"{REFUSED_REASONS[tier]}; a resume adds only to days still in PostgreSQL",
+            day=day,
+        )
 
 
 async def _say_why_unstored(pool: asyncpg.Pool, run: Run, captured_at: dt.datetime) -> None:

@@ -60,6 +60,8 @@ from options.store.archive_files import (
 from options.store.compaction import BUSY, compact_day, last_finished_day
 from options.store.compaction import EMPTY as COMPACTION_EMPTY
 from options.store.db import bounded_db_connection, epoch_microsecond_timestamps
+from options.store.lifecycle import ARCHIVED as ARCHIVED_TIER
+from options.store.lifecycle import lock_for_move, set_tier
 from options.store.partitions import (
     COMPACT,
     RETENTION_LOCK_KEY,
@@ -529,7 +531,9 @@ def _marking_dropped(day: dt.date) -> Callable[[asyncpg.Connection], Awaitable[N
     """What the drop's transaction records: the day's ``dropped_at``."""
 
     async def mark(conn: asyncpg.Connection) -> None:
+        await lock_for_move(conn, day)
         await conn.execute("UPDATE archived_days SET dropped_at = now() WHERE day = $1", day)
+        await set_tier(conn, day, ARCHIVED_TIER)
 
     return mark
 

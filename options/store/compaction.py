@@ -8,20 +8,32 @@ change and break-even price computed on reading). A value an encoding cannot giv
 into the row's ``extra`` as the API gave it. ``snapshot_reads`` reads both tiers.
 
 One day at a time, oldest first, under the retention lock (one compaction, archive or
-retention at a time per database), each day in one transaction:
+retention at a time per database). The day's state (:mod:`options.store.lifecycle`) moves from
+hot to compact in the transaction that moves its rows:
 
-1. The day's ``option_snapshots`` partition is locked against writers (SHARE: readers go on).
-2. Its rows are written, sorted by slot and underlying, into a new table that is then attached
-   to ``snapshot_rows`` as the day's partition (or, when the day was compacted before and a
-   late resumed slot wrote to it since, added to that partition, skipping any already there).
+1. The ids of the day's tickers and underlyings are added first, in a transaction of their own
+   (an identity consumed by a move that rolls back would be lost for good).
+2. In one transaction: the day's ``stored_days`` row is taken ``FOR UPDATE`` (a writer of the
+   day, a late resume, holds it ``FOR SHARE``: the move waits for it, or leaves the day for a
+   later run), and its ``option_snapshots`` partition locked against writers (SHARE: readers go
+   on). Its rows are written, sorted by slot and underlying, into a new table then attached to
+   ``snapshot_rows`` as the day's partition (or added to that partition, skipping any already
+   there, when rows of a compacted day were left in ``option_snapshots`` by an older version).
 3. **Verified**: every row of the day, read back decoded through ``compact_reads``, must equal
    the row it came from, to the precision the README states; otherwise the transaction rolls
    back and the day stays as it was.
-4. The ``option_snapshots`` partition is emptied (TRUNCATE).
+4. The ``option_snapshots`` partition is emptied with ``DELETE`` (not ``TRUNCATE``, which is
+   not MVCC-safe: a reader whose snapshot predates the move must still find the rows there) and
+   the day recorded as compact.
 
-So a reader sees the day's rows in one tier or the other, never both and never neither. After
-the commit the empty partition is detached and dropped (as retention drops one, without
-locking ``option_snapshots``); one left by a busy moment goes the next time.
+After the commit the emptied partition is detached and dropped (as retention drops one, without
+locking ``option_snapshots``) once no snapshot older than the move is left; one left by a busy
+moment goes the next time. A reader sees the day's rows in one tier or the other, never both and
+never neither.
+
+A write into a compacted day (``ingest_snapshots --resume`` of one of its slots) is merged into
+its compact partition by :func:`merge_into_compact`, verified the same way, in the writer's own
+transaction.
 
 Killed at any moment, the day's transaction rolls back: a rerun starts the day again. Only days
 over both in UTC (the partition's day) and in New York are compacted.
@@ -40,6 +52,15 @@ import asyncpg
 
 from options.errors import CompactionError
 from options.store.db import bounded_db_connection
+from options.store.lifecycle import (
+    COMPACT as COMPACT_TIER,
+)
+from options.store.lifecycle import (
+    REFUSED_REASONS,
+    lock_for_move,
+    older_snapshots_left,
+    set_tier,
+)
 from options.store.partitions import (
     COMPACT,
     RETENTION_LOCK_KEY,
@@ -65,6 +86,7 @@ MERGED = "merged"  # rows written to an already compacted day, added to its comp
 EMPTY = "empty"  # an empty partition (a weekend's, made ahead): dropped
 WOULD_COMPACT = "would compact"
 BUSY = "busy"  # its tables were in use: a later run does it
+LEFT = "left"  # rows of a day no longer in PostgreSQL's tiers (archived): left where they are
 
 
 @dataclass(frozen=True)
@@ -72,8 +94,8 @@ class DayCompaction:
     """What compacting one day did.
 
     Attributes:
-        action: :data:`COMPACTED`, :data:`MERGED`, :data:`EMPTY`, :data:`WOULD_COMPACT` or
-            :data:`BUSY`.
+        action: :data:`COMPACTED`, :data:`MERGED`, :data:`EMPTY`, :data:`WOULD_COMPACT`,
+            :data:`BUSY` or :data:`LEFT`.
         rows: the snapshots moved.
         wide_bytes: the ``option_snapshots`` partition's size with its indexes, before.
         compact_bytes: the ``snapshot_rows`` partition's size with its indexes, after.
@@ -169,7 +191,8 @@ async def compact_day(
     lock_timeout: float = RETENTION_LOCK_TIMEOUT,
 ) -> DayCompaction:
     """Move ``day``'s rows from ``option_snapshots`` to ``snapshot_rows`` in one verified
-    transaction, then drop the emptied partition. The caller holds the retention lock.
+    transaction that records the day as compact, then drop the emptied partition. The caller
+    holds the retention lock.
 
     Raises:
         CompactionError: the compact rows did not read back as the day's rows; nothing changed.
@@ -179,13 +202,14 @@ async def compact_day(
     start = dt.datetime.combine(day, dt.time(), dt.UTC)
     end = start + dt.timedelta(days=1)
     try:
+        # ids first, kept whatever becomes of the move
         async with conn.transaction():
-            for setting, value in (
-                ("lock_timeout", f"{max(1, round(lock_timeout * 1000))}ms"),
-                ("statement_timeout", f"{COMPACTION_STATEMENT_TIMEOUT:.0f}s"),
-                ("extra_float_digits", "3"),  # extra keeps each float exactly
-            ):
-                await conn.execute("SELECT set_config($1, $2, true)", setting, value)
+            await _set_timeouts(conn, lock_timeout)
+            await _add_ids(conn, wide)
+        async with conn.transaction():
+            await _set_timeouts(conn, lock_timeout)
+            await conn.execute("SELECT set_config('extra_float_digits', '3', true)")
+            tier = await lock_for_move(conn, day)
             # writers of the day wait; readers go on
             await conn.execute(f"LOCK TABLE {wide} IN SHARE MODE")
             size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", wide)
@@ -194,11 +218,23 @@ async def compact_day(
             )
             if not rows:
                 report = DayCompaction(day, EMPTY, 0, size)
+            elif tier in REFUSED_REASONS:
+                report = DayCompaction(day, LEFT, rows, size)
             else:
                 report = await _move_rows(conn, day, wide, target, start, end, rows, size)
     except asyncpg.LockNotAvailableError:
         logger.warning("Compaction: %s is in use by another session; a later run does it", day)
         return DayCompaction(day, BUSY)
+    if report.action == LEFT:
+        logger.error(
+            "Compaction: %s is %s, yet %s holds %d rows (written by a version before the "
+            "day's state was kept): they are left where they are",
+            day,
+            REFUSED_REASONS[tier],
+            wide,
+            rows,
+        )
+        return report
     if report.rows:
         await conn.execute(f"ANALYZE {target}")
         compact = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", target)
@@ -213,10 +249,48 @@ async def compact_day(
             report.wide_bytes / report.rows,
             report.extra_rows,
         )
+    await drop_emptied(conn, day, lock_timeout=lock_timeout)
+    return report
+
+
+async def drop_emptied(
+    conn: asyncpg.Connection, day: dt.date, *, lock_timeout: float = RETENTION_LOCK_TIMEOUT
+) -> bool:
+    """Drop ``day``'s emptied ``option_snapshots`` partition once no snapshot older than the
+    day's move is left (waiting for one at most ``lock_timeout`` seconds); returns whether it
+    was dropped. A partition left here is dropped by a later compaction."""
+    wide = partition_name(day, WIDE)
+    waited = 0.0
+    while await older_snapshots_left(conn, day):
+        if waited >= lock_timeout:
+            logger.info(
+                "Compaction: a transaction older than the move of %s still runs; the emptied "
+                "%s is dropped by a later run",
+                day,
+                wide,
+            )
+            return False
+        await asyncio.sleep(0.1)
+        waited += 0.1
     outcome = await drop_day_partition(conn, day, expected_rows=0, lock_timeout=lock_timeout)
     if outcome is not DropOutcome.DROPPED:
         logger.info("Compaction: the emptied %s is dropped by a later run (%s)", wide, outcome)
-    return report
+    return outcome is DropOutcome.DROPPED
+
+
+async def _set_timeouts(conn: asyncpg.Connection, lock_timeout: float) -> None:
+    for setting, value in (
+        ("lock_timeout", f"{max(1, round(lock_timeout * 1000))}ms"),
+        ("statement_timeout", f"{COMPACTION_STATEMENT_TIMEOUT:.0f}s"),
+    ):
+        await conn.execute("SELECT set_config($1, $2, true)", setting, value)
+
+
+async def _add_ids(conn: asyncpg.Connection, source: str) -> None:
+    """Give the tickers and underlyings of ``source`` (a table of ``option_snapshots`` rows)
+    that have none their ids."""
+    await conn.execute(ADD_TICKERS.format(wide=source), timeout=COMPACTION_STATEMENT_TIMEOUT)
+    await conn.execute(ADD_UNDERLYINGS.format(wide=source), timeout=COMPACTION_STATEMENT_TIMEOUT)
 
 
 async def _move_rows(
@@ -230,8 +304,7 @@ async def _move_rows(
     size: int,
 ) -> DayCompaction:
     """Steps 2 to 4 of the module docstring, in the caller's transaction."""
-    await conn.execute(ADD_TICKERS.format(wide=wide))
-    await conn.execute(ADD_UNDERLYINGS.format(wide=wide))
+    await _add_ids(conn, wide)  # rows written since the ids were added, if any
     state = (await partition_states(conn, COMPACT)).get(day, PartitionState.ABSENT)
     if state is PartitionState.ABSENT:
         action = COMPACTED
@@ -251,17 +324,7 @@ async def _move_rows(
     else:
         # a retention or an archive is dropping the day's compact partition: it finishes first
         raise asyncpg.LockNotAvailableError(f"{target} is being detached")
-    differing = await conn.fetchval(
-        VERIFY.format(wide=wide), start, end, timeout=COMPACTION_STATEMENT_TIMEOUT
-    )
-    if differing:
-        sample = await conn.fetchval(
-            VERIFY_SAMPLE.format(wide=wide), start, end, timeout=COMPACTION_STATEMENT_TIMEOUT
-        )
-        raise CompactionError(
-            f"{day}: {differing} of {rows} snapshots did not read back from snapshot_rows as "
-            f"stored in {wide} (first: {sample}); the day stays in {wide}"
-        )
+    await _verify(conn, wide, start, end, what=f"{day}", rows=rows)
     extra = await conn.fetchval(
         f"SELECT count(*) FROM {target} WHERE extra IS NOT NULL AND "
         "captured_at >= $1 AND captured_at < $2",
@@ -269,8 +332,97 @@ async def _move_rows(
         end,
         timeout=COMPACTION_STATEMENT_TIMEOUT,
     )
-    await conn.execute(f"TRUNCATE {wide}")
+    # MVCC-safe, unlike TRUNCATE: an older snapshot still reads the day here
+    await conn.execute(f"DELETE FROM {wide}", timeout=COMPACTION_STATEMENT_TIMEOUT)
+    await set_tier(conn, day, COMPACT_TIER)
     return DayCompaction(day, action, rows, size, None, extra)
+
+
+async def _verify(
+    conn: asyncpg.Connection,
+    source: str,
+    start: dt.datetime | int,
+    end: dt.datetime | int,
+    *,
+    what: str,
+    rows: int,
+) -> None:
+    """Every row of ``source`` must read back from ``compact_reads`` (within ``[start, end)``)
+    as it is in ``source``.
+
+    Raises:
+        CompactionError: some did not; the caller's transaction is to be rolled back.
+    """
+    differing = await conn.fetchval(
+        VERIFY.format(wide=source), start, end, timeout=COMPACTION_STATEMENT_TIMEOUT
+    )
+    if differing:
+        sample = await conn.fetchval(
+            VERIFY_SAMPLE.format(wide=source), start, end, timeout=COMPACTION_STATEMENT_TIMEOUT
+        )
+        raise CompactionError(
+            f"{what}: {differing} of {rows} snapshots did not read back from snapshot_rows as "
+            f"stored in {source} (first: {sample}); nothing was moved"
+        )
+
+
+async def merge_into_compact(
+    conn: asyncpg.Connection,
+    day: dt.date,
+    *,
+    source: str,
+    slot: dt.datetime | int,
+    slot_end: dt.datetime | int,
+) -> list[asyncpg.Record]:
+    """Store the rows of ``source`` (a temporary table of ``option_snapshots`` rows of one slot
+    of the compacted ``day``) into the day's compact partition, in the caller's transaction:
+    rows whose contract the slot already holds, in either tier, are skipped (and removed from
+    ``source``), the rest encoded, added and verified.
+
+    ``slot`` and ``slot_end`` bound the slot's ``captured_at`` in the connection's timestamp
+    form. The caller holds the day ``FOR SHARE`` (:func:`~options.store.lifecycle.lock_for_write`).
+
+    Returns:
+        The ``(ticker, underlying_ticker)`` of the rows stored.
+
+    Raises:
+        CompactionError: the rows did not read back as given; nothing is to be committed.
+    """
+    target = partition_name(day, COMPACT)
+    # a contract given twice keeps its first row; one the slot holds keeps the stored one
+    await conn.execute(
+        f"DELETE FROM {source} a USING {source} b "
+        "WHERE a.ticker = b.ticker AND a.captured_at = b.captured_at AND a.ctid > b.ctid"
+    )
+    await conn.execute(
+        f"""
+        DELETE FROM {source} w
+        WHERE EXISTS (SELECT 1 FROM option_snapshots s
+                      WHERE s.ticker = w.ticker AND s.captured_at = w.captured_at
+                        AND s.captured_at >= $1 AND s.captured_at < $2)
+           OR EXISTS (SELECT 1 FROM snapshot_rows r
+                      JOIN snapshot_tickers t ON t.id = r.contract_id
+                      WHERE t.ticker = w.ticker AND r.captured_at = w.captured_at
+                        AND r.captured_at >= $1 AND r.captured_at < $2)
+        """,
+        slot,
+        slot_end,
+    )
+    stored = await conn.fetch(f"SELECT ticker, underlying_ticker FROM {source}")
+    if not stored:
+        return []
+    await conn.execute("SELECT set_config('extra_float_digits', '3', true)")
+    await _add_ids(conn, source)
+    if (await partition_states(conn, COMPACT)).get(day) is not PartitionState.ATTACHED:
+        # a day compacted empty (its partition dropped): its compact partition is made now
+        await conn.execute(f"CREATE TABLE {target} (LIKE snapshot_rows INCLUDING DEFAULTS)")
+        await attach_table(conn, target, day, COMPACT)
+    await conn.execute(
+        INSERT_COMPACT.format(target=target, wide=source, skip=""),
+        timeout=COMPACTION_STATEMENT_TIMEOUT,
+    )
+    await _verify(conn, source, slot, slot_end, what=f"a chain of {day}", rows=len(stored))
+    return stored
 
 
 # The day's tickers and underlyings that have no id yet. The type and strike a ticker spells

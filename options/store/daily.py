@@ -12,6 +12,11 @@ For session *d* of an underlying:
 The session's coverage row is complete when both slots were found; otherwise it says which is
 missing, and a later build (after the next session's first slot, say) completes it. A row is
 written only where a value changed, so building a session again changes nothing.
+
+The rows are built from whichever tier holds the slots while they are in PostgreSQL (hot or
+compact). A session whose day, or one of whose slots' days, has left PostgreSQL (archived, or
+deleted by retention: :mod:`options.store.lifecycle`) is not built: its coverage row says so,
+and it is not tried again. Its daily rows, if any, went to the archive with its day.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import asyncpg
 
 from options.ops.calendar import Session, sessions_between
 from options.ops.market import NEW_YORK
+from options.store.lifecycle import REFUSED_REASONS, tiers, utc_day
 from options.store.runs import Run, count_committed
 
 # A slot of the close starts a moment after it (the 16:00 timer): it still closes the session
@@ -32,6 +38,7 @@ CLOSE_GRACE: Final = dt.timedelta(minutes=15)
 
 NO_CLOSING_SLOT: Final = "no complete snapshot slot in the session"
 NO_OI_SLOT: Final = "no complete snapshot slot in the next session yet (open interest)"
+NOT_BUILT: Final = "not built: the day {day} is {why}"
 
 
 @dataclass(frozen=True)
@@ -85,8 +92,10 @@ async def _build_session(
     coverage row."""
     closing = await _slot(conn, underlying, session, last=True)
     oi = await _slot(conn, underlying, following, last=False)
+    days = [session.day, *(utc_day(slot) for slot in (closing, oi) if slot is not None)]
+    gone = {day: t for day, t in (await tiers(conn, days)).items() if t in REFUSED_REASONS}
     changed = 0
-    if closing is not None or oi is not None:
+    if (closing is not None or oi is not None) and not gone:
         status = await conn.execute(BUILD, underlying, session.day, closing, oi)
         changed = int(status.split()[-1])
     contracts = await conn.fetchval(
@@ -94,7 +103,11 @@ async def _build_session(
         underlying,
         session.day,
     )
-    reason = NO_CLOSING_SLOT if closing is None else NO_OI_SLOT if oi is None else None
+    if gone:
+        day = min(gone)
+        reason: str | None = NOT_BUILT.format(day=day, why=REFUSED_REASONS[gone[day]])
+    else:
+        reason = NO_CLOSING_SLOT if closing is None else NO_OI_SLOT if oi is None else None
     await conn.execute(
         STORE_COVERAGE, underlying, session.day, run_id, closing, oi, contracts, reason
     )
@@ -130,11 +143,17 @@ async def sessions_to_build(
     start = first.astimezone(NEW_YORK).date()
     sessions = sessions_between(start, now.astimezone(NEW_YORK).date() + dt.timedelta(days=10))
     closed = [s for s in sessions if s.close + CLOSE_GRACE <= now]
+    # complete, or refused for good: its day left PostgreSQL
     done = {
         row["session"]
         for row in await conn.fetch(
-            "SELECT session FROM daily_coverage WHERE underlying_ticker = $1 AND complete "
-            "AND session >= $2",
+            """
+            SELECT c.session FROM daily_coverage c
+            WHERE c.underlying_ticker = $1 AND c.session >= $2
+              AND (c.complete OR EXISTS (
+                  SELECT 1 FROM stored_days d
+                  WHERE d.day = c.session AND d.tier IN ('archived', 'deleted')))
+            """,
             underlying,
             start,
         )

@@ -1,6 +1,11 @@
 """``computed_greeks``: IV and greeks computed for a slot's snapshots the API left without them
 (:mod:`options.jobs.greeks` does the arithmetic). The rows go to NumPy and back as whole
-columns (one array per column, both ways), not row by row."""
+columns (one array per column, both ways), not row by row.
+
+A slot is computed from whichever tier holds it (``snapshot_reads``: hot or compact), in a
+transaction that holds its day ``FOR SHARE`` (:func:`options.store.lifecycle.lock_for_write`),
+so the day cannot leave PostgreSQL half computed. A slot whose day has left PostgreSQL (archived,
+or deleted) is recorded in ``greeks_slots`` as not computed, with the reason: never as done."""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ from typing import Final
 import asyncpg
 import numpy as np
 
+from options.errors import DayRefusedError
 from options.jobs.greeks import YEAR_SECONDS, compute
+from options.store.lifecycle import lock_for_write, utc_day
 
 MODEL: Final = "black-scholes-merton"
 
@@ -21,14 +28,13 @@ SELECT array_agg(s.ticker) AS ticker,
        array_agg(coalesce(s.bid, 'NaN')) AS bid,
        array_agg(coalesce(s.ask, 'NaN')) AS ask,
        array_agg(coalesce(s.underlying_price, 'NaN')) AS spot,
-       array_agg(CASE WHEN c.contract_type IN ('call', 'put') AND c.expiration_date IS NOT NULL
-                      THEN coalesce(c.strike_price::float8, 'NaN') ELSE 'NaN' END) AS strike,
-       array_agg(coalesce(extract(epoch FROM (c.expiration_date + time '16:00')
+       array_agg(CASE WHEN s.contract_type IN ('call', 'put') AND s.expiration_date IS NOT NULL
+                      THEN coalesce(s.strike_price::float8, 'NaN') ELSE 'NaN' END) AS strike,
+       array_agg(coalesce(extract(epoch FROM (s.expiration_date + time '16:00')
                                              AT TIME ZONE 'America/New_York' - $1)::float8
                           / {YEAR_SECONDS}, 'NaN')) AS years,
-       array_agg(c.contract_type = 'call') AS is_call
-FROM option_snapshots s
-LEFT JOIN option_contracts c ON c.ticker = s.ticker
+       array_agg(s.contract_type = 'call') AS is_call
+FROM snapshot_reads s
 WHERE s.captured_at = $1 AND (s.implied_volatility IS NULL OR s.delta IS NULL)
   AND NOT EXISTS (
       SELECT 1 FROM computed_greeks g WHERE g.ticker = s.ticker AND g.captured_at = s.captured_at)
@@ -46,8 +52,8 @@ ON CONFLICT (ticker, captured_at) DO NOTHING
 
 
 async def slots_to_compute(conn: asyncpg.Connection, since: dt.datetime) -> list[dt.datetime]:
-    """The slots from ``since`` on with chains committed and still in ``option_snapshots``, not
-    computed yet or with chains committed since they were."""
+    """The slots from ``since`` on with chains committed, not computed yet (nor refused) or
+    with chains committed since they were."""
     rows = await conn.fetch(
         """
         SELECT c.captured_at FROM snapshot_coverage c
@@ -70,18 +76,34 @@ async def compute_slot_greeks(
 
     Returns:
         The rows computed, and those stored with a reason instead.
+
+    Raises:
+        DayRefusedError: the slot's day has left PostgreSQL: nothing was computed, and the
+            slot is recorded so, with the reason, in ``greeks_slots``.
     """
-    async with conn.transaction():
-        done, failed = await _compute(conn, captured_at, rate, dividend)
+    try:
+        async with conn.transaction():
+            await lock_for_write(conn, utc_day(captured_at))
+            done, failed = await _compute(conn, captured_at, rate, dividend)
+            await conn.execute(
+                "INSERT INTO greeks_slots (captured_at, computed, not_computed, computed_at) "
+                "VALUES ($1, $2, $3, now()) ON CONFLICT (captured_at) DO UPDATE SET "
+                "computed = greeks_slots.computed + $2, "
+                "not_computed = greeks_slots.not_computed + $3, computed_at = now(), "
+                "reason = NULL",
+                captured_at,
+                done,
+                failed,
+            )
+    except DayRefusedError as exc:
         await conn.execute(
-            "INSERT INTO greeks_slots (captured_at, computed, not_computed, computed_at) "
-            "VALUES ($1, $2, $3, now()) ON CONFLICT (captured_at) DO UPDATE SET "
-            "computed = greeks_slots.computed + $2, "
-            "not_computed = greeks_slots.not_computed + $3, computed_at = now()",
+            "INSERT INTO greeks_slots (captured_at, computed, not_computed, computed_at, reason) "
+            "VALUES ($1, 0, 0, now(), $2) ON CONFLICT (captured_at) DO UPDATE SET "
+            "computed_at = now(), reason = $2",
             captured_at,
-            done,
-            failed,
+            f"not computed: {exc}",
         )
+        raise
     return done, failed
 
 

@@ -46,6 +46,7 @@ import asyncpg
 
 from options.errors import DatabaseError
 from options.store.db import DB_ERRORS, bounded_db_connection
+from options.store.lifecycle import DELETED, lock_for_move, set_tier
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,8 @@ async def drop_old_partitions(
 ) -> list[str]:
     """Drop whole partitions whose day ended more than ``retain_days`` days before ``now``.
 
-    Their ``snapshot_coverage`` rows go with them, in the transaction that drops the table. A
+    Their ``snapshot_coverage`` rows go with them, in the transaction that drops the table and
+    records the day as deleted (:mod:`options.store.lifecycle`: nothing is written to it again). A
     partition left "detach pending", or left detached but not dropped, by an interrupted
     earlier call is finished first. While a transaction that used ``option_snapshots`` stays
     open for ``lock_timeout`` seconds, the rest is left for a later run with a warning; only
@@ -271,7 +273,9 @@ async def _drop_partitions_before(
         try:
             async with conn.transaction():
                 await _set_lock_timeout(conn, lock_timeout)
+                await lock_for_move(conn, day)
                 await conn.execute(f"DROP TABLE {name}")
+                await set_tier(conn, day, DELETED)
                 await conn.execute(
                     "DELETE FROM snapshot_coverage WHERE captured_at >= $1 AND captured_at < $2",
                     dt.datetime.combine(day, dt.time(), dt.UTC),

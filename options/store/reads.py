@@ -46,6 +46,7 @@ from options.config import S3Access, Settings, redact_url
 from options.errors import ArchiveError, ConfigError, NotStoredError
 from options.store.archive_files import ARCHIVE_SCHEMA, ArchiveLocation, open_archive
 from options.store.db import Limits, bounded_db_connection, looking_pool
+from options.store.lifecycle import ARCHIVED, days_in
 
 logger = logging.getLogger(__name__)
 
@@ -348,8 +349,10 @@ def _reading(conn: asyncpg.Connection) -> Transaction:
 async def _dropped_days(
     conn: asyncpg.Connection, first: dt.date, last: dt.date
 ) -> tuple[dt.date, ...]:
-    """The days in ``[first, last]`` whose partition was archived and dropped (none before the
-    archive's migration made ``archived_days``)."""
+    """The days in ``[first, last]`` that are archived (:mod:`options.store.lifecycle`; before
+    that migration, those ``archived_days`` says were dropped; none before the archive's)."""
+    if await conn.fetchval("SELECT to_regclass('stored_days') IS NOT NULL"):
+        return tuple(await days_in(conn, ARCHIVED, first=first, last=last))
     if not await conn.fetchval("SELECT to_regclass('archived_days') IS NOT NULL"):
         return ()
     rows = await conn.fetch(

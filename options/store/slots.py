@@ -23,7 +23,9 @@ from typing import Any
 
 import asyncpg
 
+from options.store.compaction import merge_into_compact
 from options.store.db import bounded_db_connection
+from options.store.lifecycle import COMPACT, HOT, Tier, lock_for_write, utc_day
 from options.store.rejects import Reject, keep_rejects
 from options.store.runs import Run, count_committed
 
@@ -205,7 +207,8 @@ async def commit_chains(
     underlyings) keeps its first row: the transaction is done again, skipping such rows.
 
     Args:
-        partition: the slot's day partition of ``option_snapshots``.
+        partition: the slot's day partition of ``option_snapshots``, where the rows go while
+            the day is hot (those of a compacted day are merged into its compact partition).
         columns: the columns of the rows, in order.
         captured_at: the slot, in epoch microseconds (the connection's timestamptz codec).
         now: the commit time, in epoch microseconds.
@@ -218,6 +221,8 @@ async def commit_chains(
 
     Raises:
         LeaseLostError: the run no longer holds its lease; nothing was stored.
+        DayRefusedError: the slot's day was archived (or deleted) meanwhile; nothing was stored.
+        CompactionError: rows merged into a compacted day did not read back; nothing was stored.
         asyncpg.DataError, TypeError, ValueError, OverflowError: a value the table cannot
             hold; nothing was stored (check the rows and call again without it).
     """
@@ -242,6 +247,8 @@ async def _commit(
     skip_stored: bool,
 ) -> list[ChainCommit]:
     async with conn.transaction():
+        # the day's tier, held until the commit: the rows land where the day is
+        target = _Target(await lock_for_write(conn, _day(captured_at)), partition, captured_at)
         previous: dict[str, asyncpg.Record] = {}
         if look_back:  # a retry, or a resumed slot: what is stored already counts
             previous = {
@@ -273,7 +280,7 @@ async def _commit(
             todo.append(chain)
         if not todo:
             return list(chains)
-        stored = await _store_rows(conn, todo, partition, columns, skip_stored=skip_stored)
+        stored = await _store_rows(conn, todo, target, columns, skip_stored=skip_stored)
         for chain in todo:
             before = previous.get(chain.key)
             tickers = stored[chain.key]
@@ -283,7 +290,7 @@ async def _commit(
                 # a resumed chain: what the slot held before counts, rejects included
                 chain.rejected += before["rows_rejected"]
                 if chain.expected:
-                    tickers = tickers | await _stored_tickers(conn, partition, chain, captured_at)
+                    tickers = tickers | await _stored_tickers(conn, target, chain)
             chain.active = len(chain.expected)
             chain.missing = len(chain.expected - tickers)
             chain.complete = chain.read_to_end and not chain.missing and not chain.rejected
@@ -365,26 +372,42 @@ ON CONFLICT (captured_at, underlying_ticker) DO UPDATE SET
 """
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where a slot's rows go: the day's tier, its hot partition, the slot (epoch us)."""
+
+    tier: Tier
+    partition: str
+    captured_at: int
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _day(captured_at: int) -> dt.date:
+    return utc_day(_EPOCH + dt.timedelta(microseconds=captured_at))
+
+
 async def _store_rows(
     conn: asyncpg.Connection,
     chains: Sequence[ChainCommit],
-    partition: str,
+    target: _Target,
     columns: Sequence[str],
     *,
     skip_stored: bool,
 ) -> dict[str, set[str]]:
     """Insert the chains' rows (all, or with ``skip_stored`` those whose contract the slot
-    does not hold yet); returns the tickers stored per chain."""
+    does not hold yet) into the day's tier; returns the tickers stored per chain."""
     stored: dict[str, set[str]] = {c.key: set() for c in chains}
     rows = [row for c in chains for row in c.rows]
     if not rows:
         return stored
-    if not skip_stored:
-        await conn.copy_records_to_table(partition, records=rows, columns=columns)
+    if target.tier is HOT and not skip_stored:
+        await conn.copy_records_to_table(target.partition, records=rows, columns=columns)
         for chain in chains:
             stored[chain.key] = {row[0] for row in chain.rows}
         return stored
-    for ticker, key in await _insert_skipping_stored(conn, rows, partition, columns):
+    for ticker, key in await _insert_skipping_stored(conn, rows, target, columns):
         stored[key].add(ticker)
     for chain in chains:
         lost = len(chain.rows) - len(stored[chain.key])
@@ -401,33 +424,64 @@ async def _store_rows(
 async def _insert_skipping_stored(
     conn: asyncpg.Connection,
     rows: list[tuple[Any, ...]],
-    partition: str,
+    target: _Target,
     columns: Sequence[str],
 ) -> list[asyncpg.Record]:
-    """Insert ``rows`` except those whose (ticker, captured_at) the slot already holds."""
+    """Insert ``rows`` except those whose (ticker, captured_at) the slot already holds: into
+    the hot partition, or merged into the compact tier of a compacted day."""
     names = ", ".join(columns)
     await conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS snapshot_batch (LIKE option_snapshots) "
         "ON COMMIT DELETE ROWS"
     )
     await conn.copy_records_to_table("snapshot_batch", records=rows, columns=columns)
-    inserted = await conn.fetch(
-        f"INSERT INTO {partition} ({names}) SELECT {names} FROM snapshot_batch "
-        "ON CONFLICT DO NOTHING RETURNING ticker, underlying_ticker"
-    )
+    if target.tier is COMPACT:
+        inserted = await merge_into_compact(
+            conn,
+            _day(target.captured_at),
+            source="snapshot_batch",
+            slot=target.captured_at,
+            slot_end=target.captured_at + 1,
+        )
+    else:
+        inserted = await conn.fetch(
+            f"INSERT INTO {target.partition} ({names}) SELECT {names} FROM snapshot_batch "
+            "ON CONFLICT DO NOTHING RETURNING ticker, underlying_ticker"
+        )
     await conn.execute("DELETE FROM snapshot_batch")
     return inserted
 
 
 async def _stored_tickers(
-    conn: asyncpg.Connection, partition: str, chain: ChainCommit, captured_at: int
+    conn: asyncpg.Connection, target: _Target, chain: ChainCommit
 ) -> set[str]:
     """The expected contracts of a resumed chain that the slot held before this commit."""
-    rows = await conn.fetch(
-        f"SELECT ticker FROM {partition} WHERE captured_at = $1 AND ticker = ANY($2) "
-        "AND underlying_ticker = $3",
-        captured_at,
-        list(chain.expected),
-        chain.key,
-    )
+    if target.tier is COMPACT:
+        rows = await conn.fetch(
+            """
+            SELECT t.ticker FROM snapshot_rows r
+            JOIN snapshot_tickers t ON t.id = r.contract_id
+            JOIN snapshot_underlyings u ON u.id = r.underlying_id
+            WHERE r.captured_at = $1 AND t.ticker = ANY($2) AND u.ticker = $3
+            """,
+            target.captured_at,
+            list(chain.expected),
+            chain.key,
+        )
+        # and any an older version left in the hot tier of the compacted day
+        rows += await conn.fetch(
+            "SELECT ticker FROM option_snapshots WHERE captured_at = $1 AND ticker = ANY($2) "
+            "AND underlying_ticker = $3",
+            target.captured_at,
+            list(chain.expected),
+            chain.key,
+        )
+    else:
+        rows = await conn.fetch(
+            f"SELECT ticker FROM {target.partition} WHERE captured_at = $1 AND ticker = ANY($2) "
+            "AND underlying_ticker = $3",
+            target.captured_at,
+            list(chain.expected),
+            chain.key,
+        )
     return {row[0] for row in rows}
