@@ -7,15 +7,24 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import asyncpg
+import pytest
 
 from options.config import Settings
-from options.errors import ExitCode
-from options.jobs.wiring import compute_greeks, run_options_job, run_snapshots_job
+from options.errors import DayRefusedError, ExitCode
+from options.jobs.wiring import (
+    archive_snapshots,
+    compute_greeks,
+    run_daily_job,
+    run_options_job,
+    run_snapshots_job,
+)
 from options.simulator import RunningSimulator
 from options.store.compaction import compact_days
 from options.store.partitions import WIDE, ensure_partitions, partition_states
+from options.store.reads import Archive, Reader
 from tests.test_compaction import assert_same
 
 UNDERLYINGS = ("AAA", "BBB")
@@ -122,3 +131,118 @@ async def test_greeks_of_a_compacted_day_are_computed_from_the_compact_tier(
     assert await pool.fetchval("SELECT count(*) FROM computed_greeks") == missing
     done = await pool.fetchrow("SELECT * FROM greeks_slots WHERE captured_at = $1", SLOT)
     assert (done["computed"] + done["not_computed"], done["reason"]) == (missing, None)
+
+
+async def test_a_session_whose_every_slot_failed_is_backfilled(
+    pool: asyncpg.Pool,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A session with coverage rows but no complete slot (every chain answered 500) is not
+    "built from its snapshots": the backfill fills it from its listing and daily bars."""
+    today = dt.date(2026, 11, 27)
+    async with simulator(
+        underlyings=UNDERLYINGS,
+        contracts_per_underlying=40,
+        as_of=today,
+        broken_pages={"AAA": 1, "BBB": 1},
+    ) as api:
+        settings = make_settings(api.base_url, UNDERLYINGS)
+        assert await run_snapshots_job(settings, force=True, now=SLOT) == ExitCode.FAILED
+    await move_last_slot(pool, SLOT)
+    assert await pool.fetchval("SELECT count(*) FROM snapshot_coverage WHERE complete") == 0
+    async with simulator(underlyings=UNDERLYINGS, contracts_per_underlying=40, as_of=today) as api:
+        settings = make_settings(api.base_url, UNDERLYINGS)
+        assert await run_daily_job(settings, backfill_range=(DAY, DAY)) == ExitCode.OK
+    rows = await pool.fetch(
+        "SELECT underlying_ticker, count(*) AS n, min(bar_source) AS source FROM contract_days "
+        "WHERE session = $1 GROUP BY underlying_ticker ORDER BY underlying_ticker",
+        DAY,
+    )
+    assert [r["underlying_ticker"] for r in rows] == list(UNDERLYINGS)
+    assert all(r["n"] > 0 and r["source"] == "bars" for r in rows)
+    done = await pool.fetch(
+        "SELECT underlying_ticker, complete, source FROM daily_coverage WHERE session = $1 "
+        "ORDER BY underlying_ticker",
+        DAY,
+    )
+    assert [tuple(r) for r in done] == [(u, True, "bars") for u in UNDERLYINGS]
+
+
+async def take_complete_slots(
+    pool: asyncpg.Pool,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+    slots: tuple[dt.datetime, ...],
+    **overrides: object,
+) -> Settings:
+    """A complete slot at each of ``slots``; the settings of the runs (with ``overrides``)."""
+    async with simulator(underlyings=UNDERLYINGS, contracts_per_underlying=40) as api:
+        settings = make_settings(api.base_url, UNDERLYINGS, **overrides)
+        assert await run_options_job(settings) == ExitCode.OK
+        for slot in slots:
+            assert await run_snapshots_job(settings, force=True, now=slot) == ExitCode.OK
+            await move_last_slot(pool, slot)
+    return settings
+
+
+async def test_a_session_archived_before_its_daily_rows_is_not_called_complete(
+    pool: asyncpg.Pool,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """A session whose day was archived before ``ingest_daily`` built it is not built from
+    nothing and called complete: its coverage row says why it was not built, and no row is
+    written or claimed for it."""
+    next_slot = SLOT + dt.timedelta(days=1)
+    settings = await take_complete_slots(
+        pool,
+        simulator,
+        make_settings,
+        (SLOT, next_slot),
+        archive_url=str(tmp_path / "archive"),
+    )
+    run = await archive_snapshots(settings, before=next_slot.date())
+    assert [(d.day, d.postgres) for d in run.days if d.rows] == [(DAY, "dropped")]
+    assert await run_daily_job(settings, now=LATER) == ExitCode.OK
+    rows = await pool.fetch(
+        "SELECT underlying_ticker, contracts, complete, reason FROM daily_coverage "
+        "WHERE session = $1 ORDER BY underlying_ticker",
+        DAY,
+    )
+    assert [r["underlying_ticker"] for r in rows] == list(UNDERLYINGS)
+    for row in rows:
+        assert (row["contracts"], row["complete"]) == (0, False)
+        assert "archived" in row["reason"]
+    assert await pool.fetchval("SELECT count(*) FROM contract_days WHERE session = $1", DAY) == 0
+    # the next session is built from its slots as before
+    built = await pool.fetchval(
+        "SELECT count(*) FROM contract_days WHERE session = $1", next_slot.date()
+    )
+    assert built == 40 * len(UNDERLYINGS)
+
+
+async def test_a_resume_into_an_archived_day_is_refused(
+    pool: asyncpg.Pool,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """A slot left incomplete whose day was then archived and dropped: ``--resume`` refuses it
+    in one line naming the day, stores nothing, and the day reads back from the archive as it
+    was archived."""
+    await take_broken_slot(pool, simulator, make_settings)
+    async with simulator(underlyings=UNDERLYINGS, contracts_per_underlying=CONTRACTS) as api:
+        settings = make_settings(api.base_url, UNDERLYINGS, archive_url=str(tmp_path / "archive"))
+        run = await archive_snapshots(settings, before=DAY + dt.timedelta(days=1))
+        assert [(d.day, d.postgres) for d in run.days if d.rows] == [(DAY, "dropped")]
+        with pytest.raises(DayRefusedError, match=f"the slot of .*its day {DAY} is archived"):
+            await run_snapshots_job(settings, resume=True, force=True)
+    assert await pool.fetchval("SELECT count(*) FROM snapshot_reads") == 0
+    assert await pool.fetchval("SELECT count(*) FROM option_snapshots") == 0
+    async with pool.acquire() as conn:
+        assert DAY not in await partition_states(conn, WIDE)
+    reader = Reader(pool, archive=Archive.at(str(tmp_path / "archive")))
+    day = await reader.slots("AAA", [SLOT])
+    assert day.table.num_rows == 250
