@@ -403,3 +403,24 @@ async def test_a_writer_of_the_day_makes_the_move_wait(pool: asyncpg.Pool) -> No
         assert await tier_rows(pool) == (stored, 0)
     assert [r.action for r in await compact_days(pool, now=LATER) or []] == [COMPACTED]
     assert await tier_rows(pool) == (0, stored)
+
+
+async def test_moves_that_roll_back_consume_no_ids(pool: asyncpg.Pool) -> None:
+    """The ids of a day's tickers and underlyings are added in a transaction of their own:
+    moves that fail their verification and roll back, again and again, leave the ids dense
+    (an underlying's id is a smallint; one consumed by a rollback is lost for good)."""
+    slot = dt.datetime.combine(DAYS[0], SLOT_TIMES[0], dt.UTC)
+    await ensure_partitions(pool, DAYS[0], days_ahead=0)
+    async with pool.acquire() as conn:
+        stored = await insert_odd_rows(conn, slot)
+    decode = "CREATE OR REPLACE FUNCTION snapshot_price(code integer) RETURNS double precision "
+    await pool.execute(decode + "LANGUAGE sql IMMUTABLE AS $$ SELECT code::float8 / 1000 $$")
+    for _ in range(5):
+        with pytest.raises(CompactionError, match="did not read back"):
+            await compact_days(pool, now=LATER)
+    await pool.execute(decode + "LANGUAGE sql IMMUTABLE AS $$ SELECT code::float8 / 10000 $$")
+    assert [r.action for r in await compact_days(pool, now=LATER) or []] == [COMPACTED]
+    assert await tier_rows(pool) == (0, stored)
+    for table in ("snapshot_underlyings", "snapshot_tickers"):
+        ids = await pool.fetchrow(f"SELECT count(*) AS n, max(id) AS top FROM {table}")
+        assert ids["top"] == ids["n"], table
