@@ -190,16 +190,20 @@ class CompactionError(OptionsError):
 
 
 class DayRefusedError(OptionsError):
-    """A write into a day that is no longer in PostgreSQL (archived, or deleted by retention)
-    was refused; nothing was stored (:mod:`options.store.lifecycle`).
+    """A write into a day that is no longer in PostgreSQL (archived, or deleted by retention),
+    or that is being archived, was refused; nothing was stored
+    (:mod:`options.store.lifecycle`).
 
     Attributes:
         day: the UTC day refused.
+        final: the day has left PostgreSQL for good (``False``: it is being archived, and a
+            later write may find it compact again).
     """
 
-    def __init__(self, message: str, *, day: dt.date) -> None:
+    def __init__(self, message: str, *, day: dt.date, final: bool = True) -> None:
         super().__init__(message)
         self.day = day
+        self.final = final
 
 
 class AlreadyRunningError(OptionsError):

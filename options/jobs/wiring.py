@@ -43,7 +43,7 @@ from options.store.db import (
     describe_db_error,
     reconnect_window,
 )
-from options.store.lifecycle import HOT, REFUSED_REASONS, find_tier
+from options.store.lifecycle import HOT, find_tier, why_not_writable
 from options.store.partitions import ensure_partitions, partition_name
 from options.store.runs import STATUS_EXIT_CODES, Run, RunSummary
 from options.store.runs_lease import close_dead_runs
@@ -565,11 +565,11 @@ async def _refuse_if_gone(pool: asyncpg.Pool, captured_at: dt.datetime) -> None:
         DayRefusedError: it did.
     """
     day = captured_at.astimezone(dt.UTC).date()
-    tier = await find_tier(pool, day)
-    if tier in REFUSED_REASONS:
+    why = why_not_writable(await find_tier(pool, day))
+    if why is not None:
         raise DayRefusedError(
-            f"cannot resume the slot of {captured_at.isoformat()}: its day {day} is "
-            f"{REFUSED_REASONS[tier]}; a resume adds only to days still in PostgreSQL",
+            f"cannot resume the slot of {captured_at.isoformat()}: its day {day} is {why}; a "
+            "resume adds only to days still in PostgreSQL",
             day=day,
         )
 

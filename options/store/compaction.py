@@ -56,10 +56,10 @@ from options.store.lifecycle import (
     COMPACT as COMPACT_TIER,
 )
 from options.store.lifecycle import (
-    REFUSED_REASONS,
     lock_for_move,
     older_snapshots_left,
     set_tier,
+    why_not_writable,
 )
 from options.store.partitions import (
     COMPACT,
@@ -218,7 +218,7 @@ async def compact_day(
             )
             if not rows:
                 report = DayCompaction(day, EMPTY, 0, size)
-            elif tier in REFUSED_REASONS:
+            elif why_not_writable(tier) is not None:
                 report = DayCompaction(day, LEFT, rows, size)
             else:
                 report = await _move_rows(conn, day, wide, target, start, end, rows, size)
@@ -230,7 +230,7 @@ async def compact_day(
             "Compaction: %s is %s, yet %s holds %d rows (written by a version before the "
             "day's state was kept): they are left where they are",
             day,
-            REFUSED_REASONS[tier],
+            why_not_writable(tier),
             wide,
             rows,
         )

@@ -30,7 +30,7 @@ import asyncpg
 
 from options.ops.calendar import Session, sessions_between
 from options.ops.market import NEW_YORK
-from options.store.lifecycle import REFUSED_REASONS, tiers, utc_day
+from options.store.lifecycle import tiers, utc_day, why_not_writable
 from options.store.runs import Run, count_committed
 
 # A slot of the close starts a moment after it (the 16:00 timer): it still closes the session
@@ -93,7 +93,9 @@ async def _build_session(
     closing = await _slot(conn, underlying, session, last=True)
     oi = await _slot(conn, underlying, following, last=False)
     days = [session.day, *(utc_day(slot) for slot in (closing, oi) if slot is not None)]
-    gone = {day: t for day, t in (await tiers(conn, days)).items() if t in REFUSED_REASONS}
+    gone = {
+        day: why for day, t in (await tiers(conn, days)).items() if (why := why_not_writable(t))
+    }
     changed = 0
     if (closing is not None or oi is not None) and not gone:
         status = await conn.execute(BUILD, underlying, session.day, closing, oi)
@@ -105,7 +107,7 @@ async def _build_session(
     )
     if gone:
         day = min(gone)
-        reason: str | None = NOT_BUILT.format(day=day, why=REFUSED_REASONS[gone[day]])
+        reason: str | None = NOT_BUILT.format(day=day, why=gone[day])
     else:
         reason = NO_CLOSING_SLOT if closing is None else NO_OI_SLOT if oi is None else None
     await conn.execute(

@@ -78,8 +78,9 @@ async def compute_slot_greeks(
         The rows computed, and those stored with a reason instead.
 
     Raises:
-        DayRefusedError: the slot's day has left PostgreSQL: nothing was computed, and the
-            slot is recorded so, with the reason, in ``greeks_slots``.
+        DayRefusedError: the slot's day has left PostgreSQL (nothing was computed, and the
+            slot is recorded so, with the reason, in ``greeks_slots``) or is being archived
+            (nothing recorded: it is tried again).
     """
     try:
         async with conn.transaction():
@@ -96,6 +97,8 @@ async def compute_slot_greeks(
                 failed,
             )
     except DayRefusedError as exc:
+        if not exc.final:
+            raise  # being archived: the slot is tried again later
         await conn.execute(
             "INSERT INTO greeks_slots (captured_at, computed, not_computed, computed_at, reason) "
             "VALUES ($1, 0, 0, now(), $2) ON CONFLICT (captured_at) DO UPDATE SET "

@@ -8,10 +8,13 @@ row is :data:`HOT`::
     HOT        option_snapshots (the COPY target)       stored there
     COMPACT    snapshot_rows                            merged into the compact partition,
                                                         verified, in the write's transaction
+    ARCHIVING  snapshot_rows, being written to the      refused for now (a later write finds
+               archive                                  the day compact again, or archived)
     ARCHIVED   the Parquet archive (ARCHIVE_URL)        refused, with the reason
     DELETED    nowhere (retention deleted it unarchived) refused, with the reason
 
-    HOT --compaction--> COMPACT --archive--> ARCHIVED
+    HOT --compaction--> COMPACT --archive starts--> ARCHIVING --verified, recorded--> ARCHIVED
+                                   ^------- the archive of the day failed ----'
     HOT or COMPACT --retention with SNAPSHOT_DELETE_UNARCHIVED--> DELETED
 
 Derived rows follow: computed IV and greeks and daily rows are computed from whichever tier
@@ -47,16 +50,21 @@ class Tier(enum.Enum):
 
     HOT = "hot"
     COMPACT = "compact"
+    ARCHIVING = "archiving"
     ARCHIVED = "archived"
     DELETED = "deleted"
 
     @property
     def in_postgres(self) -> bool:
-        """Its snapshots are in PostgreSQL (hot or compact), where derived rows are built."""
-        return self in (Tier.HOT, Tier.COMPACT)
+        """Its snapshots are read from PostgreSQL (hot, compact, or compact while archived)."""
+        return self in (Tier.HOT, Tier.COMPACT, Tier.ARCHIVING)
 
 
-HOT, COMPACT, ARCHIVED, DELETED = Tier.HOT, Tier.COMPACT, Tier.ARCHIVED, Tier.DELETED
+HOT, COMPACT, ARCHIVING = Tier.HOT, Tier.COMPACT, Tier.ARCHIVING
+ARCHIVED, DELETED = Tier.ARCHIVED, Tier.DELETED
+
+BUSY_REASON = "being archived (a write is refused until the archive of the day is done)"
+"""Why a write into a day being archived is refused for now: a later one may succeed."""
 
 REFUSED_REASONS = {
     ARCHIVED: "archived (PostgreSQL no longer holds its snapshots; they are read from the "
@@ -64,6 +72,13 @@ REFUSED_REASONS = {
     DELETED: "deleted by retention (SNAPSHOT_DELETE_UNARCHIVED)",
 }
 """Why a write into a day in that state is refused, and why a derived row was not computed."""
+
+
+def why_not_writable(tier: Tier) -> str | None:
+    """Why nothing may be written into a day in ``tier`` now (``None``: it may be)."""
+    if tier is ARCHIVING:
+        return BUSY_REASON
+    return REFUSED_REASONS.get(tier)
 
 
 def utc_day(moment: dt.datetime) -> dt.date:
@@ -76,11 +91,14 @@ async def lock_for_write(conn: asyncpg.Connection, day: dt.date) -> Tier:
     the day starts before the write commits. Call it inside the writing transaction.
 
     Raises:
-        DayRefusedError: the day is archived or deleted: nothing may be written into it.
+        DayRefusedError: the day is archived or deleted (``final``: nothing may be written into
+            it), or being archived (not ``final``: a later write may find it compact again).
     """
     tier = await _locked(conn, day, "SHARE")
     if tier in REFUSED_REASONS:
         raise DayRefusedError(f"the day {day} is {REFUSED_REASONS[tier]}", day=day)
+    if tier is ARCHIVING:
+        raise DayRefusedError(f"the day {day} is {BUSY_REASON}", day=day, final=False)
     return tier
 
 

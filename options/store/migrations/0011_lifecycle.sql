@@ -3,6 +3,8 @@
 --
 --   hot       option_snapshots: the jobs write here
 --   compact   snapshot_rows: a late write is merged into the day's compact partition, verified
+--   archiving being written to the archive (still read from snapshot_rows): writes wait for
+--             the outcome (refused now, tried again later)
 --   archived  the Parquet archive: PostgreSQL keeps the coverage rows; a late write is refused
 --   deleted   dropped unarchived by retention (SNAPSHOT_DELETE_UNARCHIVED): writes are refused
 --
@@ -11,7 +13,7 @@
 -- a write and a move of the same day never overlap, and the write lands in the tier it saw.
 CREATE TABLE stored_days (
     day         date PRIMARY KEY,
-    tier        text NOT NULL CHECK (tier IN ('hot', 'compact', 'archived', 'deleted')),
+    tier        text NOT NULL CHECK (tier IN ('hot', 'compact', 'archiving', 'archived', 'deleted')),
     changed_at  timestamptz NOT NULL DEFAULT now(),
     -- the transaction that last moved the day: the table it emptied is dropped only once no
     -- snapshot older than that transaction is left, so no reader sees the day in neither tier
