@@ -140,12 +140,13 @@ async def test_cli_names_the_real_cause_when_the_database_goes_away(
     simulator, pool, database_url: str
 ) -> None:
     """The process says the database went away (the first error, not "released back to the
-    pool"), exits 1, prints no asyncio "never retrieved" tracebacks, and records its run."""
+    pool"), exits 1, prints no asyncio "never retrieved" tracebacks, and records its run once
+    the database is back (within DB_RECONNECT_SECONDS of its going away)."""
     names = ",".join(f"U{c}" for c in "ABCDEF")
     async with simulator(
         underlyings=tuple(names.split(",")), contracts_per_underlying=3000, latency=0.02
     ) as api:
-        env = job_env(database_url, api.base_url, names, DB_RECONNECT_SECONDS="1")
+        env = job_env(database_url, api.base_url, names, DB_RECONNECT_SECONDS="5")
         child = await asyncio.create_subprocess_exec(
             str(BIN / "ingest_snapshots"),
             "--force",

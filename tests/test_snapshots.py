@@ -573,7 +573,8 @@ async def test_connections_lost_now_and_then_cost_nothing(simulator, pool, make_
             await asyncio.sleep(0.25)
             await pool.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = 'ingest_snapshots'"
+                "WHERE datname = current_database() "
+                "AND split_part(application_name, '/', 1) = 'ingest_snapshots'"
             )
 
     async with simulator(underlyings=names, contracts_per_underlying=3000, latency=0.02) as api:

@@ -30,8 +30,8 @@ from options.jobs.snapshot_plan import Chain
 from options.ops.progress import Progress
 from options.ops.telemetry import count_rows_rejected, count_rows_written, time_batch
 from options.store.db import (
-    ACQUIRE_TIMEOUT,
     DB_ERRORS,
+    acquire_timeout,
     describe_db_error,
     epoch_microsecond_timestamps,
     is_connection_lost,
@@ -208,7 +208,7 @@ class _WriterConnection:
         if self._conn is None:
             held = contextlib.AsyncExitStack()
             try:
-                conn = await held.enter_async_context(self.pool.acquire(timeout=ACQUIRE_TIMEOUT))
+                conn = await held.enter_async_context(self.pool.acquire(timeout=acquire_timeout()))
                 await held.enter_async_context(epoch_microsecond_timestamps(conn))
             except BaseException:
                 await held.aclose()

@@ -41,7 +41,7 @@ from options.store.db import (
     apply_migrations,
     create_pool,
     describe_db_error,
-    reconnect_window,
+    wait_for_database,
 )
 from options.store.partitions import ensure_partitions
 from options.store.runs import STATUS_EXIT_CODES, Run, RunSummary
@@ -94,7 +94,7 @@ async def open_database(
     Also sets how long the job's tasks wait for a database that went away
     (``DB_RECONNECT_SECONDS``).
     """
-    reconnect_window.set(settings.db_reconnect_seconds)
+    wait_for_database(settings.db_reconnect_seconds)
     pool = await create_pool(
         settings.require_database_url(),
         max_size=settings.db_pool_size,
@@ -285,7 +285,13 @@ async def run_options_job(
             settings.database_location(),
         )
         with tracer.start_as_current_span("ingest_options.run") as span:
-            async with recorded_run(pool, "options", dsn=dsn, on_end=on_end) as run:
+            async with recorded_run(
+                pool,
+                "options",
+                dsn=dsn,
+                lease_seconds=settings.run_lease_seconds,
+                on_end=on_end,
+            ) as run:
                 span.set_attribute("options.run_id", run.id)
                 await sync_contracts(
                     settings,
@@ -331,7 +337,9 @@ async def run_daily_job(
     async with open_database(settings, job="daily") as pool:
         underlyings = list(only) or await tracked_underlyings(settings, pool)
         with tracer.start_as_current_span("ingest_daily.run") as span:
-            async with recorded_run(pool, "daily", dsn=dsn, on_end=on_end) as run:
+            async with recorded_run(
+                pool, "daily", dsn=dsn, lease_seconds=settings.run_lease_seconds, on_end=on_end
+            ) as run:
                 span.set_attribute("options.run_id", run.id)
                 if settings.compute_greeks:
                     # what the snapshot runs left (a run that ended partial computes none)
@@ -459,7 +467,12 @@ async def _snapshot(
             logger.info("Nothing to resume: every chain of the latest slots is stored")
             return ExitCode.OK
         async with recorded_run(
-            pool, "snapshots", dsn=dsn, resumed=slot is not None, on_end=on_end
+            pool,
+            "snapshots",
+            dsn=dsn,
+            lease_seconds=settings.run_lease_seconds,
+            resumed=slot is not None,
+            on_end=on_end,
         ) as run:
             trace.get_current_span().set_attribute("options.run_id", run.id)
             if slot is not None:
@@ -494,7 +507,8 @@ async def _snapshot(
             try:
                 await snapshot.execute(planned, stop)
             finally:
-                await _say_why_unstored(pool, run, captured_at)
+                if not run.lease_lost:  # the copy that took over owns the slot now
+                    await _say_why_unstored(pool, run, captured_at)
             # the week ahead after the rows are stored, so nothing waits on partition DDL
             await ensure_partitions(pool, day, lock_timeout=AHEAD_LOCK_TIMEOUT)
             retain = retain_days if retain_days is not None else settings.snapshot_retain_days
