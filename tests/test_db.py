@@ -292,3 +292,31 @@ async def test_existing_database_is_migrated_in_place(server_url: str) -> None:
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
+
+
+async def test_the_wait_for_a_lost_database_is_counted_once_per_job() -> None:
+    """DB_RECONNECT_SECONDS counts from when the job's database went away, across its tasks:
+    work that starts after the window has run out tries once and gives up (no window of its
+    own); a success clears the count."""
+    from options.store.db import reconnecting, wait_for_database
+
+    policy = wait_for_database(0.3)
+
+    async def attempts(**kwargs: float) -> int:
+        count = 0
+        with pytest.raises(ConnectionRefusedError):
+            async for attempt in reconnecting(what="testing", **kwargs):
+                with attempt:
+                    count += 1
+                    raise ConnectionRefusedError("the database is away")
+        return count
+
+    assert await attempts() > 1  # retried for the window
+    assert policy.lost_since is not None
+    assert await attempts() == 1  # the window is spent: one try, no window of its own
+    assert await attempts(grace=0.3) > 1  # a last write is tried a little longer
+    async for attempt in reconnecting(what="testing"):
+        with attempt:
+            pass  # the database answers again
+    assert policy.lost_since is None
+    assert await attempts() > 1
