@@ -298,7 +298,7 @@ async def test_the_wait_for_a_lost_database_is_counted_once_per_job() -> None:
     """DB_RECONNECT_SECONDS counts from when the job's database went away, across its tasks:
     work that starts after the window has run out tries once and gives up (no window of its
     own); a success clears the count."""
-    from options.store.db import reconnecting, wait_for_database
+    from options.store.reconnect import reconnecting, wait_for_database
 
     policy = wait_for_database(0.3)
 

@@ -15,7 +15,8 @@ import pytest
 
 from options.errors import AlreadyRunningError, ExitCode, LeaseLostError
 from options.jobs.wiring import run_options_job, run_snapshots_job
-from options.store.db import DB_ERRORS, create_pool
+from options.store.db import create_pool
+from options.store.reconnect import DB_ERRORS
 from options.store.runs import count_committed
 from options.store.runs_lease import open_run
 from tests.conftest import SIM_KEY, DatabaseProxy, black_out, wait_for_value

@@ -27,7 +27,7 @@ from options.store.backfill import (
     store_bars,
     store_listing,
 )
-from options.store.db import DB_ERRORS, acquire_timeout, describe_db_error, reconnecting
+from options.store.reconnect import DB_ERRORS, acquire_timeout, describe_db_error, reconnecting
 from options.store.runs import Run
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from options.errors import (
 from options.jobs.filters import ListingScope, contract_underlying, listing_scope, market_today
 from options.ops.progress import Progress
 from options.ops.telemetry import count_rows_rejected, count_rows_written, time_batch
-from options.store.db import DB_ERRORS, acquire_timeout, describe_db_error, reconnecting
+from options.store.reconnect import DB_ERRORS, acquire_timeout, describe_db_error, reconnecting
 from options.store.rejects import Reject, keep_rejects
 from options.store.runs import Run, RunStats, count_committed
 from options.store.syncs import SyncCounts, committed_sync, record_failed_sync, record_sync

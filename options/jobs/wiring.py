@@ -35,15 +35,9 @@ from options.jobs.snapshots import SnapshotRun
 from options.ops.market import market_session
 from options.ops.progress import Progress
 from options.ops.telemetry import observe_pool
-from options.store.db import (
-    DB_ERRORS,
-    Limits,
-    apply_migrations,
-    create_pool,
-    describe_db_error,
-    wait_for_database,
-)
+from options.store.db import Limits, apply_migrations, create_pool
 from options.store.partitions import ensure_partitions
+from options.store.reconnect import DB_ERRORS, describe_db_error, wait_for_database
 from options.store.runs import STATUS_EXIT_CODES, Run, RunSummary
 from options.store.runs_lease import close_dead_runs
 from options.store.runs_recording import recorded_run

@@ -37,13 +37,8 @@ from pathlib import Path
 import asyncpg
 
 from options.errors import AlreadyRunningError, DatabaseError, LeaseLostError
-from options.store.db import (
-    ACQUIRE_TIMEOUT,
-    DB_ERRORS,
-    bounded_db_connection,
-    describe_db_error,
-    is_pool_application_name,
-)
+from options.store.db import bounded_db_connection, is_pool_application_name
+from options.store.reconnect import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error
 from options.store.runs import Run, run_lost_message
 
 logger = logging.getLogger(__name__)

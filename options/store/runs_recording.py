@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager, suppress
 import asyncpg
 
 from options.errors import DatabaseError, OptionsError, RunInterrupted
-from options.store.db import (
+from options.store.reconnect import (
     CONNECT_TIMEOUT,
     DB_ERRORS,
     connect_timeout,
