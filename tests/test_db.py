@@ -320,3 +320,17 @@ async def test_the_wait_for_a_lost_database_is_counted_once_per_job() -> None:
             pass  # the database answers again
     assert policy.lost_since is None
     assert await attempts() > 1
+
+
+async def test_an_answer_from_the_server_ends_the_wait() -> None:
+    """A statement the server refuses (the database is there) clears the job's count of how
+    long the database has been away, so a later loss gets the whole window again."""
+    from options.store.reconnect import reconnecting, wait_for_database
+
+    policy = wait_for_database(30.0)
+    policy.lost(0.0)  # a loss long ago that nothing succeeded after
+    with pytest.raises(asyncpg.UndefinedTableError):
+        async for attempt in reconnecting(what="testing"):
+            with attempt:
+                raise asyncpg.UndefinedTableError("no such table")
+    assert policy.lost_since is None

@@ -220,7 +220,7 @@ def _readable_ticker(raw: Any) -> str | None:
     return ticker if isinstance(ticker, str) and "\x00" not in ticker else None
 
 
-@bounded_db_connection("adding the contracts of {underlying} its chain lists to option_contracts")
+@bounded_db_connection("adding the newly listed contracts of {underlying} to option_contracts")
 async def _add_contracts(
     conn: asyncpg.Connection, rows: list[ContractRow], seen_at: dt.datetime, *, underlying: str
 ) -> None:

@@ -186,13 +186,14 @@ def reconnecting(
 
     def retry(state: RetryCallState) -> bool:
         error = state.outcome.exception() if state.outcome else None
-        if error is None:
-            policy.recovered()
-            return False
-        if not retryable(error):
-            return False
-        policy.lost(attempt_began)
-        return True
+        if error is not None and retryable(error):
+            policy.lost(attempt_began)
+            return True
+        if error is None or (
+            isinstance(error, asyncpg.PostgresError) and not is_connection_lost(error)
+        ):
+            policy.recovered()  # the server answered
+        return False
 
     def wait(state: RetryCallState) -> float:
         return min(RECONNECT_BACKOFF(state), max(0.0, limit() - time.monotonic()))

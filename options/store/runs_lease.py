@@ -235,6 +235,8 @@ async def _end_sessions(conn: asyncpg.Connection, holder: asyncpg.Record) -> Non
     name = holder["application_name"]
     if not is_pool_application_name(name):
         return  # a run recorded before its sessions were named: nothing to find them by
+    if name == await conn.fetchval("SELECT current_setting('application_name')"):
+        return  # this very pool's run (one process opening a second): its sessions are ours
     deadline = time.monotonic() + FENCE_SECONDS
     ended: set[int] = set()
     while True:
