@@ -21,7 +21,7 @@ from options.ops.output import OUTPUT_FORMATS, format_rows
 from options.ops.progress import Progress
 from options.ops.summary import log_summary, write_metrics_textfile
 from options.ops.telemetry_setup import Telemetry, configure_telemetry
-from options.store.db import is_connection_lost
+from options.store.reconnect import is_connection_lost
 from options.store.runs import RunSummary
 
 F = TypeVar("F", bound=Callable[..., Any])

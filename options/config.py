@@ -32,6 +32,7 @@ NO_ENV_FILE = Path(os.devnull)
 jobs)."""
 CONTRACT_TYPES = ("call", "put")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MIN_LEASE_SECONDS = 2.0  # RUN_LEASE_SECONDS: four heartbeats must fit in it
 _RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _RATE_FORM = "N/s or N/min (for example 100/s, or 5/min on the free plan), or off"
 _ARCHIVE_FORM = "an absolute directory (/var/lib/options-history/archive) or s3://BUCKET[/PREFIX]"
@@ -48,7 +49,8 @@ SETTING_NAMES = tuple(
         "DB_RECONNECT_SECONDS SNAPSHOT_RESUME_WINDOW SNAPSHOT_RETAIN_DAYS "
         "SNAPSHOT_DELETE_UNARCHIVED ARCHIVE_URL ARCHIVE_AFTER_DAYS LOG_LEVEL NOTIFY_COMMAND "
         "AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_REGION AWS_DEFAULT_REGION "
-        "AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3 COMPUTE_GREEKS GREEKS_RATE GREEKS_DIVIDEND_YIELD"
+        "AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3 COMPUTE_GREEKS GREEKS_RATE GREEKS_DIVIDEND_YIELD "
+        "RUN_LEASE_SECONDS"
     ).split()
 )
 """The project's own variables (``.env.example`` lists each); NOTIFY_COMMAND is the failure
@@ -184,6 +186,9 @@ class Settings:
     db_statement_timeout: float = 300.0
     db_lock_timeout: float = 30.0
     db_reconnect_seconds: float = 60.0
+    run_lease_seconds: float = 60.0
+    """``RUN_LEASE_SECONDS``: a run whose heartbeat is older than this is dead, and another
+    copy takes it over; the run renews it four times within it (every 5 s at most)."""
     log_level: str = "INFO"
     warnings: tuple[str, ...] = field(default=(), compare=False)
     """One line per doubtful line of the env file (a name the project does not know, a name
@@ -315,6 +320,7 @@ class Settings:
             db_reconnect_seconds=_parse_seconds(
                 "DB_RECONNECT_SECONDS", get("DB_RECONNECT_SECONDS"), 60.0, allow_zero=True
             ),
+            run_lease_seconds=_parse_lease(get("RUN_LEASE_SECONDS")),
             log_level=_parse_choice("LOG_LEVEL", (get("LOG_LEVEL") or "INFO").upper(), LOG_LEVELS),
             warnings=warnings,
             passthrough=passthrough,
@@ -733,6 +739,17 @@ def _parse_seconds(
     if allow_zero and raw.strip() in ("0", "off"):
         return 0.0
     return parse_duration(raw, name=name)
+
+
+def _parse_lease(raw: str | None) -> float:
+    seconds = _parse_seconds("RUN_LEASE_SECONDS", raw, 60.0)
+    if seconds < MIN_LEASE_SECONDS:
+        raise ConfigError(
+            f"RUN_LEASE_SECONDS={raw!r} is too short: expected a duration of at least "
+            f"{MIN_LEASE_SECONDS:g}s (default 60s)",
+            variable="RUN_LEASE_SECONDS",
+        )
+    return seconds
 
 
 def _parse_rate_limit(raw: str | None) -> tuple[float, float] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -148,8 +149,6 @@ def fixtures_dir() -> Path:
 async def black_out(database_url: str, *, after: float, seconds: float) -> None:
     """After ``after`` s, refuse new connections to the database and end every session on it
     (as a database going away does), for ``seconds`` s."""
-    import asyncio
-
     await asyncio.sleep(after)
     name = urlsplit(database_url).path.lstrip("/")
     admin = await asyncpg.connect(with_database(database_url, "postgres"))
@@ -168,10 +167,83 @@ async def black_out(database_url: str, *, after: float, seconds: float) -> None:
 
 async def wait_for_value(pool: asyncpg.Pool, query: str, *, interval: float = 0.02) -> object:
     """Poll ``query`` until it returns a true value; return that value."""
-    import asyncio
-
     while True:
         value = await pool.fetchval(query)
         if value:
             return value
         await asyncio.sleep(interval)
+
+
+class DatabaseProxy:
+    """A TCP relay in front of the test's PostgreSQL that a test can cut: every connection
+    through it is reset and new ones are refused (as a stopped server or a failover does),
+    until it is restored on the same port. The shared cluster itself is never touched."""
+
+    def __init__(self, database_url: str) -> None:
+        parts = urlsplit(database_url)
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self._parts = parts
+        self._server: asyncio.Server | None = None
+        self._relays: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """The database URL through the relay."""
+        netloc = self._parts.netloc.rsplit("@", 1)
+        host = f"127.0.0.1:{self.port}"
+        return urlunsplit(
+            (
+                self._parts.scheme,
+                f"{netloc[0]}@{host}" if len(netloc) == 2 else host,
+                self._parts.path,
+                self._parts.query,
+                "",
+            )
+        )
+
+    async def start(self) -> None:
+        """Listen (on a free port the first time, on the same one after a cut)."""
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        """Stop listening and reset every relayed connection."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._relays):
+            writer.transport.abort()
+        self._relays.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._relays |= {writer, up_writer}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._relays -= {writer, up_writer}
+
+
+@pytest.fixture
+async def db_proxy(database_url: str) -> AsyncIterator[DatabaseProxy]:
+    """A :class:`DatabaseProxy` in front of the test's database, listening."""
+    proxy = DatabaseProxy(database_url)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.cut()

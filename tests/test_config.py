@@ -476,3 +476,15 @@ def test_cli_refuses_an_export_line_in_one_line(tmp_path: Path) -> None:
         "ignores such lines (the job would run without POLYGON_API_KEY); expected "
         "POLYGON_API_KEY=value\n"
     )
+
+
+def test_run_lease_seconds_is_a_duration_of_at_least_two_seconds() -> None:
+    """RUN_LEASE_SECONDS takes a duration (default 60 s); shorter than 2 s is refused, since
+    four heartbeats must fit in a lease."""
+    assert Settings.from_env({}, env_file=NO_ENV_FILE).run_lease_seconds == 60.0
+    assert (
+        Settings.from_env({"RUN_LEASE_SECONDS": "4s"}, env_file=NO_ENV_FILE).run_lease_seconds
+        == 4.0
+    )
+    with pytest.raises(ConfigError, match="RUN_LEASE_SECONDS='1s' is too short"):
+        Settings.from_env({"RUN_LEASE_SECONDS": "1s"}, env_file=NO_ENV_FILE)

@@ -408,7 +408,7 @@ async def cut_connections(pool: asyncpg.Pool, application: str, *, every: float)
         await asyncio.sleep(every)
         await pool.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = $1",
+            "WHERE datname = current_database() AND split_part(application_name, '/', 1) = $1",
             application,
         )
 
@@ -425,8 +425,9 @@ async def test_database_going_away_fails_with_the_real_cause(
 
     names = tuple(f"U{c}" for c in "ABCDEFGH")
     async with simulator(underlyings=names, contracts_per_underlying=3000, latency=0.02) as api:
+        # the job waits 5 s for a database gone away; its final status lands when it is back
         settings = make_settings(
-            api.base_url, names, underlying_concurrency=2, db_reconnect_seconds=1.0
+            api.base_url, names, underlying_concurrency=2, db_reconnect_seconds=5.0
         )
         outage = asyncio.create_task(black_out(database_url, after=0.3, seconds=3.0))
         with pytest.raises(DatabaseError) as caught:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 
 import asyncpg
 import pytest
@@ -26,6 +27,13 @@ async def backend_pid(conn: asyncpg.Connection, delay: float = 0.0) -> int:
 
 @bounded_db_connection
 async def broken_query(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT * FROM no_such_table")
+
+
+@bounded_db_connection("reading the known contracts of {underlying} ({tickers})")
+async def _described_query(
+    conn: asyncpg.Connection, underlying: str, *, tickers: list[str], day: object = None
+) -> None:
     await conn.execute("SELECT * FROM no_such_table")
 
 
@@ -57,9 +65,31 @@ async def test_concurrency_is_bounded_by_the_pool(database_url: str) -> None:
 
 
 async def test_database_errors_become_database_error(pool: asyncpg.Pool) -> None:
-    """An asyncpg error leaves the decorator as DatabaseError naming the function and SQLSTATE."""
-    with pytest.raises(DatabaseError, match=r"broken_query: UndefinedTableError \[42P01\]"):
+    """An asyncpg error leaves the decorator as DatabaseError naming what was being done (bare:
+    the function's name, spoken) and the SQLSTATE."""
+    with pytest.raises(DatabaseError, match=r"^broken query: UndefinedTableError \[42P01\]"):
         await broken_query(pool)
+
+
+async def test_database_errors_say_what_was_being_done(pool: asyncpg.Pool) -> None:
+    """A described call's error starts with its description, filled from the call's arguments
+    (a list spoken as its first few items), and names no Python identifier."""
+    tickers = [f"O:AAA{i}" for i in range(7)]
+    with pytest.raises(DatabaseError) as caught:
+        await _described_query(pool, "AAPL", tickers=tickers)
+    assert str(caught.value).startswith(
+        "reading the known contracts of AAPL (O:AAA0, O:AAA1, O:AAA2, O:AAA3, O:AAA4 and 2 "
+        "more): UndefinedTableError [42P01]"
+    )
+
+
+def test_a_description_naming_no_argument_is_refused_at_once() -> None:
+    """A description whose field is not an argument of the function fails where it is
+    written (at import), not when an error is being reported."""
+    with pytest.raises(TypeError, match="names no argument"):
+
+        @bounded_db_connection("reading {nothing}")
+        async def query(conn: asyncpg.Connection, something: str) -> None: ...
 
 
 async def test_generator_twin_streams_and_releases(database_url: str) -> None:
@@ -176,7 +206,7 @@ async def test_migration_lock_wait_is_bounded(pool: asyncpg.Pool) -> None:
 
 async def test_pool_connections_carry_their_limits(database_url: str) -> None:
     """Every pooled connection has statement and lock timeouts, keeps its own transactions from
-    idling forever, and has TCP keepalives on."""
+    idling forever, has TCP keepalives on, and an application_name unique to its pool."""
     from options.store.db import Limits, create_pool
 
     pool = await create_pool(database_url, max_size=2, limits=Limits(12.5, 3.0))
@@ -191,12 +221,14 @@ async def test_pool_connections_carry_their_limits(database_url: str) -> None:
                     "application_name",
                 )
             }
+            name = settings.pop("application_name")
             assert settings == {
                 "statement_timeout": "12500ms",
                 "lock_timeout": "3s",
                 "idle_in_transaction_session_timeout": "12500ms",
-                "application_name": "options-history",
             }
+            # unique to the pool: a copy that takes over a dead run ends exactly its sessions
+            assert re.fullmatch(r"options-history/[0-9a-f]{16}", name), name
             with pytest.raises(asyncpg.QueryCanceledError):
                 await conn.execute("SET statement_timeout = '100ms'; SELECT pg_sleep(1)")
     finally:
@@ -260,3 +292,45 @@ async def test_existing_database_is_migrated_in_place(server_url: str) -> None:
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
+
+
+async def test_the_wait_for_a_lost_database_is_counted_once_per_job() -> None:
+    """DB_RECONNECT_SECONDS counts from when the job's database went away, across its tasks:
+    work that starts after the window has run out tries once and gives up (no window of its
+    own); a success clears the count."""
+    from options.store.reconnect import reconnecting, wait_for_database
+
+    policy = wait_for_database(0.3)
+
+    async def attempts(**kwargs: float) -> int:
+        count = 0
+        with pytest.raises(ConnectionRefusedError):
+            async for attempt in reconnecting(what="testing", **kwargs):
+                with attempt:
+                    count += 1
+                    raise ConnectionRefusedError("the database is away")
+        return count
+
+    assert await attempts() > 1  # retried for the window
+    assert policy.lost_since is not None
+    assert await attempts() == 1  # the window is spent: one try, no window of its own
+    assert await attempts(grace=0.3) > 1  # a last write is tried a little longer
+    async for attempt in reconnecting(what="testing"):
+        with attempt:
+            pass  # the database answers again
+    assert policy.lost_since is None
+    assert await attempts() > 1
+
+
+async def test_an_answer_from_the_server_ends_the_wait() -> None:
+    """A statement the server refuses (the database is there) clears the job's count of how
+    long the database has been away, so a later loss gets the whole window again."""
+    from options.store.reconnect import reconnecting, wait_for_database
+
+    policy = wait_for_database(30.0)
+    policy.lost(0.0)  # a loss long ago that nothing succeeded after
+    with pytest.raises(asyncpg.UndefinedTableError):
+        async for attempt in reconnecting(what="testing"):
+            with attempt:
+                raise asyncpg.UndefinedTableError("no such table")
+    assert policy.lost_since is None

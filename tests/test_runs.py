@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -13,8 +15,11 @@ import pytest
 
 from options.errors import AlreadyRunningError, ExitCode, LeaseLostError
 from options.jobs.wiring import run_options_job, run_snapshots_job
+from options.store.db import create_pool
+from options.store.reconnect import DB_ERRORS
+from options.store.runs import count_committed
 from options.store.runs_lease import open_run
-from tests.conftest import SIM_KEY, black_out, wait_for_value
+from tests.conftest import SIM_KEY, DatabaseProxy, black_out, wait_for_value
 
 BIN = Path(sys.executable).parent
 
@@ -136,12 +141,13 @@ async def test_cli_names_the_real_cause_when_the_database_goes_away(
     simulator, pool, database_url: str
 ) -> None:
     """The process says the database went away (the first error, not "released back to the
-    pool"), exits 1, prints no asyncio "never retrieved" tracebacks, and records its run."""
+    pool"), exits 1, prints no asyncio "never retrieved" tracebacks, and records its run once
+    the database is back (within DB_RECONNECT_SECONDS of its going away)."""
     names = ",".join(f"U{c}" for c in "ABCDEF")
     async with simulator(
         underlyings=tuple(names.split(",")), contracts_per_underlying=3000, latency=0.02
     ) as api:
-        env = job_env(database_url, api.base_url, names, DB_RECONNECT_SECONDS="1")
+        env = job_env(database_url, api.base_url, names, DB_RECONNECT_SECONDS="5")
         child = await asyncio.create_subprocess_exec(
             str(BIN / "ingest_snapshots"),
             "--force",
@@ -178,3 +184,126 @@ async def test_a_live_run_refuses_a_second_copy_even_without_its_lock_holder(
         with pytest.raises(AlreadyRunningError):
             await run_snapshots_job(make_settings(api.base_url, ("AAA",)), force=True)
     assert await runs(pool) == [(live.id, "snapshots", "running", os.getpid())]
+
+
+async def test_a_take_over_ends_the_sessions_of_a_frozen_holder(
+    simulator, pool, database_url: str, make_settings
+) -> None:
+    """A copy frozen mid-commit (its transaction open, holding its run's row) whose lease has
+    run out is fenced: the copy that takes over ends that copy's sessions, waits until they
+    are gone and runs; the frozen transaction commits nothing."""
+    frozen_pool = await create_pool(database_url, max_size=2, application_name="ingest_snapshots")
+    conn = await frozen_pool.acquire()
+    try:
+        frozen = await open_run(frozen_pool, "snapshots")
+        await pool.execute("UPDATE ingest_runs SET heartbeat_at = now() - interval '2 min'")
+        commit = conn.transaction()
+        await commit.start()
+        await count_committed(conn, frozen, {"rows_written": 7})  # the run's row is locked now
+        async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
+            settings = make_settings(api.base_url, ("AAA",), db_lock_timeout=2.0)
+            code = await asyncio.wait_for(run_snapshots_job(settings, force=True), 60)
+        assert code == ExitCode.OK
+        with pytest.raises(DB_ERRORS):
+            await commit.commit()  # its session was ended: nothing of it is committed
+    finally:
+        frozen_pool.terminate()
+    rows = await pool.fetch("SELECT status, rows_written, error FROM ingest_runs ORDER BY id")
+    assert [(r["status"], r["rows_written"]) for r in rows[:1]] == [("interrupted", 0)]
+    assert [r["status"] for r in rows[1:]] == ["succeeded"]
+    assert "no heartbeat for 120 s" in rows[0]["error"]
+
+
+async def test_a_holders_own_lease_decides_when_it_is_dead(simulator, pool, make_settings) -> None:
+    """A run is judged by the lease it recorded (RUN_LEASE_SECONDS of its own process), not by
+    the lease of the copy that looks: a long lease silent for less than it is alive, a short
+    one silent for longer is dead."""
+    await pool.execute(
+        "INSERT INTO ingest_runs (job, started_at, heartbeat_at, host, pid, lease_seconds) "
+        "VALUES ('options', now() - interval '5 min', now() - interval '90 s', 'elsewhere', 1, "
+        "300)"
+    )
+    async with simulator(underlyings=("AAA",), contracts_per_underlying=10) as api:
+        settings = make_settings(api.base_url, ("AAA",))
+        with pytest.raises(AlreadyRunningError, match="process 1 on elsewhere"):
+            await run_options_job(settings)
+        await pool.execute(
+            "UPDATE ingest_runs SET lease_seconds = 5, heartbeat_at = now() - interval '8 s'"
+        )
+        assert await run_options_job(settings) == ExitCode.OK
+    rows = await pool.fetch("SELECT status, error FROM ingest_runs ORDER BY id")
+    assert [r["status"] for r in rows] == ["interrupted", "succeeded"]
+    assert "(the lease is 5 s)" in rows[0]["error"]
+
+
+RECONNECT_SECONDS = 5
+
+
+async def test_a_job_gives_up_within_db_reconnect_seconds(
+    simulator, pool, db_proxy: DatabaseProxy
+) -> None:
+    """With DB_RECONNECT_SECONDS=5, a job whose database goes away for good (connections
+    reset, new ones refused) exits 1 within the setting and a little more (its final status
+    is tried briefly), not the setting plus tens of seconds."""
+    names = ",".join(f"U{c}" for c in "ABCDEF")
+    async with simulator(
+        underlyings=tuple(names.split(",")), contracts_per_underlying=3000, latency=0.1
+    ) as api:
+        env = job_env(
+            db_proxy.url, api.base_url, names, DB_RECONNECT_SECONDS=str(RECONNECT_SECONDS)
+        )
+        child = await asyncio.create_subprocess_exec(
+            str(BIN / "ingest_snapshots"),
+            "--force",
+            "--log-format",
+            "text",
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await wait_for_value(pool, "SELECT count(*) FROM ingest_runs")
+        await asyncio.sleep(0.3)
+        await db_proxy.cut()
+        cut = time.monotonic()
+        _, stderr = await asyncio.wait_for(child.communicate(), 90)
+        took = time.monotonic() - cut
+    print(f"gave up {took:.2f} s after the database went away (DB_RECONNECT_SECONDS=5)")
+    log = stderr.decode()
+    assert child.returncode == ExitCode.FAILED, log
+    assert took < RECONNECT_SECONDS + 5, f"gave up after {took:.1f} s:\n{log}"
+
+
+@pytest.mark.parametrize("job", ["snapshots", "options"])
+async def test_the_error_line_says_what_was_being_done(
+    job: str, simulator, pool, db_proxy: DatabaseProxy
+) -> None:
+    """The error line of a job whose database goes away says, in words, what the job was
+    doing ("storing the chains of UA: the database connection was lost ..."), never the
+    name of a Python function."""
+    names = ",".join(f"U{c}" for c in "ABCDEF")
+    async with simulator(
+        underlyings=tuple(names.split(",")), contracts_per_underlying=3000, latency=0.05
+    ) as api:
+        env = job_env(db_proxy.url, api.base_url, names, DB_RECONNECT_SECONDS="1")
+        args = ("--force",) if job == "snapshots" else ()
+        child = await asyncio.create_subprocess_exec(
+            str(BIN / f"ingest_{job}"),
+            *args,
+            "--log-format",
+            "text",
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await wait_for_value(pool, "SELECT count(*) FROM ingest_runs")
+        await asyncio.sleep(0.3)
+        await db_proxy.cut()
+        await asyncio.sleep(4.0)  # longer than the job waits; then the final status may land
+        await db_proxy.start()
+        _, stderr = await asyncio.wait_for(child.communicate(), 90)
+    log = stderr.decode()
+    assert child.returncode == ExitCode.FAILED, log
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, log
+    print(errors[0])
+    assert not re.search(r"(?<![\w.])_[A-Za-z]\w*", errors[0]), errors[0]
+    assert re.match(r"error: [a-z]+ing\b", errors[0]), errors[0]
+    assert "the database connection was lost" in errors[0], errors[0]

@@ -526,13 +526,14 @@ async def test_database_going_away_fails_with_the_real_cause(
     simulator, pool, database_url: str, make_settings
 ) -> None:
     """When the database ends the job's sessions and refuses new ones, the job fails with one
-    error naming that cause, the run is recorded failed once the database is back, and every
-    chain stored is whole with its coverage row."""
+    error naming that cause, the run is recorded failed once the database is back (within
+    DB_RECONNECT_SECONDS of its going away), and every chain stored is whole with its coverage
+    row."""
     from tests.conftest import black_out
 
     names = tuple(f"U{c}" for c in "ABCDEF")
     async with simulator(underlyings=names, contracts_per_underlying=3000, latency=0.02) as api:
-        settings = make_settings(api.base_url, names, http_concurrency=2, db_reconnect_seconds=1.0)
+        settings = make_settings(api.base_url, names, http_concurrency=2, db_reconnect_seconds=5.0)
         outage = asyncio.create_task(black_out(database_url, after=0.4, seconds=3.0))
         with pytest.raises(DatabaseError) as caught:
             await asyncio.wait_for(run_snapshots_job(settings, force=True), 60)
@@ -573,7 +574,8 @@ async def test_connections_lost_now_and_then_cost_nothing(simulator, pool, make_
             await asyncio.sleep(0.25)
             await pool.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = 'ingest_snapshots'"
+                "WHERE datname = current_database() "
+                "AND split_part(application_name, '/', 1) = 'ingest_snapshots'"
             )
 
     async with simulator(underlyings=names, contracts_per_underlying=3000, latency=0.02) as api:

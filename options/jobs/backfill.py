@@ -27,7 +27,7 @@ from options.store.backfill import (
     store_bars,
     store_listing,
 )
-from options.store.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error, reconnecting
+from options.store.reconnect import DB_ERRORS, acquire_timeout, describe_db_error, reconnecting
 from options.store.runs import Run
 
 logger = logging.getLogger(__name__)
@@ -250,6 +250,6 @@ async def _unit(
     connection of the pool, again on a new one while the connection keeps being lost."""
     async for attempt in reconnecting(what=what):
         with attempt:
-            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            async with pool.acquire(timeout=acquire_timeout()) as conn:
                 return await work(conn)
     raise AssertionError("unreachable: reconnecting() returns or raises")

@@ -36,7 +36,7 @@ from options.errors import (
 from options.jobs.filters import ListingScope, contract_underlying, listing_scope, market_today
 from options.ops.progress import Progress
 from options.ops.telemetry import count_rows_rejected, count_rows_written, time_batch
-from options.store.db import ACQUIRE_TIMEOUT, DB_ERRORS, describe_db_error, reconnecting
+from options.store.reconnect import DB_ERRORS, acquire_timeout, describe_db_error, reconnecting
 from options.store.rejects import Reject, keep_rejects
 from options.store.runs import Run, RunStats, count_committed
 from options.store.syncs import SyncCounts, committed_sync, record_failed_sync, record_sync
@@ -280,7 +280,7 @@ async def sync_underlying(
         scope = await listing_scope(settings, client, underlying, today=today)
         fresh = result
         try:
-            async for attempt in reconnecting(what=f"syncing {underlying}"):
+            async for attempt in reconnecting(what=f"syncing the contracts of {underlying}"):
                 with attempt:
                     fresh = UnderlyingResult(underlying)  # a rolled-back attempt counts nothing
                     await _sync_once(
@@ -297,7 +297,9 @@ async def sync_underlying(
                         retry=attempt.retry_state.attempt_number > 1,
                     )
         except DB_ERRORS as exc:
-            raise DatabaseError(f"{underlying}: {describe_db_error(exc)}") from exc
+            raise DatabaseError(
+                f"syncing the contracts of {underlying}: {describe_db_error(exc)}"
+            ) from exc
         finally:
             # what was fetched and refused counts either way; what was written only if kept
             result.fetched, result.rejected = fresh.fetched, fresh.rejected
@@ -322,7 +324,7 @@ async def _sync_once(
 ) -> None:
     key = contract_underlying(underlying)
     if retry:
-        async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as lookup:
+        async with pool.acquire(timeout=acquire_timeout()) as lookup:
             done = await committed_sync(lookup, run, key)
         if done is not None:  # the earlier attempt committed; only its answer was lost
             result.fetched, result.written = done.listed, done.written
@@ -339,7 +341,7 @@ async def _sync_once(
             # the connection is taken at the first write, not while the first page is fetched
             nonlocal conn
             if conn is None:
-                acquired = await stack.enter_async_context(pool.acquire(timeout=ACQUIRE_TIMEOUT))
+                acquired = await stack.enter_async_context(pool.acquire(timeout=acquire_timeout()))
                 await stack.enter_async_context(acquired.transaction())
                 conn = acquired
             return conn
@@ -433,7 +435,7 @@ async def _record_failure(pool: asyncpg.Pool, run: Run, result: UnderlyingResult
     try:
         async for attempt in reconnecting(what=f"recording the failure of {result.underlying}"):
             with attempt:
-                async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                async with pool.acquire(timeout=acquire_timeout()) as conn:
                     await record_failed_sync(conn, run, key, counts)
     except DB_ERRORS as exc:
         raise DatabaseError(
@@ -513,7 +515,7 @@ async def deactivate_expired(pool: asyncpg.Pool, run: Run, *, today: dt.date) ->
     try:
         async for attempt in reconnecting(what="deactivating expired contracts"):
             with attempt:
-                async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                async with pool.acquire(timeout=acquire_timeout()) as conn, conn.transaction():
                     status = await conn.execute(DEACTIVATE_EXPIRED, today)
                     count = int(status.rsplit(" ", 1)[1])
                     await count_committed(conn, run, {"contracts_deactivated": count})

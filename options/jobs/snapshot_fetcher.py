@@ -192,7 +192,9 @@ class ChainFetcher:
         self.run.stats.rows_fetched += len(results)
         self.run.stats.api_requests = self.client.requests_sent
         if new_contracts:
-            await _add_contracts(self.pool, new_contracts, self.captured_at)
+            await _add_contracts(
+                self.pool, new_contracts, self.captured_at, underlying=chain.underlying
+            )
             logger.info(
                 "%s: %d contracts not yet in option_contracts were added",
                 chain.underlying,
@@ -218,8 +220,8 @@ def _readable_ticker(raw: Any) -> str | None:
     return ticker if isinstance(ticker, str) and "\x00" not in ticker else None
 
 
-@bounded_db_connection
+@bounded_db_connection("adding the newly listed contracts of {underlying} to option_contracts")
 async def _add_contracts(
-    conn: asyncpg.Connection, rows: list[ContractRow], seen_at: dt.datetime
+    conn: asyncpg.Connection, rows: list[ContractRow], seen_at: dt.datetime, *, underlying: str
 ) -> None:
     await conn.execute(UPSERT_NEW_CONTRACTS, *zip(*rows, strict=True), seen_at)

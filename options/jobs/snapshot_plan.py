@@ -174,7 +174,7 @@ def plan_slices(
     return slices
 
 
-@bounded_db_connection
+@bounded_db_connection("reading the known contracts of {underlying}")
 async def _known_contracts(
     conn: asyncpg.Connection, underlying: str, today: dt.date, scope: ListingScope
 ) -> list[asyncpg.Record]:

@@ -29,11 +29,11 @@ from options.errors import DatabaseError
 from options.jobs.snapshot_plan import Chain
 from options.ops.progress import Progress
 from options.ops.telemetry import count_rows_rejected, count_rows_written, time_batch
-from options.store.db import (
-    ACQUIRE_TIMEOUT,
+from options.store.db import epoch_microsecond_timestamps
+from options.store.reconnect import (
     DB_ERRORS,
+    acquire_timeout,
     describe_db_error,
-    epoch_microsecond_timestamps,
     is_connection_lost,
     reconnecting,
 )
@@ -208,7 +208,7 @@ class _WriterConnection:
         if self._conn is None:
             held = contextlib.AsyncExitStack()
             try:
-                conn = await held.enter_async_context(self.pool.acquire(timeout=ACQUIRE_TIMEOUT))
+                conn = await held.enter_async_context(self.pool.acquire(timeout=acquire_timeout()))
                 await held.enter_async_context(epoch_microsecond_timestamps(conn))
             except BaseException:
                 await held.aclose()

@@ -35,16 +35,10 @@ from options.jobs.snapshots import SnapshotRun
 from options.ops.market import market_session
 from options.ops.progress import Progress
 from options.ops.telemetry import observe_pool
-from options.store.db import (
-    DB_ERRORS,
-    Limits,
-    apply_migrations,
-    create_pool,
-    describe_db_error,
-    reconnect_window,
-)
+from options.store.db import Limits, apply_migrations, create_pool
 from options.store.lifecycle import HOT, find_tier, why_not_writable
 from options.store.partitions import ensure_partitions, partition_name
+from options.store.reconnect import DB_ERRORS, describe_db_error, wait_for_database
 from options.store.runs import STATUS_EXIT_CODES, Run, RunSummary
 from options.store.runs_lease import close_dead_runs
 from options.store.runs_recording import recorded_run
@@ -95,7 +89,7 @@ async def open_database(
     Also sets how long the job's tasks wait for a database that went away
     (``DB_RECONNECT_SECONDS``).
     """
-    reconnect_window.set(settings.db_reconnect_seconds)
+    wait_for_database(settings.db_reconnect_seconds)
     pool = await create_pool(
         settings.require_database_url(),
         max_size=settings.db_pool_size,
@@ -286,7 +280,13 @@ async def run_options_job(
             settings.database_location(),
         )
         with tracer.start_as_current_span("ingest_options.run") as span:
-            async with recorded_run(pool, "options", dsn=dsn, on_end=on_end) as run:
+            async with recorded_run(
+                pool,
+                "options",
+                dsn=dsn,
+                lease_seconds=settings.run_lease_seconds,
+                on_end=on_end,
+            ) as run:
                 span.set_attribute("options.run_id", run.id)
                 await sync_contracts(
                     settings,
@@ -332,7 +332,9 @@ async def run_daily_job(
     async with open_database(settings, job="daily") as pool:
         underlyings = list(only) or await tracked_underlyings(settings, pool)
         with tracer.start_as_current_span("ingest_daily.run") as span:
-            async with recorded_run(pool, "daily", dsn=dsn, on_end=on_end) as run:
+            async with recorded_run(
+                pool, "daily", dsn=dsn, lease_seconds=settings.run_lease_seconds, on_end=on_end
+            ) as run:
                 span.set_attribute("options.run_id", run.id)
                 if settings.compute_greeks:
                     # what the snapshot runs left (a run that ended partial computes none)
@@ -462,7 +464,12 @@ async def _snapshot(
             logger.info("Nothing to resume: every chain of the latest slots is stored")
             return ExitCode.OK
         async with recorded_run(
-            pool, "snapshots", dsn=dsn, resumed=slot is not None, on_end=on_end
+            pool,
+            "snapshots",
+            dsn=dsn,
+            lease_seconds=settings.run_lease_seconds,
+            resumed=slot is not None,
+            on_end=on_end,
         ) as run:
             trace.get_current_span().set_attribute("options.run_id", run.id)
             if slot is not None:
@@ -500,7 +507,8 @@ async def _snapshot(
             try:
                 await snapshot.execute(planned, stop)
             finally:
-                await _say_why_unstored(pool, run, captured_at)
+                if not run.lease_lost:  # the copy that took over owns the slot now
+                    await _say_why_unstored(pool, run, captured_at)
             # the week ahead after the rows are stored, so nothing waits on partition DDL
             ahead = day if hot else dt.datetime.now(dt.UTC).date()
             await ensure_partitions(pool, ahead, lock_timeout=AHEAD_LOCK_TIMEOUT)

@@ -54,7 +54,7 @@ _RUN_COLUMNS = """
 """
 
 
-@bounded_db_connection
+@bounded_db_connection("reading the runs, coverage and syncs since {since}")
 async def read_observed(
     conn: asyncpg.Connection, *, now: dt.datetime, since: dt.datetime, requested: list[str]
 ) -> Observed:

@@ -7,88 +7,61 @@ asyncpg errors become :class:`~options.errors.DatabaseError` in one place.
 Every connection carries limits, so no statement, lock wait or lost peer can hang a job:
 ``statement_timeout`` and ``lock_timeout`` on the server, ``command_timeout`` in asyncpg, and TCP
 keepalives on both ends (so a NAT or proxy that drops idle connections is noticed, and kept
-from dropping them). A connection the server closes (a restart, ``pg_terminate_backend``,
-``idle_session_timeout``) is replaced: the decorators retry on a fresh connection for up to
-:data:`reconnect_window` (``DB_RECONNECT_SECONDS``) before giving up with an error that
-names the real cause.
+from dropping them). Every connection of a pool carries an ``application_name`` unique to that
+pool (``ingest_snapshots/3f9a...``), which is how a copy that takes over a dead run finds the
+dead copy's sessions (:mod:`options.store.runs_lease`).
+
+A connection the server closes (a restart, ``pg_terminate_backend``, ``idle_session_timeout``)
+is replaced: the decorators retry on a fresh connection while the job's database has been
+away for less than ``DB_RECONNECT_SECONDS`` (:mod:`options.store.reconnect`, whose error
+helpers ``DB_ERRORS`` and ``describe_db_error`` are imported here too), then give up with an
+error that says what was being done and names the real cause.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
+import datetime as dt
 import functools
 import hashlib
+import inspect
 import logging
 import re
+import secrets
 import socket
+import string
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar, overload
 
 import asyncpg
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
 from options.config import redact_url
 from options.errors import DatabaseError
+from options.store.reconnect import (
+    ACQUIRE_TIMEOUT,
+    CONNECT_TIMEOUT,
+    DB_ERRORS,
+    acquire_timeout,
+    describe_db_error,
+    reconnecting,
+    wait_for_database,
+)
 
 logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-ACQUIRE_TIMEOUT = 60.0
-CONNECT_TIMEOUT = 10.0
-# How long a running job waits for a database that went away (restart, failover, a cut
-# connection) before it fails: long enough for a restart, short enough to notice an outage.
-RECONNECT_SECONDS = 60.0
-reconnect_window: contextvars.ContextVar[float] = contextvars.ContextVar(
-    "reconnect_window", default=RECONNECT_SECONDS
-)
-"""The job's ``DB_RECONNECT_SECONDS``: set once by the job's entry, read by
-:func:`reconnecting` in every task the job starts."""
+_POOL_NAME = re.compile(r".+/[0-9a-f]{16}")
 MIGRATION_LOCK_TIMEOUT = 60.0  # how long a job waits for another process's migrations
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3  # a dead peer shows in ~60 s
 PG_EPOCH_MICROSECONDS = 946_684_800_000_000  # 2000-01-01 UTC, PostgreSQL's epoch
 MIGRATION_LOCK_KEY = 0x6F7074686973_01  # "opthis" + 1: one advisory lock id for migrations
 _MIGRATION_FILE = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
-
-DB_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError,
-    OSError,
-    TimeoutError,
-)
-
-# The server ended the session or cannot be reached: another connection may succeed.
-_CONNECTION_LOST: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.IdleSessionTimeoutError,
-    asyncpg.IdleInTransactionSessionTimeoutError,
-    asyncpg.InterfaceError,  # "connection is closed": the session died under the client
-    # "cannot switch to state ...": the protocol was cut mid-operation by the server
-    asyncpg.exceptions.InternalClientError,
-    OSError,  # ConnectionRefusedError, ConnectionResetError, a cut network
-)
-# InterfaceErrors that are the client's own refusals, not a lost connection.
-_NOT_LOST: tuple[type[BaseException], ...] = (
-    asyncpg.DataError,
-    asyncpg.exceptions.ClientConfigurationError,
-    asyncpg.exceptions.UnsupportedClientFeatureError,
-)
 
 
 @dataclass(frozen=True)
@@ -113,10 +86,18 @@ class Limits:
         }
 
 
-def is_connection_lost(exc: BaseException) -> bool:
-    """The error says the session is gone or the server unreachable, not that a statement
-    was refused: the same work may succeed on a new connection."""
-    return isinstance(exc, _CONNECTION_LOST) and not isinstance(exc, _NOT_LOST)
+def pool_application_name(name: str) -> str:
+    """``name`` followed by a token unique to one pool: ``ingest_snapshots/3f9a1c2b7d4e6a80``.
+
+    Every session of the pool carries it, so they can all be found in ``pg_stat_activity``
+    (those opened after a reconnect too) and told apart from another copy's of the same job.
+    """
+    return f"{name}/{secrets.token_hex(8)}"
+
+
+def is_pool_application_name(name: str | None) -> bool:
+    """``name`` was made by :func:`pool_application_name` (so it names one pool's sessions)."""
+    return name is not None and _POOL_NAME.fullmatch(name) is not None
 
 
 async def create_pool(
@@ -126,7 +107,8 @@ async def create_pool(
     limits: Limits | None = None,
     application_name: str = "options-history",
 ) -> asyncpg.Pool:
-    """Open the shared connection pool, every connection with :class:`Limits` and keepalives.
+    """Open the shared connection pool, every connection with :class:`Limits` and keepalives,
+    and with ``application_name`` made unique to the pool (:func:`pool_application_name`).
 
     Raises:
         DatabaseError: the server cannot be reached or refuses the login; the message names the
@@ -144,7 +126,10 @@ async def create_pool(
             # the client gives up a little after the server would have cancelled the statement
             command_timeout=limits.statement_timeout + 10.0,
             init=_enable_client_keepalive,
-            server_settings={"application_name": application_name, **limits.server_settings},
+            server_settings={
+                "application_name": pool_application_name(application_name),
+                **limits.server_settings,
+            },
         )
     except DB_ERRORS as exc:
         raise DatabaseError(
@@ -183,7 +168,7 @@ async def looking_pool(
     Raises:
         DatabaseError: the database cannot be reached.
     """
-    reconnect_window.set(0.0)
+    wait_for_database(0.0)
     pool = await create_pool(dsn, max_size=1, limits=limits, application_name=application_name)
     try:
         try:
@@ -198,75 +183,54 @@ async def looking_pool(
         await pool.close()
 
 
-def describe_db_error(exc: BaseException) -> str:
-    """Return a one-line description of a database error, without secrets.
-
-    A lost connection says so first ("the database connection was lost: ..."), so the real
-    cause leads the line rather than whichever statement happened to notice it.
-    """
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    sqlstate = getattr(exc, "sqlstate", None)
-    prefix = f"{type(exc).__name__}" + (f" [{sqlstate}]" if sqlstate else "")
-    described = f"{prefix}: {text}" if text else prefix
-    if is_connection_lost(exc):
-        return f"the database connection was lost ({described})"
-    return described
+Func = Callable[Concatenate[asyncpg.Connection, P], Awaitable[R]]
+PoolFunc = Callable[Concatenate[asyncpg.Pool, P], Awaitable[R]]
 
 
-def reconnecting(
-    *,
-    seconds: float | None = None,
-    what: str = "a query",
-    on: tuple[type[BaseException], ...] | None = None,
-) -> AsyncRetrying:
-    """A tenacity loop that retries its block while the connection keeps being lost, for up
-    to ``seconds`` (default: :data:`reconnect_window`); any other error, or the last loss, is
-    raised as it is. ``on``: retry these errors instead of lost connections only.
+@overload
+def bounded_db_connection(doing: str, /) -> Callable[[Func[P, R]], PoolFunc[P, R]]: ...
 
-    Only for blocks that are safe to run again: reads, and transactions that either
-    committed as a whole or not at all and check what is already there.
-    """
 
-    def log_retry(state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        logger.warning(
-            "%s: %s; retrying on a new connection (attempt %d)",
-            what,
-            describe_db_error(error) if error else "failed",
-            state.attempt_number + 1,
-        )
-
-    return AsyncRetrying(
-        retry=retry_if_exception(is_connection_lost)
-        if on is None
-        else retry_if_exception(lambda exc: isinstance(exc, on)),
-        stop=stop_after_delay(reconnect_window.get() if seconds is None else seconds),
-        wait=wait_random_exponential(multiplier=0.2, max=5.0),
-        before_sleep=log_retry,
-        reraise=True,
-    )
+@overload
+def bounded_db_connection(doing: Func[P, R], /) -> PoolFunc[P, R]: ...
 
 
 def bounded_db_connection(
-    func: Callable[Concatenate[asyncpg.Connection, P], Awaitable[R]],
-) -> Callable[Concatenate[asyncpg.Pool, P], Awaitable[R]]:
+    doing: str | Func[P, R], /
+) -> Callable[[Func[P, R]], PoolFunc[P, R]] | PoolFunc[P, R]:
     """Turn ``func(conn, ...)`` into ``func(pool, ...)`` running on a connection from the pool.
+
+    Used as ``@bounded_db_connection("reading the known contracts of {underlying}")``: the
+    description says in the user's words what the call does, its fields filled from the
+    call's arguments (a list of tickers is spoken as ``AAA, BBB``); it leads every error and
+    retry line of the call. Bare ``@bounded_db_connection`` speaks the function's name
+    (``close_slot`` becomes "close slot").
 
     The pool's size bounds how many such calls hold a connection at once; a call waits at most
     ``ACQUIRE_TIMEOUT`` seconds for one. A lost connection is replaced and the call run again
     (see :func:`reconnecting`), so ``func`` must be safe to repeat. asyncpg and socket errors
     leave as DatabaseError.
     """
+    if isinstance(doing, str):
+        template = doing
 
+        def decorate(func: Func[P, R]) -> PoolFunc[P, R]:
+            return _bounded(func, _describer(func, template))
+
+        return decorate
+    return _bounded(doing, _describer(doing, None))
+
+
+def _bounded(func: Func[P, R], describe: Callable[..., str]) -> PoolFunc[P, R]:
     @functools.wraps(func)
     async def wrapper(pool: asyncpg.Pool, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            async for attempt in reconnecting(what=func.__name__):
+            async for attempt in reconnecting(what=lambda: describe(*args, **kwargs)):
                 with attempt:
-                    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                    async with pool.acquire(timeout=acquire_timeout()) as conn:
                         return await func(conn, *args, **kwargs)
         except DB_ERRORS as exc:
-            raise DatabaseError(f"{func.__name__}: {describe_db_error(exc)}") from exc
+            raise DatabaseError(f"{describe(*args, **kwargs)}: {describe_db_error(exc)}") from exc
         raise AssertionError("unreachable: reconnecting() returns or raises")
 
     return wrapper
@@ -275,10 +239,11 @@ def bounded_db_connection(
 def bounded_db_connection_gen(
     func: Callable[Concatenate[asyncpg.Connection, P], AsyncIterator[R]],
 ) -> Callable[Concatenate[asyncpg.Pool, P], AsyncIterator[R]]:
-    """The async-generator twin of :func:`bounded_db_connection`.
+    """The async-generator twin of :func:`bounded_db_connection` (bare, the name spoken).
 
     The connection is held for as long as the generator runs and returned when it is closed.
     """
+    describe = _describer(func, None)
 
     @functools.wraps(func)
     async def wrapper(pool: asyncpg.Pool, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[R]:
@@ -287,9 +252,49 @@ def bounded_db_connection_gen(
                 async for item in func(conn, *args, **kwargs):
                     yield item
         except DB_ERRORS as exc:
-            raise DatabaseError(f"{func.__name__}: {describe_db_error(exc)}") from exc
+            raise DatabaseError(f"{describe(*args, **kwargs)}: {describe_db_error(exc)}") from exc
 
     return wrapper
+
+
+def _describer(func: Callable[..., object], template: str | None) -> Callable[..., str]:
+    """What a call of ``func`` (its arguments after the connection) is doing, in words."""
+    if template is None:
+        spoken = func.__name__.strip("_").replace("_", " ")
+        return lambda *args, **kwargs: spoken
+    signature = inspect.signature(func)
+    params = list(signature.parameters.values())[1:]  # the connection is the pool's business
+    signature = signature.replace(parameters=params)
+    fields = {
+        re.split(r"[.\[]", name, maxsplit=1)[0]
+        for _, name, _, _ in string.Formatter().parse(template)
+        if name
+    }
+    if unknown := fields - {p.name for p in params}:
+        raise TypeError(f"{func.__qualname__}: {template!r} names no argument {sorted(unknown)}")
+
+    def describe(*args: object, **kwargs: object) -> str:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return template  # the call itself is wrong; it fails on its own
+        bound.apply_defaults()
+        return template.format_map({k: _spoken(v) for k, v in bound.arguments.items()})
+
+    return describe
+
+
+def _spoken(value: object) -> object:
+    """A value as a sentence names it: tickers as ``AAA, BBB`` (the first few), days ISO."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, Iterable) and not isinstance(value, bytes | dict):
+        items = [str(v) for v in value]
+        shown = ", ".join(items[:5])
+        return shown + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+    return value
 
 
 @contextlib.asynccontextmanager
@@ -360,7 +365,7 @@ def load_migrations() -> list[Migration]:
     return found
 
 
-@bounded_db_connection
+@bounded_db_connection("applying the schema migrations")
 async def apply_migrations(conn: asyncpg.Connection) -> list[str]:
     """Apply the migrations not yet applied, each in its own transaction, under an advisory lock.
 

@@ -148,7 +148,7 @@ async def tier_of(conn: asyncpg.Connection, day: dt.date) -> Tier:
     return (await tiers(conn, [day]))[day]
 
 
-@bounded_db_connection
+@bounded_db_connection("reading where the day {day} is stored")
 async def find_tier(conn: asyncpg.Connection, day: dt.date) -> Tier:
     """The tier of ``day`` (no lock), on a connection of the pool."""
     return await tier_of(conn, day)

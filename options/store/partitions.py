@@ -68,7 +68,7 @@ def partition_name(day: dt.date, table: str = WIDE) -> str:
     return f"{table}_p{day:%Y%m%d}"
 
 
-@bounded_db_connection
+@bounded_db_connection("making the partitions of {day} and the days ahead")
 async def ensure_partitions(
     conn: asyncpg.Connection,
     day: dt.date,
@@ -203,7 +203,7 @@ def _milliseconds(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
-@bounded_db_connection
+@bounded_db_connection("dropping the partitions older than {retain_days} days")
 async def drop_old_partitions(
     conn: asyncpg.Connection,
     *,

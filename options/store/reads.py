@@ -364,7 +364,7 @@ async def _dropped_days(
     return tuple(row["day"] for row in rows)
 
 
-@bounded_db_connection
+@bounded_db_connection("reading the chain of {underlying}")
 async def _read_chain(
     conn: asyncpg.Connection, underlying: str, at: dt.datetime | None
 ) -> tuple[dt.datetime | None, bool, pa.Table | None]:
@@ -381,7 +381,7 @@ async def _read_chain(
     return slot, False, records_table(records)
 
 
-@bounded_db_connection
+@bounded_db_connection("reading the history of {ticker}")
 async def _read_history(
     conn: asyncpg.Connection, ticker: str, start: dt.datetime, end: dt.datetime
 ) -> tuple[pa.Table, tuple[dt.date, ...]]:
@@ -394,7 +394,7 @@ async def _read_history(
     return records_table(kept), archived
 
 
-@bounded_db_connection
+@bounded_db_connection("finding the complete slots of {keys}")
 async def _complete_slots(
     conn: asyncpg.Connection, start: dt.datetime, end: dt.datetime, keys: list[str]
 ) -> dict[str, list[dt.datetime]]:
@@ -415,7 +415,7 @@ async def _complete_slots(
     return slots
 
 
-@bounded_db_connection
+@bounded_db_connection("reading the slots of {underlying}")
 async def _read_slots(
     conn: asyncpg.Connection, underlying: str, slots: list[dt.datetime]
 ) -> tuple[pa.Table, tuple[dt.date, ...]]:

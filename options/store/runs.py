@@ -112,6 +112,9 @@ class Run:
     Attributes:
         resumed: the run completes a snapshot slot an earlier run planned.
         keep: how many more rejected records the run may keep in ``rejected_rows``.
+        application_name: what every session of this process's pool is called, recorded with
+            the lease (``None`` when the pool's name is not unique to it).
+        lease_lost: another copy took the run over; it may write nothing more.
     """
 
     id: int
@@ -122,6 +125,8 @@ class Run:
     resumed: bool = False
     keep: RejectBudget = field(default_factory=RejectBudget)
     summary: RunSummary | None = None
+    application_name: str | None = None
+    lease_lost: bool = False
 
 
 async def count_committed(
@@ -166,6 +171,7 @@ async def count_committed(
         *(int(counts.get(name, 0)) for name in COMMITTED_COUNTS),
     )
     if found is None:
+        run.lease_lost = True
         raise LeaseLostError(run_lost_message(run))
 
 

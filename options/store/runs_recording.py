@@ -15,13 +15,21 @@ from contextlib import asynccontextmanager, suppress
 import asyncpg
 
 from options.errors import DatabaseError, OptionsError, RunInterrupted
-from options.store.db import CONNECT_TIMEOUT, DB_ERRORS, describe_db_error, reconnecting
+from options.store.reconnect import (
+    CONNECT_TIMEOUT,
+    DB_ERRORS,
+    connect_timeout,
+    describe_db_error,
+    reconnecting,
+)
 from options.store.runs import MAX_ERROR_TEXT, STATUS_EXIT_CODES, Run, RunSummary
-from options.store.runs_lease import HEARTBEAT_SECONDS, LEASE_SECONDS, Heartbeat, open_run
+from options.store.runs_lease import LEASE_SECONDS, Heartbeat, heartbeat_interval, open_run
 
 logger = logging.getLogger(__name__)
 
-FINAL_WRITE_SECONDS = 30.0  # how long the final status waits for a database that went away
+# The final status waits for a database that went away as the job does (DB_RECONNECT_SECONDS,
+# counted from when it went away); once the job has given up on it, it is tried this long more.
+FINAL_WRITE_GRACE = 1.0
 COMPLETED = "completed"  # close_run: the job ran to its end; the row's counts decide the status
 
 
@@ -40,8 +48,13 @@ async def recorded_run(
     On a normal exit the status follows the committed counts in the row (see
     :func:`close_run`); :class:`RunInterrupted` or a cancellation (a second signal) ends it
     ``interrupted``; any other exception ends it ``failed``. The exception, if any, is logged
-    first and re-raised after the row is written. The final row is written on a new
+    first and re-raised after the row is written, or after the row could not be written (that
+    is logged: the exception is the real cause). The final row is written on a new
     connection (the pool may be what failed).
+
+    Args:
+        lease_seconds: the run's lease (``RUN_LEASE_SECONDS``): recorded with the run, and
+            renewed four times within it (every 5 s at most).
 
     Raises:
         AlreadyRunningError: a live copy of this job holds the lease.
@@ -50,7 +63,7 @@ async def recorded_run(
         DatabaseError: the ledger cannot be written.
     """
     run = await open_run(pool, job, lease_seconds=lease_seconds, resumed=resumed)
-    heartbeat = Heartbeat(pool, run, interval=min(HEARTBEAT_SECONDS, lease_seconds / 4))
+    heartbeat = Heartbeat(pool, run, interval=heartbeat_interval(lease_seconds))
     heartbeat.start()
     try:
         yield run
@@ -71,6 +84,8 @@ async def recorded_run(
             logger.error("Run %d of ingest_%s failed: %s", run.id, job, error)
         try:
             await close_run(dsn, run, status, error)
+        except DatabaseError as unrecorded:
+            logger.error("%s", unrecorded)  # the job's own error says what went wrong first
         finally:
             _report(run, on_end)
         raise
@@ -117,7 +132,8 @@ async def close_run(dsn: str, run: Run, status: str, error: str | None) -> None:
     final row from being written.
 
     Raises:
-        DatabaseError: the row could not be written within :data:`FINAL_WRITE_SECONDS`.
+        DatabaseError: the row could not be written while the job waits for its database
+            (``DB_RECONNECT_SECONDS`` since it went away, and :data:`FINAL_WRITE_GRACE` more).
     """
     if error and len(error) > MAX_ERROR_TEXT:
         error = error[: MAX_ERROR_TEXT - 1] + "…"
@@ -191,10 +207,15 @@ async def _write_final(dsn: str, run: Run, status: str, error: str | None) -> as
     # any database error is worth another try here: a database that refuses connections for
     # a while (a restart, a failover) must not leave the run 'running'
     async for attempt in reconnecting(
-        seconds=FINAL_WRITE_SECONDS, what="recording the run", on=DB_ERRORS
+        what=f"recording the end of run {run.id}", on=DB_ERRORS, grace=FINAL_WRITE_GRACE
     ):
         with attempt:
-            conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
+            conn = await asyncpg.connect(
+                dsn,
+                timeout=connect_timeout(),
+                # the run's own sessions' name: a copy that takes the run over ends this one too
+                server_settings={"application_name": run.application_name or "options-history"},
+            )
             try:
                 written: asyncpg.Record | None = await conn.fetchrow(
                     """

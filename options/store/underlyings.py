@@ -48,7 +48,7 @@ def root(ticker: str) -> str:
     return ticker.removeprefix("I:")
 
 
-@bounded_db_connection
+@bounded_db_connection("mirroring UNDERLYINGS into the tracked underlyings")
 async def sync_configured(conn: asyncpg.Connection, configured: Sequence[str]) -> list[str]:
     """Mirror ``UNDERLYINGS`` into the table; return the enabled tickers afterwards.
 
@@ -117,7 +117,7 @@ async def _set_enabled(
     )
 
 
-@bounded_db_connection
+@bounded_db_connection("listing the tracked underlyings")
 async def list_tracked(conn: asyncpg.Connection) -> list[Tracked]:
     """Every row, enabled first, then by ticker."""
     rows = await conn.fetch(
@@ -127,7 +127,7 @@ async def list_tracked(conn: asyncpg.Connection) -> list[Tracked]:
     return [Tracked(**dict(row)) for row in rows]
 
 
-@bounded_db_connection
+@bounded_db_connection("adding {ticker} to the tracked underlyings")
 async def add_tracked(conn: asyncpg.Connection, ticker: str) -> str:
     """Track ``ticker`` (or enable it again); returns what changed, for the operator."""
     async with conn.transaction():
@@ -152,7 +152,7 @@ async def add_tracked(conn: asyncpg.Connection, ticker: str) -> str:
         return f"{ticker} is tracked again"
 
 
-@bounded_db_connection
+@bounded_db_connection("changing whether {ticker} is tracked")
 async def set_tracked_enabled(conn: asyncpg.Connection, ticker: str, *, enabled: bool) -> str:
     """Enable or disable a tracked ticker by hand (a disable sticks until enabled).
 

@@ -44,6 +44,7 @@ from .harness import (
 
 EMPTY, SEEDED = "chaos_empty", "chaos_seeded"
 CONNECT_SECONDS = 30.0  # how long the suite waits for its own cluster to come back
+FREEZE_SECONDS = 30.0  # how long freeze_mid_commit waits for a commit to catch
 
 Check = Callable[..., Awaitable[list[str]]]
 
@@ -228,7 +229,8 @@ class Chaos:
             found = await admin.fetch(
                 """
                 SELECT pid, backend_start, left(regexp_replace(query, '\\s+', ' ', 'g'), 60) AS q
-                FROM pg_stat_activity WHERE datname = $1 AND application_name = $2
+                FROM pg_stat_activity
+                WHERE datname = $1 AND split_part(application_name, '/', 1) = $2
                 ORDER BY backend_start
                 """,
                 part.database,
@@ -276,7 +278,7 @@ class Chaos:
                     await conn.execute("SELECT pg_stat_clear_snapshot()")
                     pid = await conn.fetchval(
                         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                        "AND application_name = $1 AND state = 'active' "
+                        "AND split_part(application_name, '/', 1) = $1 AND state = 'active' "
                         "AND query LIKE '%heartbeat_at = now()%'",
                         script,
                     )
@@ -285,6 +287,56 @@ class Chaos:
                         return str(pid)
                     await asyncio.sleep(0.02)
         return None
+
+    async def freeze_mid_commit(self, part: JobCase) -> str | None:
+        """SIGSTOP the part's victim in the middle of a commit, its transaction open: the run's
+        row is locked, so the next transaction that stores a unit (a chain, an underlying) waits
+        at its lease check (``count_committed``'s UPDATE) with its rows written; once that
+        backend is seen waiting, the victim is stopped and the row let go. The frozen copy's
+        transaction then holds its rows and its run's row, as a paused VM's would. Returns the
+        backend's pid, or ``None`` if the run ended first."""
+        script, victim = part.job.script, part.victims[0]
+        async with self.connect(part.database) as conn:
+            run_id = await conn.fetchval(
+                "SELECT id FROM ingest_runs WHERE job = $1 AND status = 'running'", part.job.name
+            )
+            if run_id is None:
+                return None
+            async with conn.transaction():
+                await conn.execute("SELECT FROM ingest_runs WHERE id = $1 FOR UPDATE", run_id)
+                deadline = time.monotonic() + FREEZE_SECONDS
+                while victim.code is None and time.monotonic() < deadline:
+                    await conn.execute("SELECT pg_stat_clear_snapshot()")
+                    pid = await conn.fetchval(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND split_part(application_name, '/', 1) = $1 AND state = 'active' "
+                        "AND query LIKE '%underlyings_succeeded = underlyings_succeeded +%'",
+                        script,
+                    )
+                    if pid is not None:
+                        victim.send(signal.SIGSTOP)
+                        return str(pid)
+                    await asyncio.sleep(0.02)
+        return None
+
+    async def footprint(self, part: JobCase, child: Child) -> tuple[object, ...] | None:
+        """What ``child``'s run has committed: its ledger row and the units recorded with its
+        run id (coverage rows committed, contract syncs, rejected rows)."""
+        async with self.connect(part.database) as conn:
+            row = await conn.fetchrow(
+                """
+                SELECT r.id, r.status, r.finished_at, r.rows_written, r.underlyings_succeeded,
+                       r.underlyings_failed, r.rows_rejected, r.contracts_deactivated, r.error,
+                       (SELECT count(*) FROM contract_syncs s WHERE s.run_id = r.id) AS syncs,
+                       (SELECT count(*) FROM rejected_rows j WHERE j.run_id = r.id) AS rejects,
+                       (SELECT count(*) FROM snapshot_coverage c WHERE c.run_id = r.id
+                        AND c.committed_at > r.finished_at) AS late_chains
+                FROM ingest_runs r WHERE r.pid = $1 AND r.id > $2
+                """,
+                child.pid,
+                part.after_run,
+            )
+        return None if row is None else tuple(row.values())
 
     async def run_case(
         self,

@@ -34,6 +34,7 @@ from .harness import (
 )
 
 SUMMARY = pytest.StashKey[Summary]()
+LOST_LEASE = "lost its lease"  # what a job says when another copy took its run over
 
 
 # -- the invariants ---------------------------------------------------------------------------
@@ -226,7 +227,8 @@ async def runs_disagreeing_with_exits(
     """The run row of each child (found by its pid) says what its exit code says: succeeded
     for 0 (or no row when a --resume had nothing to do), partial for 3, failed for 1,
     interrupted for 5 (or no row, when a second signal cancelled the job before it opened its
-    run); no row for 4 (or 2).
+    run); interrupted for 1 when the job lost its lease (the copy that took over closed the
+    row); no row for 4 (or 2).
 
     A child killed by a signal has no row, or one it closed itself before that signal came
     (it was exiting). After a SIGKILL the next run closes the row 'interrupted'; a SIGTERM
@@ -246,6 +248,9 @@ async def runs_disagreeing_with_exits(
         statuses = [r["status"] for r in rows]
         if code == 0 and NOTHING_TO_RESUME in child.output():
             right = statuses == []
+        elif code == ExitCode.FAILED and LOST_LEASE in child.output():
+            # another copy found it silent and closed its run, which it may not touch again
+            right = statuses == ["interrupted"]
         elif code == ExitCode.INTERRUPTED and len(child.signalled) >= 2 and statuses == []:
             # the second signal cancelled it before its run was opened: nothing to record
             right = True

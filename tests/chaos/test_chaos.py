@@ -261,3 +261,58 @@ async def test_two_copies_at_once(chaos: Chaos) -> None:
         expect={"snapshots": Expect.copies(0, 4), "options": Expect.copies(0, 4)},
         follow_up="next",
     )
+
+
+FROZEN_LEASE = 4.0  # RUN_LEASE_SECONDS of the frozen copy: the take-over need not wait 60 s
+LOST_LEASE = "lost its lease"
+
+
+async def test_frozen_holder_is_fenced(chaos: Chaos) -> None:
+    """A copy stopped with SIGSTOP mid-commit (a paused VM), its transaction open on its rows
+    and its run's row: once its lease has run out, a second copy ends the frozen copy's
+    sessions, takes the job over and succeeds; thawed with SIGCONT, the frozen copy stops with
+    `lost its lease`, exits 1 and commits nothing after the take-over."""
+
+    async def fence(part: JobCase) -> None:
+        victim = part.victims[0]
+        if not await chaos.run_opened(part):
+            part.violations.append("the run never held its lease")
+            return
+        caught = await chaos.freeze_mid_commit(part)
+        if caught is None:
+            part.violations.append("the run ended before a commit was caught: nothing frozen")
+            return
+        part.row.when = f"@{victim.elapsed:.2f}s"
+        await asyncio.sleep(FROZEN_LEASE + 1.0)  # its last heartbeat was before the freeze
+        taker = part.spawn("takeover", env={"DB_LOCK_TIMEOUT": "5s"})
+        async with chaos.connect(part.database) as conn:
+            while taker.code is None:  # until the take-over has closed the frozen run
+                if await conn.fetchval(
+                    "SELECT exists(SELECT 1 FROM ingest_runs WHERE pid = $1)", taker.pid
+                ):
+                    break
+                await asyncio.sleep(0.05)
+        before = await chaos.footprint(part, victim)
+        victim.send(signal.SIGCONT)
+        code, thawed = await asyncio.gather(taker.wait(), victim.wait())
+        after = await chaos.footprint(part, victim)
+        part.notes.append(f"frozen in commit of backend {caught}, take-over {code}")
+        if code != 0:
+            part.violations.append(
+                f"the copy taking over the frozen run exited {code}, not 0: "
+                f"{taker.describe()}\n{taker.tail()}"
+            )
+        if thawed == 1 and LOST_LEASE not in victim.output():
+            part.violations.append(f"the thawed copy exited 1 without saying it {LOST_LEASE}")
+        if before != after or (after is not None and after[-1]):
+            part.violations.append(
+                f"the thawed copy committed after the take-over: its run was {before} at the "
+                f"take-over and is {after} now (last: chains committed late)"
+            )
+
+    await chaos.run_case(
+        "frozen-holder-fenced",
+        env={"RUN_LEASE_SECONDS": f"{FROZEN_LEASE:g}s"},
+        expect={"snapshots": Expect.of(1), "options": Expect.of(1)},
+        disturb=lambda parts: asyncio.gather(*(fence(p) for p in parts.values())),
+    )
