@@ -547,6 +547,70 @@ def test_hook_keeps_the_jobs_secrets_from_the_command(tmp_path: Path) -> None:
     assert "key-7c1e" not in seen_env
 
 
+# What NOTIFY_COMMAND may see: what mail(1) or curl(1) needs, NOTIFY_*, and the report's names.
+HOOK_KEPT = {
+    "PATH",
+    "HOME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "USER",
+    "LOGNAME",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "all_proxy",
+    "FAILED_UNIT",
+    "NOTIFY_SUBJECT",
+}
+HOOK_SECRETS = {
+    "DATABASE_URL": "postgresql://u:pw-3f9a@db/x",
+    "POLYGON_API_KEY": "key-7c1e",
+    "MASSIVE_API_KEY": "key-7c1e",
+    "PGPASSWORD": "pgpw-51d0",
+    "AWS_ACCESS_KEY_ID": "AKID-90aa",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-e41b",
+    "AWS_SESSION_TOKEN": "aws-token-77c2",
+    "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20otlp-tok-19f3",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-api-key=otlp-tok-2b8d",
+    "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "x-api-key=otlp-tok-6c4e",
+    "SOME_FUTURE_TOKEN": "future-tok-0d5a",
+}
+
+
+def test_hook_hands_the_command_only_a_kept_list_of_variables(tmp_path: Path) -> None:
+    """NOTIFY_COMMAND runs with a clean environment: PATH, HOME, locale, TZ, user, proxies,
+    NOTIFY_* and the report's names are kept; every other variable (the job's keys, the S3
+    keys, OTLP headers, a secret nobody has listed yet) never reaches it."""
+    seen = tmp_path / "env.txt"
+    result = run_hook(
+        "ingest_snapshots.service",
+        NOTIFY_COMMAND=f"env > {seen}",
+        NOTIFY_WEBHOOK_URL="https://hooks.example.com/x",
+        LANG="C.UTF-8",
+        LC_TIME="en_GB.UTF-8",
+        TZ="America/New_York",
+        https_proxy="http://proxy.example.com:3128",
+        NO_PROXY="localhost",
+        **HOOK_SECRETS,
+    )
+    assert result.returncode == 0, result.stderr
+    text = seen.read_text(encoding="utf-8")
+    for name, value in HOOK_SECRETS.items():
+        assert value not in text, name
+    names = {line.split("=", 1)[0] for line in text.splitlines() if "=" in line}
+    # sh itself adds PWD (and may add SHLVL, OLDPWD, _)
+    extra = names - HOOK_KEPT - {"PWD", "SHLVL", "OLDPWD", "_"}
+    assert {n for n in extra if not n.startswith(("LC_", "NOTIFY_"))} == set()
+    assert {"PATH", "LANG", "LC_TIME", "TZ", "https_proxy", "NO_PROXY"} <= names
+    assert {"NOTIFY_WEBHOOK_URL", "FAILED_UNIT", "NOTIFY_SUBJECT"} <= names
+    assert "FAILED_UNIT=ingest_snapshots.service" in text.splitlines()
+
+
 def test_hook_without_a_command_logs_and_succeeds() -> None:
     """With no NOTIFY_COMMAND configured the hook says so and exits 0."""
     result = run_hook("ingest_options.service")
