@@ -53,8 +53,8 @@ SETTING_NAMES = tuple(
     ).split()
 )
 """The project's own variables (``.env.example`` lists each); NOTIFY_COMMAND (and any other
-``NOTIFY_*`` name) is the failure hook's; the AWS_* ones are the standard names an S3 archive (``ARCHIVE_URL=s3://...``) is
-reached with."""
+``NOTIFY_*`` name) is the failure hook's; the AWS_* ones are the standard names an S3 archive
+(``ARCHIVE_URL=s3://...``) is reached with."""
 INSECURE_HINT = "http:// only for a loopback host, or with ALLOW_INSECURE_ENDPOINTS=true"
 """How an endpoint that carries credentials may still be reached over http://: the end of the
 one-line error that refuses it (the S3 endpoint here, the OTLP ones in
