@@ -82,9 +82,7 @@ class TelemetryEnv:
     interval_ms: float
 
 
-def read_telemetry_env(
-    environ: Mapping[str, str], *, allow_insecure: bool = False
-) -> TelemetryEnv:
+def read_telemetry_env(environ: Mapping[str, str], *, allow_insecure: bool = False) -> TelemetryEnv:
     """Read and check every ``OTEL_*`` variable in ``environ`` (blank ones count as unset).
 
     Args:

@@ -7,23 +7,38 @@ The templates use two kinds of markers:
 - a leading ``@SYSTEM@`` on lines that only the system manager can apply (users, file-system
   namespaces, capabilities, credentials): kept in system units, dropped in user units.
 
+System units run as a static system user, ``options-history`` (or ``--user-name``), with the
+group :data:`READ_GROUP` and ``UMask=0027``: what the jobs write (a local archive, the metrics
+files) is readable by that group's members (``options_read``, node_exporter) and no one else.
+Not ``DynamicUser=``: its ``StateDirectory=`` lives under ``/var/lib/private`` (0700), which no
+other user can enter, and its files belong to a UID that may be another unit's tomorrow. The
+user and group come from a sysusers.d snippet (:func:`render_sysusers`). The sandbox stays
+``ProtectSystem=strict``; the only writable directories are those the settings name
+(:class:`Outputs`): ``StateDirectory=`` under :data:`STATE_DIR`, ``ReadWritePaths=`` (or
+``BindPaths=`` past ``ProtectHome=``/``PrivateTmp=``) elsewhere.
+
 :func:`render_units` is pure (paths in, text out), so it is tested without systemd;
-:func:`install_units` and :func:`uninstall_units` write the files and call ``systemctl``, which
-tests replace with a recording script; :func:`plan_uninstall` says what uninstalling would do.
+:func:`install_units` and :func:`uninstall_units` write the files and call ``systemctl`` and
+``systemd-sysusers``, which tests replace with recording scripts; :func:`plan_uninstall` says
+what uninstalling would do.
 """
 
 from __future__ import annotations
 
 import enum
+import grp
 import os
 import pwd
 import re
+import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from options.config import Settings
 from options.errors import ConfigError, OptionsError
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "scripts"
@@ -47,6 +62,20 @@ DEFAULT_SNAPSHOT_EVERY = 10
 # ProtectHome= hides these; PrivateTmp= replaces these: what the job reads there must be bound in.
 HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
 TMP_ROOTS = (Path("/tmp"), Path("/var/tmp"))
+SERVICE_USER = "options-history"
+"""The system user the system units run as, unless ``--user-name``."""
+READ_GROUP = "options-history"
+"""The group the system units run with: what the jobs write is readable by its members."""
+STATE_DIR = Path("/var/lib/options-history")
+"""The jobs' own state tree: a directory under it is a ``StateDirectory=`` (systemd makes it
+and gives it to the jobs' user); ``/var/lib/options-history/archive`` is the documented local
+archive."""
+DIRECTORY_MODE = 0o750
+SYSTEM_UMASK = "0027"
+USER_UMASK = "0077"
+SYSUSERS_FILE = Path("/etc/sysusers.d/options-history.conf")
+# The job services, whose ExecStart= may take --metrics-textfile DIR/<job>.prom.
+_JOB_SERVICES = ("ingest_options.service", "ingest_snapshots.service", "ingest_daily.service")
 
 _PLACEHOLDER = re.compile(r"@([A-Z][A-Z_]*)@")
 _SYSTEM_ONLY = "@SYSTEM@"
@@ -135,21 +164,101 @@ class Installation:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class Outputs:
+    """The directories the jobs write: what the system units' sandbox must let them write.
+
+    Attributes:
+        archive_dir: a local ``ARCHIVE_URL`` (``None`` for none, or an ``s3://`` one).
+        metrics_dir: ``install-units --metrics-dir``: each job writes ``<job>.prom`` there.
+    """
+
+    archive_dir: Path | None = None
+    metrics_dir: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, metrics_dir: Path | None = None) -> Outputs:
+        """The directories ``settings`` (the env file's) and ``--metrics-dir`` make the jobs
+        write."""
+        url = settings.archive_url
+        archive = None if url is None or url.startswith("s3://") else Path(url)
+        return cls(archive_dir=archive, metrics_dir=metrics_dir)
+
+    def directories(self) -> tuple[Path, ...]:
+        """Every directory written, once each, archive first."""
+        found = (p for p in (self.archive_dir, self.metrics_dir) if p is not None)
+        return tuple(dict.fromkeys(Path(os.path.normpath(p)) for p in found))
+
+    def state_directories(self) -> tuple[Path, ...]:
+        """Those under :data:`STATE_DIR`: ``StateDirectory=`` lines, made by systemd."""
+        return tuple(p for p in self.directories() if p.is_relative_to(STATE_DIR))
+
+    def made_by_install(self) -> tuple[Path, ...]:
+        """The others: ``ReadWritePaths=``/``BindPaths=``, which must exist before a job starts
+        (``install-units`` makes a missing one)."""
+        return tuple(p for p in self.directories() if not p.is_relative_to(STATE_DIR))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceAccount:
+    """Who the system units run as.
+
+    Attributes:
+        user: ``User=``.
+        group: ``Group=``, the group that reads what the jobs write.
+        create_user: the user is the project's own, made by the sysusers.d snippet (not an
+            existing ``--user-name`` user, of whom only the group is made).
+    """
+
+    user: str = SERVICE_USER
+    group: str = READ_GROUP
+    create_user: bool = False
+
+
+def service_account(user_name: str | None) -> ServiceAccount:
+    """The account of the system units: the project's own user, or ``--user-name``'s.
+
+    Raises:
+        ConfigError: ``user_name`` is not a valid system user name.
+    """
+    if user_name is None:
+        return ServiceAccount(user=SERVICE_USER, create_user=True)
+    if not _USER_NAME.fullmatch(user_name):
+        raise ConfigError(f"user name {user_name!r} is invalid: expected a system user name")
+    return ServiceAccount(user=user_name)
+
+
+def render_sysusers(account: ServiceAccount) -> str:
+    """The sysusers.d snippet that makes ``account``'s group (and its user, when it is the
+    project's own): a system user without a login shell or a home."""
+    lines = [
+        "# Written by `ingest_admin install-units`: the group that reads what the options-history",
+        "# jobs write (the archive, the metrics files); add a reader with",
+        f"# `usermod -aG {account.group} NAME`. Applied by systemd-sysusers.",
+        f"g {account.group} -",
+    ]
+    if account.create_user:
+        lines.append(f'u {account.user} -:{account.group} "options-history jobs"')
+    return "\n".join(lines) + "\n"
+
+
 def render_units(
     installation: Installation,
     *,
     scope: Scope = Scope.SYSTEM,
     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
     user_name: str | None = None,
+    outputs: Outputs = Outputs(),
     template_dir: Path = TEMPLATE_DIR,
 ) -> dict[str, str]:
     """Render every unit file for ``installation``.
 
     Args:
         installation: the paths the units refer to.
-        scope: system units (hardened, run as a dynamic or named user) or user units.
+        scope: system units (hardened, run as the jobs' system user) or user units.
         snapshot_every: the snapshot cadence in minutes, one of :data:`SNAPSHOT_PERIODS`.
-        user_name: run the system units as this existing user instead of a dynamic one.
+        user_name: run the system units as this existing user instead of ``options-history``.
+        outputs: the directories the jobs write (a local archive, the metrics directory).
         template_dir: where the templates are.
 
     Returns:
@@ -166,8 +275,7 @@ def render_units(
         )
     if user_name is not None and scope is Scope.USER:
         raise ConfigError("--user-name applies to system units only: user units run as you")
-    if user_name is not None and not _USER_NAME.fullmatch(user_name):
-        raise ConfigError(f"user name {user_name!r} is invalid: expected a system user name")
+    account = service_account(user_name)
     paths = [installation.exec_dir, installation.env_file, installation.working_dir]
     paths += [installation.scripts_dir, *installation.read_paths]
     for path in paths:
@@ -176,6 +284,7 @@ def render_units(
                 f"path {str(path)!r} cannot go into a unit file: expected an absolute path "
                 "without spaces, quotes, %, $, ; or backslashes"
             )
+    _check_output_paths(outputs)
 
     system = scope is Scope.SYSTEM
     values = {
@@ -187,8 +296,11 @@ def render_units(
         "WORKING_DIR": str(installation.working_dir),
         "SCRIPTS_DIR": str(installation.scripts_dir),
         "NOTIFY_SCOPE": f"--{scope.value}",
-        "USER_DIRECTIVES": _user_directives(scope, user_name),
-        "PATH_DIRECTIVES": _path_directives(installation) if system else "",
+        "USER_DIRECTIVES": _user_directives(account) if system else "",
+        "PATH_DIRECTIVES": _path_directives(installation, outputs) if system else "",
+        "WRITE_DIRECTIVES": _write_directives(outputs) if system else "",
+        "UMASK": SYSTEM_UMASK if system else USER_UMASK,
+        "METRICS_OPTION": "",
         "NOTIFY_PATH_DIRECTIVES": _notify_path_directives(installation) if system else "",
         "SNAPSHOT_EVERY": str(snapshot_every),
         "SNAPSHOT_DEADLINE": f"{snapshot_every - 1}m",
@@ -206,7 +318,11 @@ def render_units(
                 f"unit template {template_dir / name} cannot be read ({type(exc).__name__}): "
                 "install-units needs the project's scripts/ directory (install from a checkout)"
             ) from None
-        rendered[name] = _render(name, template, values, system=system)
+        own = dict(values)
+        if name in _JOB_SERVICES and outputs.metrics_dir is not None:
+            textfile = outputs.metrics_dir / f"{name.removesuffix('.service')}.prom"
+            own["METRICS_OPTION"] = f" --metrics-textfile {textfile}"
+        rendered[name] = _render(name, template, own, system=system)
     return rendered
 
 
@@ -228,9 +344,18 @@ def default_unit_dir(scope: Scope) -> Path:
     return SYSTEM_UNIT_DIR if scope is Scope.SYSTEM else Path.home() / USER_UNIT_SUBDIR
 
 
-def format_units(units: Mapping[str, str], unit_dir: Path) -> str:
-    """Return the rendered files as one text, each after a ``==> PATH <==`` header line."""
-    return "\n".join(f"==> {unit_dir / name} <==\n{text}" for name, text in units.items())
+def format_units(
+    units: Mapping[str, str],
+    unit_dir: Path,
+    *,
+    sysusers: str | None = None,
+    sysusers_file: Path = SYSUSERS_FILE,
+) -> str:
+    """Return the rendered files as one text, each after a ``==> PATH <==`` header line: the
+    sysusers.d snippet first (system units), then the units."""
+    files = [(sysusers_file, sysusers)] if sysusers is not None else []
+    files += [(unit_dir / name, text) for name, text in units.items()]
+    return "\n".join(f"==> {path} <==\n{text}" for path, text in files)
 
 
 def install_units(
@@ -238,39 +363,46 @@ def install_units(
     *,
     scope: Scope,
     unit_dir: Path,
+    account: ServiceAccount | None = None,
+    directories: Sequence[Path] = (),
+    sysusers_file: Path = SYSUSERS_FILE,
+    sysusers_command: Sequence[str] = ("systemd-sysusers",),
     systemctl: Sequence[str] = ("systemctl",),
     euid: int | None = None,
 ) -> list[Path]:
-    """Write the rendered units, reload systemd and enable and start the timers.
+    """Make the jobs' account and directories, write the units, reload systemd and enable and
+    start the timers.
 
     Args:
         units: file name to content, as :func:`render_units` returns.
         scope: which manager to reload (``systemctl --user`` for user units).
         unit_dir: where to write the files.
+        account: the system units' account: its sysusers.d snippet is written to
+            ``sysusers_file`` and applied first (``None``: user units, no account).
+        directories: :meth:`Outputs.made_by_install`; a missing one is made (``account``'s
+            user and group, mode 0750), an existing one left as it is.
+        sysusers_file: where the snippet goes.
+        sysusers_command: the command to run instead of ``systemd-sysusers`` (tests).
         systemctl: the command to run instead of ``systemctl`` (tests).
         euid: the effective user id to check against root; the process's when ``None``.
 
     Returns:
-        The files written.
+        The files written (the snippet first).
 
     Raises:
         ConfigError: system units requested without root.
-        OptionsError: a file cannot be written, or ``systemctl`` failed.
+        OptionsError: a file or directory cannot be written, or a command failed.
     """
     _require_root(scope, euid, "install")
     written: list[Path] = []
-    try:
-        unit_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in units.items():
-            path = unit_dir / name
-            # written whole then renamed: systemd never reads a half-written unit
-            partial = path.with_name(f".{name}.tmp")
-            partial.write_text(text, encoding="utf-8")
-            partial.chmod(0o644)
-            partial.replace(path)
-            written.append(path)
-    except OSError as exc:
-        raise OptionsError(f"cannot write units to {unit_dir}: {exc.strerror or exc}") from None
+    if account is not None:
+        _write_file(sysusers_file, render_sysusers(account), what="the sysusers.d snippet")
+        written.append(sysusers_file)
+        _run([*sysusers_command, str(sysusers_file)])
+    for directory in directories:
+        _make_directory(directory, account)
+    for name, text in units.items():
+        written.append(_write_file(unit_dir / name, text, what="units"))
     command = _systemctl_command(systemctl, scope)
     _run([*command, "daemon-reload"])
     _run([*command, "enable", "--now", *TIMERS])
@@ -280,27 +412,48 @@ def install_units(
 @dataclass(frozen=True)
 class UninstallPlan:
     """What :func:`uninstall_units` does, in order: stop and disable ``timers``, remove
-    ``files``, reload the manager (``commands`` holds both ``systemctl`` calls)."""
+    ``files``, reload the manager (``commands`` holds both ``systemctl`` calls).
+
+    ``kept`` names what stays on purpose: the user and group that own the jobs' data.
+    """
 
     unit_dir: Path
     timers: tuple[str, ...]
     files: tuple[Path, ...]
     commands: tuple[tuple[str, ...], ...]
+    kept: str | None = None
 
 
 def plan_uninstall(
-    *, scope: Scope, unit_dir: Path, systemctl: Sequence[str] = ("systemctl",)
+    *,
+    scope: Scope,
+    unit_dir: Path,
+    sysusers_file: Path = SYSUSERS_FILE,
+    systemctl: Sequence[str] = ("systemctl",),
 ) -> UninstallPlan:
-    """Look at what is installed in ``unit_dir`` and say what uninstalling would do; change
-    nothing (``uninstall-units --dry-run``). Nothing installed: an empty plan."""
+    """Look at what is installed in ``unit_dir`` (and the sysusers.d snippet, for system
+    units) and say what uninstalling would do; change nothing (``uninstall-units --dry-run``).
+    Nothing installed: an empty plan."""
     command = _systemctl_command(systemctl, scope)
-    files = tuple(unit_dir / name for name in UNIT_FILES if (unit_dir / name).exists())
+    files = [unit_dir / name for name in UNIT_FILES if (unit_dir / name).exists()]
+    snippet = scope is Scope.SYSTEM and sysusers_file.exists()
+    if snippet:
+        files.append(sysusers_file)
     if not files:
         return UninstallPlan(unit_dir=unit_dir, timers=(), files=(), commands=())
     timers = tuple(t for t in TIMERS if (unit_dir / t).exists())
     commands = [(*command, "disable", "--now", *timers)] if timers else []
     commands.append((*command, "daemon-reload"))
-    return UninstallPlan(unit_dir=unit_dir, timers=timers, files=files, commands=tuple(commands))
+    # A removed user's UID is handed to the next user created, who would then own the archive.
+    kept = (
+        "kept: the user and group of the jobs (they own the archive and the metrics files; "
+        "`userdel` them once those are gone) and every data directory"
+        if snippet
+        else None
+    )
+    return UninstallPlan(
+        unit_dir=unit_dir, timers=timers, files=tuple(files), commands=tuple(commands), kept=kept
+    )
 
 
 def format_uninstall_plan(plan: UninstallPlan) -> str:
@@ -314,6 +467,8 @@ def format_uninstall_plan(plan: UninstallPlan) -> str:
         )
     lines += [f"would remove {path}" for path in plan.files]
     lines.append(f"would reload systemd: `{' '.join(plan.commands[-1])}`")
+    if plan.kept:
+        lines.append(plan.kept)
     return "\n".join(lines)
 
 
@@ -321,12 +476,15 @@ def uninstall_units(
     *,
     scope: Scope,
     unit_dir: Path,
+    sysusers_file: Path = SYSUSERS_FILE,
     systemctl: Sequence[str] = ("systemctl",),
     euid: int | None = None,
 ) -> list[Path]:
-    """Disable and stop the timers, remove the unit files, reload systemd.
+    """Disable and stop the timers, remove the unit files and the sysusers.d snippet, reload
+    systemd.
 
     Drop-ins made with ``systemctl edit`` (``*.d/`` directories) are the operator's and stay.
+    So do the jobs' user and group, and every directory they wrote (the archive is data).
 
     Returns:
         The files removed (empty when nothing was installed).
@@ -336,7 +494,9 @@ def uninstall_units(
         OptionsError: ``systemctl`` failed or a file cannot be removed.
     """
     _require_root(scope, euid, "uninstall")
-    plan = plan_uninstall(scope=scope, unit_dir=unit_dir, systemctl=systemctl)
+    plan = plan_uninstall(
+        scope=scope, unit_dir=unit_dir, sysusers_file=sysusers_file, systemctl=systemctl
+    )
     if not plan.files:
         return []
     if plan.timers:
@@ -373,22 +533,126 @@ def _render(name: str, template: str, values: Mapping[str, str], *, system: bool
     return "\n".join(lines) + "\n"
 
 
-def _user_directives(scope: Scope, user_name: str | None) -> str:
-    if scope is Scope.USER:
-        return ""
-    if user_name is None:
-        return "DynamicUser=yes"
-    return f"User={user_name}"
+def directory_warnings(directories: Sequence[Path], account: ServiceAccount) -> list[str]:
+    """Say which existing ``directories`` ``account`` cannot write, by their mode bits (ACLs
+    are not read): a job would fail there, and an archive failure is only logged."""
+    warnings = []
+    for directory in directories:
+        try:
+            info = directory.stat()
+        except OSError:
+            continue
+        if _may_write(info, account):
+            continue
+        owner = f"{_user_name(info.st_uid)}:{_group_name(info.st_gid)}"
+        warnings.append(
+            f"{directory} (owner {owner}, mode {stat.S_IMODE(info.st_mode):04o}) is not "
+            f"writable by {account.user}: `chown {account.user}:{account.group} {directory}` "
+            f"and `chmod {DIRECTORY_MODE:04o} {directory}`, or use a directory under {STATE_DIR}"
+        )
+    return warnings
 
 
-def _path_directives(installation: Installation) -> str:
+def _may_write(info: os.stat_result, account: ServiceAccount) -> bool:
+    try:
+        user = pwd.getpwnam(account.user)
+    except KeyError:
+        return False
+    if user.pw_uid == 0:
+        return True
+    if info.st_uid == user.pw_uid:
+        return bool(info.st_mode & stat.S_IWUSR)
+    groups = {g.gr_gid for g in grp.getgrall() if account.user in g.gr_mem}
+    groups.add(user.pw_gid)
+    try:
+        groups.add(grp.getgrnam(account.group).gr_gid)
+    except KeyError:
+        pass
+    if info.st_gid in groups:
+        return bool(info.st_mode & stat.S_IWGRP)
+    return bool(info.st_mode & stat.S_IWOTH)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _user_directives(account: ServiceAccount) -> str:
+    return f"User={account.user}\nGroup={account.group}"
+
+
+def _check_output_paths(outputs: Outputs) -> None:
+    named = (("ARCHIVE_URL", outputs.archive_dir), ("--metrics-dir", outputs.metrics_dir))
+    for name, path in named:
+        if path is not None and (not path.is_absolute() or _UNSAFE_PATH.search(str(path))):
+            raise ConfigError(
+                f"{name} {str(path)!r} cannot go into a unit file: expected an absolute path "
+                "without spaces, quotes, %, $, ; or backslashes"
+            )
+
+
+def _write_directives(outputs: Outputs) -> str:
+    """Write access to exactly the directories the jobs write, nothing else."""
+    lines = []
+    state = outputs.state_directories()
+    if state:
+        # relative to /var/lib; systemd makes each (parents root-owned, 0755) for User=/Group=
+        lines.append("StateDirectory=" + " ".join(str(p.relative_to("/var/lib")) for p in state))
+        lines.append(f"StateDirectoryMode={DIRECTORY_MODE:04o}")
+    for path in outputs.made_by_install():
+        # past ProtectHome= or PrivateTmp=, a directory must be bound in to be seen at all
+        key = "BindPaths" if _under(path, HOME_ROOTS + TMP_ROOTS) else "ReadWritePaths"
+        lines.append(f"{key}={path}")
+    return "\n".join(lines)
+
+
+def _path_directives(installation: Installation, outputs: Outputs) -> str:
     hidden = installation.hidden_paths()
-    under_home = any(_under(p, HOME_ROOTS) for p in hidden)
+    written = outputs.made_by_install()
+    under_home = any(_under(p, HOME_ROOTS) for p in (*hidden, *written))
     # tmpfs, not yes: a bind mount needs a path to land on, and an empty tmpfs /root or /home
     # (mode 0755) lets the service user reach the bound directories, which 0700 /root would not.
     lines = [f"ProtectHome={'tmpfs' if under_home else 'yes'}"]
     lines += [f"BindReadOnlyPaths={p}" for p in hidden]
     return "\n".join(lines)
+
+
+def _write_file(path: Path, text: str, *, what: str) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # written whole then renamed: systemd never reads a half-written file
+        partial = path.with_name(f".{path.name}.tmp")
+        partial.write_text(text, encoding="utf-8")
+        partial.chmod(0o644)
+        partial.replace(path)
+    except OSError as exc:
+        raise OptionsError(f"cannot write {what} to {path.parent}: {exc.strerror or exc}") from None
+    return path
+
+
+def _make_directory(directory: Path, account: ServiceAccount | None) -> None:
+    """Make a missing directory the jobs write (parents as root's umask makes them); an
+    existing one is the operator's and stays as it is."""
+    if directory.exists():
+        return
+    try:
+        directory.mkdir(parents=True)
+        directory.chmod(DIRECTORY_MODE)
+        if account is not None:
+            shutil.chown(directory, user=account.user, group=account.group)
+    except (OSError, LookupError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) else exc
+        raise OptionsError(f"cannot make the directory {directory}: {detail or exc}") from None
 
 
 def _notify_path_directives(installation: Installation) -> str:
