@@ -473,7 +473,7 @@ def install_units(
     README).
     """
     from options.config import Settings
-    from options.ops import units
+    from options.ops import service_access, units
 
     unit_scope = chosen_scope(system, user)
     unit_dir = units.default_unit_dir(unit_scope)
@@ -482,7 +482,7 @@ def install_units(
         installation = units.Installation.detect(env_file=env_file)
         # the units' settings: the env file alone (systemd gives the jobs nothing else)
         settings = Settings.from_env({}, env_file=installation.env_file)
-        outputs = units.Outputs.from_settings(settings, metrics_dir=metrics_dir)
+        outputs = service_access.Outputs.from_settings(settings, metrics_dir=metrics_dir)
         rendered = units.render_units(
             installation,
             scope=unit_scope,
@@ -490,9 +490,9 @@ def install_units(
             user_name=user_name,
             outputs=outputs,
         )
-        account = units.service_account(user_name) if system_scope else None
+        account = service_access.service_account(user_name) if system_scope else None
         if dry_run:
-            sysusers = units.render_sysusers(account) if account is not None else None
+            sysusers = service_access.render_sysusers(account) if account else None
             click.echo(units.format_units(rendered, unit_dir, sysusers=sysusers), nl=False)
             return
         written = units.install_units(
@@ -511,7 +511,7 @@ def install_units(
             f"the jobs run as {account.user} ({written[0]}); what they write is readable by "
             f"the group {account.group} (add a reader: usermod -aG {account.group} NAME)"
         )
-        for warning in units.directory_warnings(outputs.made_by_install(), account):
+        for warning in service_access.directory_warnings(outputs.made_by_install(), account):
             click.echo(f"warning: {warning}", err=True)
     click.echo(f"next runs: systemctl{flag} list-timers 'ingest_*'")
     name = units.user_without_linger() if unit_scope is units.Scope.USER else None

@@ -32,15 +32,13 @@ import asyncpg
 import pytest
 
 from options.config import Settings
-from options.ops.units import (
-    Installation,
+from options.ops.service_access import (
     Outputs,
-    Scope,
     ServiceAccount,
     render_sysusers,
-    render_units,
     service_account,
 )
+from options.ops.units import Installation, Scope, render_units
 from options.store.partitions import ensure_partitions
 
 SANDBOX = Path(__file__).resolve().parents[2] / "shared" / "tools" / "systemd-sandbox"

@@ -18,23 +18,25 @@ import pytest
 
 from options.config import Settings
 from options.errors import ConfigError, OptionsError
-from options.ops.units import (
+from options.ops.service_access import (
     READ_GROUP,
     SERVICE_USER,
+    Outputs,
+    ServiceAccount,
+    directory_warnings,
+    render_sysusers,
+    service_account,
+)
+from options.ops.units import (
     TEMPLATE_DIR,
     TIMERS,
     UNIT_FILES,
     Installation,
-    Outputs,
     Scope,
-    ServiceAccount,
-    directory_warnings,
     format_uninstall_plan,
     install_units,
     plan_uninstall,
-    render_sysusers,
     render_units,
-    service_account,
     uninstall_units,
 )
 
