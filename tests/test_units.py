@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 import importlib.metadata
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -589,7 +591,10 @@ def test_system_install_makes_the_account_and_directories_and_uninstall_keeps_th
     unit_dir, sysusers_file = tmp_path / "units", tmp_path / "sysusers.d/options-history.conf"
     archive = tmp_path / "srv/archive"
     (archive.parent).mkdir()
-    account = ServiceAccount(user="root", group="root", create_user=False)
+    # this process's own user and group: chown to them needs no root
+    account = ServiceAccount(
+        user=pwd.getpwuid(os.getuid()).pw_name, group=grp.getgrgid(os.getgid()).gr_name
+    )
     outputs = Outputs(archive_dir=archive, metrics_dir=Path("/var/lib/options-history/metrics"))
     assert outputs.made_by_install() == (archive,)
     units = render_units(OPT, scope=Scope.SYSTEM, outputs=outputs)
@@ -612,7 +617,7 @@ def test_system_install_makes_the_account_and_directories_and_uninstall_keeps_th
         f"enable --now {' '.join(TIMERS)}",
     ]
     assert archive.is_dir() and archive.stat().st_mode & 0o7777 == 0o750
-    assert (archive.stat().st_uid, archive.stat().st_gid) == (0, 0)
+    assert (archive.stat().st_uid, archive.stat().st_gid) == (os.getuid(), os.getgid())
     (archive / "option_snapshots").mkdir()
 
     plan = plan_uninstall(
@@ -637,16 +642,20 @@ def test_an_existing_directory_the_user_cannot_write_is_a_warning(tmp_path: Path
     its mode and owner keep the jobs' user from writing it (the archive would fail at run
     time, only in the log)."""
     closed = tmp_path / "closed"
-    closed.mkdir(mode=0o755)
-    os.chown(closed, 0, 0)
-    nobody = ServiceAccount(user="nobody", group="nogroup", create_user=False)
+    closed.mkdir()
+    closed.chmod(0o755)
+    owner = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
+    nobody = ServiceAccount(user="nobody", group="nogroup")
     (warning,) = directory_warnings([closed], nobody)
     assert warning == (
-        f"{closed} (owner root:root, mode 0755) is not writable by nobody: "
+        f"{closed} (owner {owner}, mode 0755) is not writable by nobody: "
         f"`chown nobody:nogroup {closed}` and `chmod 0750 {closed}`, "
         "or use a directory under /var/lib/options-history"
     )
-    assert directory_warnings([closed], ServiceAccount(user="root", group="root")) == []
+    me = ServiceAccount(user=pwd.getpwuid(os.getuid()).pw_name, group="nogroup")
+    assert directory_warnings([closed], me) == []
+    closed.chmod(0o777)
+    assert directory_warnings([closed], nobody) == []
     assert directory_warnings([tmp_path / "missing"], nobody) == []
 
 
