@@ -92,7 +92,9 @@ def load_settings(
         for warning in settings.warnings:
             logger.warning("%s", warning)
         if job is not None:
-            _telemetry = configure_telemetry(job, os.environ)
+            _telemetry = configure_telemetry(
+                job, os.environ, allow_insecure=settings.allow_insecure_endpoints
+            )
     except OptionsError as exc:
         fail(exc)
     return settings

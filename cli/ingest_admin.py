@@ -444,7 +444,15 @@ def chosen_scope(system: bool, user: bool) -> Scope:
     "--user-name",
     metavar="NAME",
     default=None,
-    help="Run the system units as this existing user instead of a dynamic one.",
+    help="Run the system units as this existing user instead of options-history.",
+)
+@click.option(
+    "--metrics-dir",
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    default=None,
+    help="Each job writes its run's figures to DIR/<job>.prom for node_exporter's textfile "
+    "collector (/var/lib/options-history/metrics: made by systemd).",
 )
 @version_option
 def install_units(
@@ -454,32 +462,57 @@ def install_units(
     env_file: Path | None,
     snapshot_every: str,
     user_name: str | None,
+    metrics_dir: Path | None,
 ) -> None:
     """Render the systemd units for this installation, install them and start the timers.
 
-    --system (the default): hardened units in /etc/systemd/system, run as a dynamic user (needs
-    root). --user: units in ~/.config/systemd/user, less sandboxing (see the README).
+    --system (the default): hardened units in /etc/systemd/system, run as the options-history
+    system user (made with systemd-sysusers; needs root), writing only the directories the env
+    file's settings name (a local ARCHIVE_URL) and --metrics-dir, readable by the
+    options-history group. --user: units in ~/.config/systemd/user, less sandboxing (see the
+    README).
     """
-    from options.ops import units
+    from options.config import Settings
+    from options.ops import service_access, units
 
     unit_scope = chosen_scope(system, user)
     unit_dir = units.default_unit_dir(unit_scope)
+    system_scope = unit_scope is units.Scope.SYSTEM
     try:
         installation = units.Installation.detect(env_file=env_file)
+        # the units' settings: the env file alone (systemd gives the jobs nothing else)
+        settings = Settings.from_env({}, env_file=installation.env_file)
+        outputs = service_access.Outputs.from_settings(settings, metrics_dir=metrics_dir)
         rendered = units.render_units(
             installation,
             scope=unit_scope,
             snapshot_every=int(snapshot_every),
             user_name=user_name,
+            outputs=outputs,
         )
+        account = service_access.service_account(user_name) if system_scope else None
         if dry_run:
-            click.echo(units.format_units(rendered, unit_dir), nl=False)
+            sysusers = service_access.render_sysusers(account) if account else None
+            click.echo(units.format_units(rendered, unit_dir, sysusers=sysusers), nl=False)
             return
-        written = units.install_units(rendered, scope=unit_scope, unit_dir=unit_dir)
+        written = units.install_units(
+            rendered,
+            scope=unit_scope,
+            unit_dir=unit_dir,
+            account=account,
+            directories=outputs.made_by_install(),
+        )
     except OptionsError as exc:
         fail(exc)
     flag = " --user" if unit_scope is units.Scope.USER else ""
-    click.echo(f"installed {len(written)} units in {unit_dir}; timers enabled and started")
+    click.echo(f"installed {len(rendered)} units in {unit_dir}; timers enabled and started")
+    if account is not None:
+        click.echo(
+            f"the jobs run as {account.user} ({written[0]}); what they write is readable by "
+            f"the group {account.group} (add a reader: usermod -aG {account.group} NAME)"
+        )
+        for warning in service_access.directory_warnings(outputs.made_by_install(), account):
+            click.echo(f"warning: {warning}", err=True)
     click.echo(f"next runs: systemctl{flag} list-timers 'ingest_*'")
     name = units.user_without_linger() if unit_scope is units.Scope.USER else None
     if name:
@@ -498,7 +531,8 @@ def install_units(
 def uninstall_units(system: bool, user: bool, dry_run: bool) -> None:
     """Stop and disable the timers, remove the unit files, reload systemd.
 
-    Drop-ins made with `systemctl edit` stay.
+    Drop-ins made with `systemctl edit` stay, and so do the jobs' user and group and every
+    directory they wrote (the archive is data).
     """
     from options.ops import units
 
@@ -509,10 +543,17 @@ def uninstall_units(system: bool, user: bool, dry_run: bool) -> None:
         click.echo(units.format_uninstall_plan(plan))
         return
     try:
+        plan = units.plan_uninstall(scope=unit_scope, unit_dir=unit_dir)
         removed = units.uninstall_units(scope=unit_scope, unit_dir=unit_dir)
     except OptionsError as exc:
         fail(exc)
-    click.echo(f"removed {len(removed)} units from {unit_dir}" if removed else "nothing installed")
+    if not removed:
+        click.echo("nothing installed")
+        return
+    for path in removed:
+        click.echo(f"removed {path}")
+    if plan.kept:
+        click.echo(plan.kept)
 
 
 main.add_command(status)

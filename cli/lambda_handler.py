@@ -111,7 +111,9 @@ def _handle(job: str, event: Any, context: Any, keys: tuple[str, ...]) -> dict[s
         overrides = _overrides(job, event, keys)
         deadline = _deadline(overrides.pop("deadline", None), context)
         only = overrides.pop("underlyings", ())
-        telemetry = configure_telemetry(f"ingest_{job}", os.environ)
+        telemetry = configure_telemetry(
+            f"ingest_{job}", os.environ, allow_insecure=settings.allow_insecure_endpoints
+        )
         code = asyncio.run(_run(job, settings, only, overrides, deadline, on_end))
     except OptionsError as exc:
         result = _result(job, exc.exit_code, ended, error=str(exc).splitlines()[0])

@@ -50,12 +50,16 @@ SETTING_NAMES = tuple(
         "SNAPSHOT_DELETE_UNARCHIVED ARCHIVE_URL ARCHIVE_AFTER_DAYS LOG_LEVEL NOTIFY_COMMAND "
         "AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_REGION AWS_DEFAULT_REGION "
         "AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3 COMPUTE_GREEKS GREEKS_RATE GREEKS_DIVIDEND_YIELD "
-        "RUN_LEASE_SECONDS"
+        "RUN_LEASE_SECONDS ALLOW_INSECURE_ENDPOINTS"
     ).split()
 )
-"""The project's own variables (``.env.example`` lists each); NOTIFY_COMMAND is the failure
-hook's; the AWS_* ones are the standard names an S3 archive (``ARCHIVE_URL=s3://...``) is
-reached with."""
+"""The project's own variables (``.env.example`` lists each); NOTIFY_COMMAND (and any other
+``NOTIFY_*`` name) is the failure hook's; the AWS_* ones are the standard names an S3 archive
+(``ARCHIVE_URL=s3://...``) is reached with."""
+INSECURE_HINT = "http:// only for a loopback host, or with ALLOW_INSECURE_ENDPOINTS=true"
+"""How an endpoint that carries credentials may still be reached over http://: the end of the
+one-line error that refuses it (the S3 endpoint here, the OTLP ones in
+:mod:`options.ops.telemetry_env`)."""
 
 OTEL_NAMES = frozenset(
     f"OTEL_{name}"
@@ -99,7 +103,8 @@ several of them (PGPASSWORD, PGSSLMODE, ...)."""
 
 KNOWN_NAMES = frozenset(SETTING_NAMES) | OTEL_NAMES | LIBPQ_NAMES
 """Every name an env file may hold without a warning."""
-_KNOWN_PREFIXES = ("OTEL_PYTHON_",)
+# NOTIFY_*: the failure hook hands these to NOTIFY_COMMAND (a webhook's address, a recipient).
+_KNOWN_PREFIXES = ("OTEL_PYTHON_", "NOTIFY_")
 # Read from the process environment by libraries, not by Settings: only systemd's
 # EnvironmentFile= puts an env file's values there.
 _PASSTHROUGH_PREFIXES = ("PG", "OTEL_")
@@ -173,6 +178,10 @@ class Settings:
     archive_after_days: int = 30
     """Days of snapshots kept in PostgreSQL when there is an archive; older days are archived."""
     s3: S3Access = field(default_factory=S3Access)
+    allow_insecure_endpoints: bool = False
+    """``ALLOW_INSECURE_ENDPOINTS``: the S3 endpoint, and OTLP endpoints with headers, may be
+    ``http://`` to a host other than loopback (credentials in cleartext: a trusted network
+    only). ``POLYGON_BASE_URL`` is never relaxed."""
     compute_greeks: bool = True
     """``COMPUTE_GREEKS``: ``ingest_admin greeks`` (run right after each snapshot run) and
     ``ingest_daily`` compute IV and greeks for the rows the API left without them
@@ -252,6 +261,9 @@ class Settings:
         delete_unarchived = _parse_bool(
             "SNAPSHOT_DELETE_UNARCHIVED", get("SNAPSHOT_DELETE_UNARCHIVED"), False
         )
+        allow_insecure = _parse_bool(
+            "ALLOW_INSECURE_ENDPOINTS", get("ALLOW_INSECURE_ENDPOINTS"), False
+        )
         if delete_unarchived and archive_url is not None:
             raise ConfigError(
                 "SNAPSHOT_DELETE_UNARCHIVED deletes old days without archiving them, and "
@@ -293,9 +305,10 @@ class Settings:
             archive_after_days=_parse_int(
                 "ARCHIVE_AFTER_DAYS", get("ARCHIVE_AFTER_DAYS"), 30, minimum=1
             ),
-            s3=_parse_s3_access(get)
+            s3=_parse_s3_access(get, allow_insecure=allow_insecure)
             if archive_url and archive_url.startswith("s3://")
             else S3Access(),
+            allow_insecure_endpoints=allow_insecure,
             compute_greeks=_parse_bool("COMPUTE_GREEKS", get("COMPUTE_GREEKS"), True),
             greeks_rate=_parse_float(
                 "GREEKS_RATE", get("GREEKS_RATE"), 0.04, minimum=-0.1, maximum=1.0
@@ -567,7 +580,7 @@ def _parse_base_url(raw: str | None) -> str:
             "expected http(s)://HOST[:PORT] (the key goes in POLYGON_API_KEY)",
             variable="POLYGON_BASE_URL",
         )
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ConfigError(
             f"POLYGON_BASE_URL={redact_url(raw)!r} would send the API key in cleartext: "
             "expected https://HOST[:PORT] (http:// only for a loopback host such as the "
@@ -577,7 +590,9 @@ def _parse_base_url(raw: str | None) -> str:
     return raw.rstrip("/")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a URL's host name) is ``localhost`` or a loopback address: the one
+    place ``http://`` cannot be read on the way."""
     if host.lower() == "localhost":
         return True
     try:
@@ -632,7 +647,7 @@ def _parse_archive_url(raw: str | None) -> str | None:
     return os.path.normpath(path)
 
 
-def _parse_s3_access(get: Callable[[str], str | None]) -> S3Access:
+def _parse_s3_access(get: Callable[[str], str | None], *, allow_insecure: bool) -> S3Access:
     key_id, secret = get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")
     if (key_id is None) != (secret is None):
         given, missing = (
@@ -661,6 +676,14 @@ def _parse_s3_access(get: Callable[[str], str | None]) -> S3Access:
                 f"{endpoint_name} must not carry credentials, a query or a fragment: expected "
                 "http(s)://HOST[:PORT] (the keys go in AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY)",
+                variable=endpoint_name,
+            )
+        # Always, not only with keys set: without them the SDK's own chain signs the requests,
+        # and a session token travels in a header; the archive's rows travel too.
+        if parts.scheme == "http" and not allow_insecure and not is_loopback_host(parts.hostname):
+            raise ConfigError(
+                f"{endpoint_name}={redact_url(endpoint)!r} would send the S3 credentials in "
+                f"cleartext: expected https://HOST[:PORT] ({INSECURE_HINT})",
                 variable=endpoint_name,
             )
         endpoint = endpoint.rstrip("/")

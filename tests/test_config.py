@@ -180,6 +180,73 @@ def test_s3_archive_settings_are_checked(env: dict[str, str], variable: str, hin
     assert "s3cret" not in str(caught.value)
 
 
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("https://minio.example.com:9000", True),
+        ("http://127.0.0.1:9000", True),
+        ("http://localhost:9000", True),
+        ("http://[::1]:9000", True),
+        ("http://minio.example.com:9000", False),
+        ("http://10.0.0.5:9000", False),
+    ],
+    ids=["https", "loopback-v4", "localhost", "loopback-v6", "cleartext-host", "cleartext-lan"],
+)
+def test_cleartext_s3_endpoint_only_for_loopback(variable: str, url: str, accepted: bool) -> None:
+    """The S3 keys (or the session token the SDK's own chain finds) never travel in cleartext:
+    http:// to a non-loopback host is one line naming the variable and what is accepted."""
+    env = {"ARCHIVE_URL": "s3://bucket/x", variable: url}
+    if accepted:
+        assert Settings.from_env(env, env_file=None).s3.endpoint_url == url
+        return
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env, env_file=None)
+    message = str(caught.value)
+    assert caught.value.variable == variable
+    assert caught.value.exit_code == 2
+    assert message.startswith(f"{variable}='{url}' would send the S3 credentials in cleartext")
+    assert "expected https://HOST[:PORT]" in message
+    assert "ALLOW_INSECURE_ENDPOINTS=true" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("allow", ["true", "false", ""], ids=["true", "false", "empty"])
+def test_allow_insecure_endpoints_lets_cleartext_s3_through_only_when_true(allow: str) -> None:
+    """ALLOW_INSECURE_ENDPOINTS=true (say it explicitly) accepts http:// to any S3 host;
+    false or unset keeps the refusal; the setting defaults to false."""
+    env = {
+        "ARCHIVE_URL": "s3://bucket",
+        "AWS_ENDPOINT_URL": "http://minio.lan:9000",
+        "ALLOW_INSECURE_ENDPOINTS": allow,
+    }
+    if allow == "true":
+        settings = Settings.from_env(env, env_file=None)
+        assert settings.allow_insecure_endpoints is True
+        assert settings.s3.endpoint_url == "http://minio.lan:9000"
+        return
+    with pytest.raises(ConfigError, match="AWS_ENDPOINT_URL="):
+        Settings.from_env(env, env_file=None)
+    assert Settings.from_env({}, env_file=None).allow_insecure_endpoints is False
+
+
+def test_allow_insecure_endpoints_does_not_relax_the_api_url() -> None:
+    """The API key still goes only over https (or to a loopback simulator)."""
+    with pytest.raises(ConfigError, match="POLYGON_BASE_URL="):
+        Settings.from_env(
+            {"POLYGON_BASE_URL": "http://api.massive.com", "ALLOW_INSECURE_ENDPOINTS": "true"},
+            env_file=None,
+        )
+
+
+def test_allow_insecure_endpoints_must_be_a_boolean() -> None:
+    """A value other than true/false is one line naming the variable."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"ALLOW_INSECURE_ENDPOINTS": "sometimes"}, env_file=None)
+    assert caught.value.variable == "ALLOW_INSECURE_ENDPOINTS"
+    assert "expected true or false" in str(caught.value)
+
+
 def test_archive_url_with_keys_is_refused_without_showing_them() -> None:
     """Keys in ARCHIVE_URL are refused, and the message does not repeat them."""
     with pytest.raises(ConfigError, match="must not carry credentials") as caught:
@@ -410,7 +477,7 @@ def test_unknown_name_is_a_one_line_warning(name: str, hint: str, tmp_path: Path
 
 def test_every_documented_and_standard_name_is_known(tmp_path: Path) -> None:
     """Every variable .env.example names (commented ones too), the standard OTEL_* ones, the
-    hook's NOTIFY_COMMAND and libpq's PG* ones pass without a warning."""
+    hook's NOTIFY_* ones and libpq's PG* ones pass without a warning."""
     example = (PROJECT_ROOT / ".env.example").read_text(encoding="utf-8")
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, flags=re.MULTILINE))
     assert {"DATABASE_URL", "UNDERLYINGS", "NOTIFY_COMMAND", "OTEL_TRACES_EXPORTER"} <= documented
@@ -423,6 +490,7 @@ def test_every_documented_and_standard_name_is_known(tmp_path: Path) -> None:
         "OTEL_SERVICE_NAME",
         "OTEL_RESOURCE_ATTRIBUTES",
         "OTEL_PYTHON_LOG_CORRELATION",
+        "NOTIFY_WEBHOOK_URL",
         "PGPASSWORD",
         "PGSSLMODE",
         "PGPASSFILE",

@@ -1,17 +1,25 @@
-"""The rendered units under a real systemd: a timer fires the hardened service, rows land.
+"""The rendered units under a real systemd: a timer fires the hardened service, rows land, and
+the archive and metrics files they write are read by the options-history group.
 
 Uses ``../shared/tools/systemd-sandbox`` (systemd as PID 1 of private namespaces; needs root with
-CAP_SYS_ADMIN). Takes about half a minute, so it runs only with ``RUN_SYSTEMD_E2E=1`` (CI sets
-it where it runs as root); asked for, a sandbox that is missing or cannot start fails the test.
+CAP_SYS_ADMIN). Takes about a minute, so it runs only with ``RUN_SYSTEMD_E2E=1`` (CI sets it
+where it runs as root); asked for, a sandbox that is missing or cannot start fails the test.
 The simulator runs as its own process and PostgreSQL is the test run's server on 127.0.0.1
-(trust authentication), both reachable from inside the sandbox.
+(trust authentication), both reachable from inside the sandbox. The sandbox shares the host's
+users: the jobs' user and group (made from install-units' sysusers.d snippet) and a reader are
+added to the host's, and what was added is removed afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
+import grp
 import json
 import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +31,15 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from options.config import Settings
+from options.ops.service_access import (
+    Outputs,
+    ServiceAccount,
+    render_sysusers,
+    service_account,
+)
 from options.ops.units import Installation, Scope, render_units
+from options.store.partitions import ensure_partitions
 
 SANDBOX = Path(__file__).resolve().parents[2] / "shared" / "tools" / "systemd-sandbox"
 BIN = Path(sys.executable).parent
@@ -32,6 +48,13 @@ SIM_KEY = "sim-key"
 UNDERLYINGS = ("AAAA", "AAAB", "AAAC")
 CONTRACTS = 200
 REPORT = "/run/ingest-notify-report.txt"
+# The documented defaults: StateDirectory= of the units, inside the sandbox's private /var.
+ARCHIVE = "/var/lib/options-history/archive"
+METRICS = "/var/lib/options-history/metrics"
+ARCHIVE_AFTER_DAYS = 1
+CAT = shutil.which("cat") or "/bin/cat"
+READER = "ohist-e2e-reader"
+"""A normal user in the options-history group, as an analyst running options_read would be."""
 # A timer with a near OnCalendar= that starts the real service: the real schedule is days away.
 NEAR_TIMER = """\
 [Unit]
@@ -154,9 +177,53 @@ def simulator_url() -> Iterator[str]:
         process.wait(timeout=10)
 
 
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def accounts(sandbox: Sandbox) -> Iterator[ServiceAccount]:
+    """The jobs' user and group, made as install-units makes them (systemd-sysusers and its
+    snippet), and :data:`READER`; whichever of them this made is removed afterwards."""
+    account = service_account(None)
+    made_user, made_group = not _user_exists(account.user), not _group_exists(account.group)
+    made_reader = not _user_exists(READER)
+    snippet = sandbox.share / "options-history.conf"
+    snippet.write_text(render_sysusers(account), encoding="utf-8")
+    try:
+        sandbox.run("exec", "systemd-sysusers", str(snippet), check=True)
+        if made_reader:
+            sandbox.run("exec", "useradd", "--shell", "/usr/sbin/nologin", READER, check=True)
+        sandbox.run("exec", "usermod", "-aG", account.group, READER, check=True)
+        yield account
+    finally:
+        if made_reader:
+            subprocess.run(["userdel", READER], capture_output=True, check=False)
+        if made_user:
+            subprocess.run(["userdel", account.user], capture_output=True, check=False)
+        if made_group and _group_exists(account.group):
+            subprocess.run(["groupdel", account.group], capture_output=True, check=False)
+
+
 @pytest.fixture
-def installed(sandbox: Sandbox, simulator_url: str, database_url: str) -> Sandbox:
-    """The rendered system units installed in the sandbox, reading an env file for this test."""
+def installed(
+    sandbox: Sandbox, accounts: ServiceAccount, simulator_url: str, database_url: str
+) -> Sandbox:
+    """The rendered system units installed in the sandbox, reading an env file for this test:
+    rendered from the env file's settings as install-units renders them, with a local archive
+    at its documented default and a metrics directory."""
     env_file = sandbox.share / "env"
     env_file.write_text(
         f"DATABASE_URL={database_url}\n"
@@ -164,15 +231,22 @@ def installed(sandbox: Sandbox, simulator_url: str, database_url: str) -> Sandbo
         f"POLYGON_API_KEY={SIM_KEY}\n"
         f"UNDERLYINGS={','.join(UNDERLYINGS)}\n"
         "POLYGON_RATE_LIMIT=off\n"
+        f"ARCHIVE_URL={ARCHIVE}\n"
+        f"ARCHIVE_AFTER_DAYS={ARCHIVE_AFTER_DAYS}\n"
         f"NOTIFY_COMMAND='cat > {REPORT}'\n",
         encoding="utf-8",
     )
-    env_file.chmod(0o600)  # root only: the dynamic user reads its LoadCredential= copy
+    env_file.chmod(0o600)  # root only: the service user reads its LoadCredential= copy
     # the working directory under /tmp exercises the bind into the service's private /tmp
     installation = Installation.detect(env_file=env_file, working_dir=sandbox.share)
+    outputs = Outputs.from_settings(
+        Settings.from_env({}, env_file=env_file), metrics_dir=Path(METRICS)
+    )
+    assert outputs.state_directories() == (Path(ARCHIVE), Path(METRICS))
     unit_dir = sandbox.share / "units"
     unit_dir.mkdir(exist_ok=True)
-    units = {**render_units(installation, scope=Scope.SYSTEM), "e2e-contracts.timer": NEAR_TIMER}
+    rendered = render_units(installation, scope=Scope.SYSTEM, outputs=outputs)
+    units = {**rendered, "e2e-contracts.timer": NEAR_TIMER}
     for name, text in units.items():
         (unit_dir / name).write_text(text, encoding="utf-8")
     sandbox.run("install-unit", *(str(unit_dir / name) for name in units), check=True)
@@ -282,12 +356,9 @@ async def test_a_failed_run_triggers_the_notification_hook(installed: Sandbox) -
     assert errors, "no line of the failed job has an error priority (PRIORITY <= 3)"
 
 
-async def test_snapshot_service_stores_snapshots(installed: Sandbox, database_url: str) -> None:
-    """ingest_snapshots.service (forced, markets may be closed) stores a snapshot per contract,
-    then computes the greeks the API left out."""
-    box = installed
-    synced = box.systemctl("start", "ingest_options.service")
-    assert synced.returncode == 0, box.messages("ingest_options.service")
+@contextlib.contextmanager
+def forced_snapshots(box: Sandbox) -> Iterator[None]:
+    """ingest_snapshots.service with --force (markets may be closed), through a drop-in."""
     dropin = box.share / "dropins" / "ingest_snapshots.service.d"
     dropin.mkdir(parents=True, exist_ok=True)
     rendered = (box.share / "units" / "ingest_snapshots.service").read_text(encoding="utf-8")
@@ -297,12 +368,170 @@ async def test_snapshot_service_stores_snapshots(installed: Sandbox, database_ur
     )
     box.run("install-unit", str(dropin), check=True)
     try:
-        started = box.systemctl("start", "ingest_snapshots.service")
+        yield
     finally:
         box.run("exec", "rm", "-rf", "/etc/systemd/system/ingest_snapshots.service.d")
         box.systemctl("daemon-reload")
+
+
+async def test_snapshot_service_stores_snapshots(installed: Sandbox, database_url: str) -> None:
+    """ingest_snapshots.service (forced, markets may be closed) stores a snapshot per contract,
+    then computes the greeks the API left out."""
+    box = installed
+    synced = box.systemctl("start", "ingest_options.service")
+    assert synced.returncode == 0, box.messages("ingest_options.service")
+    with forced_snapshots(box):
+        started = box.systemctl("start", "ingest_snapshots.service")
     journal = box.messages("ingest_snapshots.service")
     assert started.returncode == 0, journal
     assert await count_rows(database_url, "option_snapshots") > 0, journal
     # its ExecStartPost= computed the IV and greeks the API left out, inside the same sandbox
     assert await count_rows(database_url, "computed_greeks") > 0, journal
+
+
+async def move_latest_slot_back(pool: asyncpg.Pool, *, days: int) -> tuple[dt.datetime, int]:
+    """Move the latest snapshot slot ``days`` days into the past, as if taken then (its rows,
+    coverage, run and computed greeks): a past day the archive may take. Return the slot's
+    new time and its rows of ``UNDERLYINGS[0]``."""
+    taken = await pool.fetchval(
+        "SELECT captured_at FROM ingest_runs WHERE job = 'snapshots' ORDER BY id DESC LIMIT 1"
+    )
+    slot = taken - dt.timedelta(days=days)
+    await ensure_partitions(pool, slot.astimezone(dt.UTC).date(), days_ahead=0)
+    async with pool.acquire() as connection, connection.transaction():
+        for table in (
+            "option_snapshots",
+            "snapshot_coverage",
+            "ingest_runs",
+            "computed_greeks",
+            "greeks_slots",
+        ):
+            await connection.execute(
+                f"UPDATE {table} SET captured_at = $1 WHERE captured_at = $2", slot, taken
+            )
+    rows = await pool.fetchval(
+        "SELECT count(*) FROM snapshot_reads WHERE captured_at = $1 AND underlying_ticker = $2",
+        slot,
+        UNDERLYINGS[0],
+    )
+    return slot, int(rows)
+
+
+def unit_word(word: str) -> str:
+    """``word`` as one quoted word of a unit file's command line or Environment= line."""
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("%", "%%").replace("$", "$$") + '"'
+
+
+def as_user(
+    box: Sandbox, user: str, *command: str, env: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` inside the sandbox as ``user``, with that user's own groups and the
+    environment systemd gives a service plus ``env`` (``NAME=value``): what that user may
+    read, nothing root lent it. A oneshot unit, not setpriv: it binds in an interpreter that
+    lives under /root or /home (pyenv) as the job units do, without opening the home itself."""
+    installation = Installation.detect(env_file=box.share / "env", working_dir=box.share)
+    out, err = "/run/e2e-as-user.out", "/run/e2e-as-user.err"
+    lines = [
+        "[Service]",
+        "Type=oneshot",
+        f"User={user}",
+        "ProtectHome=tmpfs",
+        *(f"BindReadOnlyPaths={path}" for path in installation.hidden_paths()),
+        *(f"Environment={unit_word(item)}" for item in ("LANG=C.UTF-8", *env)),
+        "WorkingDirectory=/",
+        f"StandardOutput=file:{out}",
+        f"StandardError=file:{err}",
+        "ExecStart=" + " ".join(unit_word(word) for word in command),
+    ]
+    unit = box.share / "units" / "e2e-as-user.service"
+    unit.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    box.run("exec", "rm", "-f", out, err)
+    box.run("install-unit", str(unit), check=True)
+    started = box.systemctl("start", unit.name)
+    box.systemctl("reset-failed", unit.name)
+    return subprocess.CompletedProcess(
+        command,
+        started.returncode,
+        stdout=box.run("exec", "cat", out).stdout,
+        stderr=box.run("exec", "cat", err).stdout,
+    )
+
+
+async def test_the_archive_and_metrics_written_under_the_units_are_read_by_the_group(
+    installed: Sandbox, accounts: ServiceAccount, database_url: str, pool: asyncpg.Pool
+) -> None:
+    """With ARCHIVE_URL at its documented default (a StateDirectory= of the units), a snapshot
+    run under the rendered unit archives a past day; a normal user of the options-history
+    group reads that day (options_read, pyarrow) and the metrics file, and a user outside the
+    group reads neither."""
+    box = installed
+    synced = box.systemctl("start", "ingest_options.service")
+    assert synced.returncode == 0, box.messages("ingest_options.service")
+    with forced_snapshots(box):
+        first = box.systemctl("start", "ingest_snapshots.service")
+        assert first.returncode == 0, box.messages("ingest_snapshots.service")
+        slot, rows = await move_latest_slot_back(pool, days=ARCHIVE_AFTER_DAYS + 2)
+        assert rows == CONTRACTS
+        # the next run archives the days older than ARCHIVE_AFTER_DAYS, after its snapshot
+        second = box.systemctl("start", "ingest_snapshots.service")
+    journal = box.messages("ingest_snapshots.service", lines=40)
+    assert second.returncode == 0, journal
+    day = slot.astimezone(dt.UTC).date()
+    archived = await pool.fetchrow(
+        "SELECT url, rows, dropped_at FROM archived_days WHERE day = $1", day
+    )
+    assert archived is not None, journal
+    assert archived["dropped_at"] is not None, journal
+    day_file = f"{ARCHIVE}/option_snapshots/date={day.isoformat()}/part-0.parquet"
+    assert archived["url"] == day_file
+
+    # owned by the jobs' user and group; the group reads, nobody else does
+    owner = f"{accounts.user}:{accounts.group}"
+    for path, mode in (
+        (ARCHIVE, "750"),
+        (f"{ARCHIVE}/option_snapshots", "750"),
+        (day_file, "640"),
+        (METRICS, "750"),
+        (f"{METRICS}/ingest_snapshots.prom", "640"),
+    ):
+        stat = box.run("exec", "stat", "-c", "%U:%G %a", path, check=True).stdout.split()
+        assert stat == [owner, mode], path
+
+    read = as_user(
+        box,
+        READER,
+        str(BIN / "options_read"),
+        "chain",
+        UNDERLYINGS[0],
+        "--at",
+        slot.isoformat(),
+        "--format",
+        "csv",
+        "--archive-url",
+        ARCHIVE,
+        "--env-file",
+        "/dev/null",
+        env=(f"DATABASE_URL={database_url}",),
+    )
+    assert read.returncode == 0, read.stderr
+    assert "(from archive)" in read.stderr  # the day was read from its Parquet file
+    assert len([line for line in read.stdout.splitlines() if line]) == 1 + rows, read.stderr
+    parquet = as_user(
+        box,
+        READER,
+        str(BIN / "python"),
+        "-c",
+        "import sys, pyarrow.parquet as pq; print(pq.read_table(sys.argv[1]).num_rows)",
+        day_file,
+    )
+    assert parquet.returncode == 0, parquet.stderr
+    assert int(parquet.stdout) == archived["rows"]
+    metrics = as_user(box, READER, CAT, f"{METRICS}/ingest_snapshots.prom")
+    assert metrics.returncode == 0, metrics.stderr
+    assert 'options_history_last_run_status{job="snapshots",status="succeeded"} 1.0' in (
+        metrics.stdout
+    )
+    for path in (day_file, f"{METRICS}/ingest_snapshots.prom"):
+        outsider = as_user(box, "nobody", CAT, path)
+        assert outsider.returncode != 0 and "Permission denied" in outsider.stderr, path

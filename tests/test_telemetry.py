@@ -46,6 +46,7 @@ from options.ops.telemetry import (
     observe_pool,
     time_batch,
 )
+from options.ops.telemetry_env import read_telemetry_env
 from options.ops.telemetry_setup import Telemetry, configure_telemetry
 from tests.conftest import SIM_KEY
 
@@ -670,6 +671,133 @@ def test_invalid_variable_is_one_config_error(environ, variable, accepted):
     assert "\n" not in message
     assert "SECRET" not in message
     assert telemetry._instruments is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        pytest.param(
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example.com:4318",
+                "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20tok-SECRET-3",
+            },
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            id="base",
+        ),
+        pytest.param(
+            {
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://10.0.0.7:4318/v1/traces",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-api-key=tok-SECRET-4",
+                "OTEL_METRICS_EXPORTER": "none",
+            },
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            id="traces",
+        ),
+        pytest.param(
+            {
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://collector:4318/v1/metrics",
+                "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=tok-SECRET-5",
+                "OTEL_TRACES_EXPORTER": "none",
+            },
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            id="metrics-with-shared-headers",
+        ),
+    ],
+)
+def test_cleartext_endpoint_with_headers_is_refused(environ, variable, configured):
+    """Headers hold tokens: sending them over http:// to a host other than loopback is one
+    ConfigError naming the endpoint variable and what is accepted, before anything exports."""
+    with pytest.raises(ConfigError) as raised:
+        configured.append(configure_telemetry("ingest_options", environ))
+    message = str(raised.value)
+    assert raised.value.variable == variable
+    assert message.startswith(f"{variable}=")
+    assert "would send OTEL_EXPORTER_OTLP" in message
+    assert "expected https://HOST[:PORT]" in message
+    assert "ALLOW_INSECURE_ENDPOINTS=true" in message
+    assert "\n" not in message and "SECRET" not in message
+    assert telemetry._instruments is None
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        pytest.param({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, id="no-headers"),
+        pytest.param(
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+                "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=tok",
+            },
+            id="loopback",
+        ),
+        pytest.param(
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "https://collector.example.com",
+                "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=tok",
+            },
+            id="https",
+        ),
+        pytest.param(
+            {
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://traces.example.com/v1/traces",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-api-key=tok",
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://sidecar:4318/v1/metrics",
+            },
+            id="headers-of-the-other-signal",
+        ),
+    ],
+)
+def test_endpoints_that_carry_no_token_in_cleartext_are_accepted(environ):
+    """http:// is fine without headers (a sidecar collector), to loopback, and https always."""
+    env = read_telemetry_env(environ)
+    assert env.traces == ("otlp",) or env.metrics == ("otlp",)
+
+
+def test_allow_insecure_lets_headers_go_over_http():
+    """allow_insecure=True (ALLOW_INSECURE_ENDPOINTS=true) accepts http:// with headers."""
+    env = read_telemetry_env(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.lan:4318",
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=tok",
+        },
+        allow_insecure=True,
+    )
+    assert env.traces_endpoint == "http://collector.lan:4318/v1/traces"
+    assert env.traces_headers == {"x-api-key": "tok"}
+
+
+@pytest.mark.parametrize("allow", [False, True], ids=["refused", "allowed"])
+def test_the_jobs_take_allow_insecure_endpoints_from_the_env_file(tmp_path, allow):
+    """A job refuses OTLP headers over http:// in one line (exit 2) before anything else, unless
+    the env file (what systemd hands the units) says ALLOW_INSECURE_ENDPOINTS=true."""
+    env_file = tmp_path / "job.env"
+    env_file.write_text(
+        "OTEL_EXPORTER_OTLP_ENDPOINT=http://collector.invalid:4318\n"
+        "OTEL_EXPORTER_OTLP_HEADERS=x-api-key=tok-SECRET-6\n"
+        "OTEL_EXPORTER_OTLP_TIMEOUT=1\n"
+        f"ALLOW_INSECURE_ENDPOINTS={str(allow).lower()}\n",
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ingest_options"), "--env-file", str(env_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "DATABASE_"))},
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "SECRET" not in result.stderr
+    if allow:
+        # telemetry was set up; the job then stops at the next missing setting
+        assert "Telemetry: service.name=ingest_options, traces to otlp" in result.stderr
+        assert "is not set" in result.stderr.splitlines()[-1]
+    else:
+        assert result.stderr == (
+            "error: OTEL_EXPORTER_OTLP_ENDPOINT='http://collector.invalid:4318' would send "
+            "OTEL_EXPORTER_OTLP_HEADERS in cleartext: expected https://HOST[:PORT][/PATH] "
+            "(http:// only for a loopback host, or with ALLOW_INSECURE_ENDPOINTS=true)\n"
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 import importlib.metadata
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -16,7 +18,17 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from options.config import Settings
 from options.errors import ConfigError, OptionsError
+from options.ops.service_access import (
+    READ_GROUP,
+    SERVICE_USER,
+    Outputs,
+    ServiceAccount,
+    directory_warnings,
+    render_sysusers,
+    service_account,
+)
 from options.ops.units import (
     TEMPLATE_DIR,
     TIMERS,
@@ -41,6 +53,12 @@ OPT = Installation(
     working_dir=Path("/opt/options-history"),
     read_paths=(Path("/opt/options-history/.venv"), Path("/usr"), Path("/opt/options-history")),
     scripts_dir=Path("/opt/options-history/scripts"),
+)
+
+# The documented defaults: the archive and node_exporter's files under the jobs' state directory.
+STATE_OUTPUTS = Outputs(
+    archive_dir=Path("/var/lib/options-history/archive"),
+    metrics_dir=Path("/var/lib/options-history/metrics"),
 )
 
 needs_systemd_analyze = pytest.mark.skipif(
@@ -122,11 +140,14 @@ def test_rendering_fills_every_placeholder_with_absolute_paths(
 
 
 def test_system_units_are_hardened_and_read_a_private_copy_of_the_env_file() -> None:
-    """System units run as a dynamic user, sandboxed, and get the env file as a credential."""
+    """System units run as the jobs' system user, sandboxed, and get the env file as a
+    credential."""
     units = render_units(OPT, scope=Scope.SYSTEM)
     for name in SERVICES:
         text = units[name]
-        assert directives(text, "DynamicUser") == ["yes"]
+        assert directives(text, "DynamicUser") == []
+        assert directives(text, "User") == ["options-history"]
+        assert directives(text, "ProtectSystem") == ["strict"]
         assert directives(text, "ProtectHome") == ["yes"]
         assert directives(text, "BindReadOnlyPaths") == []
         assert directives(text, "CapabilityBoundingSet") == [""]
@@ -143,12 +164,150 @@ def test_system_units_are_hardened_and_read_a_private_copy_of_the_env_file() -> 
     ]
 
 
-def test_user_name_replaces_the_dynamic_user() -> None:
-    """--user-name runs the system units as that user."""
-    units = render_units(OPT, scope=Scope.SYSTEM, user_name="options")
+def test_user_name_replaces_the_jobs_user_and_keeps_the_reading_group() -> None:
+    """--user-name runs the system units as that user; what they write still belongs to the
+    options-history group, so its readers read it."""
+    units = render_units(OPT, scope=Scope.SYSTEM, user_name="options", outputs=STATE_OUTPUTS)
     for name in SERVICES:
         assert directives(units[name], "User") == ["options"]
+        assert directives(units[name], "Group") == ["options-history"]
         assert directives(units[name], "DynamicUser") == []
+        assert directives(units[name], "UMask") == ["0027"]
+
+
+def test_system_units_write_group_readable_files_and_nothing_else() -> None:
+    """Without a local archive or a metrics directory, no directory is writable (ProtectSystem=
+    strict, no StateDirectory=, ReadWritePaths= or BindPaths=); files are made 0640 (UMask=
+    0027) and belong to the options-history group (Group=)."""
+    units = render_units(OPT, scope=Scope.SYSTEM)
+    for name in SERVICES:
+        text = units[name]
+        assert directives(text, "Group") == [READ_GROUP] == ["options-history"]
+        assert directives(text, "UMask") == ["0027"]
+        for key in ("StateDirectory", "StateDirectoryMode", "ReadWritePaths", "BindPaths"):
+            assert directives(text, key) == [], (name, key)
+        assert "--metrics-textfile" not in text
+
+
+@pytest.mark.parametrize(
+    ("archive", "state", "read_write", "bind", "home"),
+    [
+        ("/var/lib/options-history/archive", ["options-history/archive"], [], [], "yes"),
+        ("/var/lib/options-history", ["options-history"], [], [], "yes"),
+        ("/srv/options-archive", [], ["/srv/options-archive"], [], "yes"),
+        # another package's tree is never taken over by StateDirectory= (it chowns recursively)
+        ("/var/lib/postgresql/archive", [], ["/var/lib/postgresql/archive"], [], "yes"),
+        ("/tmp/ci/archive", [], [], ["/tmp/ci/archive"], "yes"),
+        ("/home/alice/archive", [], [], ["/home/alice/archive"], "tmpfs"),
+    ],
+    ids=["state-default", "state-root", "srv", "other-package", "tmp", "home"],
+)
+def test_a_local_archive_gets_exactly_its_write_access(
+    archive: str, state: list[str], read_write: list[str], bind: list[str], home: str
+) -> None:
+    """ARCHIVE_URL=/dir: StateDirectory= under /var/lib/options-history (systemd makes it, owned
+    by the jobs' user and group, 0750), ReadWritePaths= elsewhere, BindPaths= where
+    ProtectHome= or PrivateTmp= would hide it; every job service gets it (each may write into
+    the tier that holds a day)."""
+    outputs = Outputs.from_settings(Settings(archive_url=archive))
+    assert outputs == Outputs(archive_dir=Path(archive))
+    units = render_units(OPT, scope=Scope.SYSTEM, outputs=outputs)
+    for name in SERVICES:
+        text = units[name]
+        assert directives(text, "ProtectSystem") == ["strict"]
+        assert directives(text, "StateDirectory") == ([" ".join(state)] if state else [])
+        assert directives(text, "StateDirectoryMode") == (["0750"] if state else [])
+        assert directives(text, "ReadWritePaths") == read_write
+        assert directives(text, "BindPaths") == bind
+        assert directives(text, "ProtectHome") == [home]
+    assert "StateDirectory" not in units["ingest-notify@.service"]
+
+
+@pytest.mark.parametrize("archive_url", [None, "s3://bucket/options"], ids=["no-archive", "s3"])
+def test_an_s3_archive_or_none_gets_no_write_access(archive_url: str | None) -> None:
+    """An s3:// archive (or none) needs no directory: nothing is made writable."""
+    outputs = Outputs.from_settings(Settings(archive_url=archive_url))
+    assert outputs == Outputs()
+    assert render_units(OPT, outputs=outputs) == render_units(OPT)
+
+
+def test_a_metrics_directory_is_each_jobs_metrics_file_and_write_access() -> None:
+    """--metrics-dir DIR: each job writes DIR/<job>.prom (--metrics-textfile in its ExecStart=)
+    and may write DIR; with the default archive, one StateDirectory= line holds both."""
+    units = render_units(OPT, scope=Scope.SYSTEM, outputs=STATE_OUTPUTS)
+    for name in SERVICES:
+        text = units[name]
+        job = name.removesuffix(".service")
+        (exec_start,) = directives(text, "ExecStart")
+        assert exec_start.endswith(
+            f" --metrics-textfile /var/lib/options-history/metrics/{job}.prom"
+        ), exec_start
+        assert directives(text, "StateDirectory") == [
+            "options-history/archive options-history/metrics"
+        ]
+        assert directives(text, "ReadWritePaths") == []
+    # the greeks step after a snapshot run is not a run with figures of its own
+    (post,) = directives(units["ingest_snapshots.service"], "ExecStartPost")
+    assert "--metrics-textfile" not in post
+    elsewhere = Outputs(metrics_dir=Path("/var/lib/prometheus/node-exporter"))
+    text = render_units(OPT, outputs=elsewhere)["ingest_daily.service"]
+    assert directives(text, "ReadWritePaths") == ["/var/lib/prometheus/node-exporter"]
+    assert directives(text, "StateDirectory") == []
+
+
+@pytest.mark.parametrize("path", ["relative/metrics", "/var/lib/my metrics", "/srv/100%"], ids=str)
+def test_a_metrics_directory_a_unit_cannot_hold_is_refused(path: str) -> None:
+    """A relative path or one a unit file would mis-read is one ConfigError."""
+    with pytest.raises(ConfigError, match="--metrics-dir"):
+        render_units(OPT, outputs=Outputs(metrics_dir=Path(path)))
+
+
+def test_user_units_write_where_the_user_may_and_keep_their_umask() -> None:
+    """User units get the metrics option, but no user, group or sandbox lines: they run as
+    you, without ProtectSystem=, and keep UMask=0077 (your files stay yours)."""
+    units = render_units(OPT, scope=Scope.USER, outputs=STATE_OUTPUTS)
+    for name in SERVICES:
+        text = units[name]
+        for key in ("User", "Group", "StateDirectory", "ReadWritePaths", "BindPaths"):
+            assert directives(text, key) == [], (name, key)
+        assert directives(text, "UMask") == ["0077"]
+        assert "--metrics-textfile /var/lib/options-history/metrics/" in text
+
+
+def test_sysusers_snippet_makes_the_user_and_the_reading_group(tmp_path: Path) -> None:
+    """The sysusers.d snippet install-units writes creates the system user options-history
+    with the options-history group (systemd-sysusers --root, a scratch /etc); with
+    --user-name only the group, since the user exists."""
+    if shutil.which("systemd-sysusers") is None:
+        pytest.skip("systemd-sysusers is not installed (apt-get install systemd)")
+    own = service_account(None)
+    assert own == ServiceAccount(user=SERVICE_USER, group=READ_GROUP, create_user=True)
+    named = service_account("alice")
+    assert named == ServiceAccount(user="alice", group=READ_GROUP, create_user=False)
+    for account, users in ((own, ["options-history"]), (named, [])):
+        root = tmp_path / account.user
+        (root / "etc").mkdir(parents=True)
+        snippet = tmp_path / f"{account.user}.conf"
+        snippet.write_text(render_sysusers(account), encoding="utf-8")
+        result = subprocess.run(
+            ["systemd-sysusers", f"--root={root}", str(snippet)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        groups = {
+            line.split(":")[0]: line.split(":")[2]
+            for line in (root / "etc/group").read_text().splitlines()
+        }
+        assert list(groups) == ["options-history"]
+        made = (root / "etc/passwd").read_text() if (root / "etc/passwd").exists() else ""
+        passwd = [line.split(":") for line in made.splitlines()]
+        assert [entry[0] for entry in passwd] == users
+        for entry in passwd:
+            assert entry[3] == groups["options-history"]  # primary group
+            assert entry[6] == "/usr/sbin/nologin"
 
 
 @pytest.mark.parametrize(
@@ -264,7 +423,7 @@ def test_snapshot_run_ends_before_the_next_slot(every: int) -> None:
 @pytest.mark.parametrize("scope", list(Scope), ids=lambda s: s.value)
 def test_systemd_analyze_verify_is_silent(here: Installation, scope: Scope, tmp_path: Path) -> None:
     """`systemd-analyze verify` accepts every rendered unit without a word."""
-    paths = write_units(render_units(here, scope=scope), tmp_path / "units")
+    paths = write_units(render_units(here, scope=scope, outputs=STATE_OUTPUTS), tmp_path / "units")
     # a template is verified through an instance, as OnFailure= starts it
     paths.append(tmp_path / "units" / "ingest-notify@ingest_options.service.service")
     runtime = tmp_path / "xdg"
@@ -275,14 +434,16 @@ def test_systemd_analyze_verify_is_silent(here: Installation, scope: Scope, tmp_
 
 
 @needs_systemd_analyze
-@pytest.mark.parametrize("layout", ["this-checkout", "opt"])
+@pytest.mark.parametrize("layout", ["this-checkout", "opt", "opt-archive-metrics"])
 @pytest.mark.parametrize("service", SERVICES)
 def test_security_exposure_is_at_most_2(
     here: Installation, layout: str, service: str, tmp_path: Path
 ) -> None:
-    """`systemd-analyze security --offline=true --threshold=20` passes: exposure <= 2.0."""
+    """`systemd-analyze security --offline=true --threshold=20` passes: exposure <= 2.0, with
+    the archive and metrics directories writable too."""
     installation = here if layout == "this-checkout" else OPT
-    write_units(render_units(installation, scope=Scope.SYSTEM), tmp_path)
+    outputs = STATE_OUTPUTS if layout == "opt-archive-metrics" else Outputs()
+    write_units(render_units(installation, scope=Scope.SYSTEM, outputs=outputs), tmp_path)
     result = analyze("security", "--offline=true", "--threshold=20", str(tmp_path / service))
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
@@ -416,6 +577,88 @@ def test_install_writes_units_reloads_and_enables_the_timers(
     ]
 
 
+def test_system_install_makes_the_account_and_directories_and_uninstall_keeps_the_data(
+    fake_systemctl: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """install writes the sysusers.d snippet and runs systemd-sysusers before systemd is
+    reloaded, makes a missing ReadWritePaths= directory (owner, group, 0750), and leaves the
+    StateDirectory= ones to systemd; uninstall removes the snippet and the units, and never a
+    directory of data (nor the user and group who own it)."""
+    systemctl, log = fake_systemctl
+    sysusers_cmd = tmp_path / "systemd-sysusers"
+    sysusers_cmd.write_text(f'#!/bin/sh\necho "sysusers $*" >> {log}\n', encoding="utf-8")
+    sysusers_cmd.chmod(0o755)
+    unit_dir, sysusers_file = tmp_path / "units", tmp_path / "sysusers.d/options-history.conf"
+    archive = tmp_path / "srv/archive"
+    (archive.parent).mkdir()
+    # this process's own user and group: chown to them needs no root
+    account = ServiceAccount(
+        user=pwd.getpwuid(os.getuid()).pw_name, group=grp.getgrgid(os.getgid()).gr_name
+    )
+    outputs = Outputs(archive_dir=archive, metrics_dir=Path("/var/lib/options-history/metrics"))
+    assert outputs.made_by_install() == (archive,)
+    units = render_units(OPT, scope=Scope.SYSTEM, outputs=outputs)
+    written = install_units(
+        units,
+        scope=Scope.SYSTEM,
+        unit_dir=unit_dir,
+        account=account,
+        directories=outputs.made_by_install(),
+        sysusers_file=sysusers_file,
+        sysusers_command=[str(sysusers_cmd)],
+        systemctl=[str(systemctl)],
+        euid=0,
+    )
+    assert written == [sysusers_file, *(unit_dir / name for name in UNIT_FILES)]
+    assert sysusers_file.read_text(encoding="utf-8") == render_sysusers(account)
+    assert log.read_text(encoding="utf-8").splitlines() == [
+        f"sysusers {sysusers_file}",
+        "daemon-reload",
+        f"enable --now {' '.join(TIMERS)}",
+    ]
+    assert archive.is_dir() and archive.stat().st_mode & 0o7777 == 0o750
+    assert (archive.stat().st_uid, archive.stat().st_gid) == (os.getuid(), os.getgid())
+    (archive / "option_snapshots").mkdir()
+
+    plan = plan_uninstall(
+        scope=Scope.SYSTEM, unit_dir=unit_dir, sysusers_file=sysusers_file, systemctl=["x"]
+    )
+    assert list(plan.files) == [*(unit_dir / name for name in UNIT_FILES), sysusers_file]
+    assert "kept: the user and group" in format_uninstall_plan(plan)
+    removed = uninstall_units(
+        scope=Scope.SYSTEM,
+        unit_dir=unit_dir,
+        sysusers_file=sysusers_file,
+        systemctl=[str(systemctl)],
+        euid=0,
+    )
+    assert sorted(removed) == sorted(written)
+    assert not sysusers_file.exists() and list(unit_dir.iterdir()) == []
+    assert (archive / "option_snapshots").is_dir()
+
+
+def test_an_existing_directory_the_user_cannot_write_is_a_warning(tmp_path: Path) -> None:
+    """A ReadWritePaths= directory that exists is left as it is, but install-units says when
+    its mode and owner keep the jobs' user from writing it (the archive would fail at run
+    time, only in the log)."""
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    closed.chmod(0o755)
+    owner = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
+    nobody = ServiceAccount(user="nobody", group="nogroup")
+    (warning,) = directory_warnings([closed], nobody)
+    assert warning == (
+        f"{closed} (owner {owner}, mode 0755) is not writable by nobody: "
+        f"`chown nobody:nogroup {closed}` and `chmod 0750 {closed}`, "
+        "or use a directory under /var/lib/options-history"
+    )
+    me = ServiceAccount(user=pwd.getpwuid(os.getuid()).pw_name, group="nogroup")
+    assert directory_warnings([closed], me) == []
+    closed.chmod(0o777)
+    assert directory_warnings([closed], nobody) == []
+    assert directory_warnings([tmp_path / "missing"], nobody) == []
+
+
 def test_uninstall_with_nothing_installed_does_nothing(
     fake_systemctl: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -485,10 +728,82 @@ def test_dry_run_prints_every_file_and_writes_nothing(
     assert result.returncode == 0, result.stderr
     unit_dir = system_dir if scope is Scope.SYSTEM else home / ".config/systemd/user"
     headers = re.findall(r"^==> (.+) <==$", result.stdout, flags=re.MULTILINE)
-    assert headers == [str(unit_dir / name) for name in UNIT_FILES]
+    sysusers = ["/etc/sysusers.d/options-history.conf"] if scope is Scope.SYSTEM else []
+    assert headers == [*sysusers, *(str(unit_dir / name) for name in UNIT_FILES)]
     assert f"EnvironmentFile={env_file}" in result.stdout
     assert list(home.iterdir()) == []
     assert (sorted(system_dir.iterdir()) if system_dir.is_dir() else []) == before
+
+
+def test_dry_run_gives_a_local_archive_from_the_env_file_its_write_access(
+    tmp_path: Path,
+) -> None:
+    """install-units reads ARCHIVE_URL from the env file it is given: the archive under
+    /var/lib/options-history becomes each job's StateDirectory= (ProtectSystem=strict would
+    make it read-only), and the files land readable by the options-history group."""
+    env_file = tmp_path / "env"
+    env_file.write_text(
+        "DATABASE_URL=postgresql://options@127.0.0.1/options\n"
+        "ARCHIVE_URL=/var/lib/options-history/archive\n",
+        encoding="utf-8",
+    )
+    result = run_admin(
+        "install-units", "--dry-run", "--env-file", str(env_file), cwd=tmp_path, home=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    snapshots = result.stdout.split("==> /etc/systemd/system/ingest_snapshots.service <==")[1]
+    snapshots = snapshots.split("==> ")[0]
+    assert directives(snapshots, "ProtectSystem") == ["strict"]
+    assert directives(snapshots, "StateDirectory") == ["options-history/archive"]
+    assert directives(snapshots, "StateDirectoryMode") == ["0750"]
+    assert directives(snapshots, "Group") == ["options-history"]
+    assert directives(snapshots, "UMask") == ["0027"]
+
+
+def test_dry_run_renders_the_metrics_directory(tmp_path: Path, env_file: Path) -> None:
+    """install-units --metrics-dir DIR renders each job's --metrics-textfile and access to DIR;
+    a relative DIR is one line, exit 2."""
+    result = run_admin(
+        "install-units",
+        "--dry-run",
+        "--env-file",
+        str(env_file),
+        "--metrics-dir",
+        "/var/lib/options-history/metrics",
+        cwd=tmp_path,
+        home=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "StateDirectory=options-history/metrics\n" in result.stdout
+    assert "--metrics-textfile /var/lib/options-history/metrics/ingest_daily.prom\n" in (
+        result.stdout
+    )
+    bad = run_admin(
+        "install-units",
+        "--dry-run",
+        "--env-file",
+        str(env_file),
+        "--metrics-dir",
+        "m",
+        cwd=tmp_path,
+        home=tmp_path,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: --metrics-dir ")
+    assert bad.stderr.count("\n") == 1
+
+
+def test_an_invalid_setting_in_the_env_file_is_refused_at_install(tmp_path: Path) -> None:
+    """The env file's settings are checked when the units are rendered from them: one line
+    naming the variable, exit 2, before anything is written."""
+    env_file = tmp_path / "env"
+    env_file.write_text("ARCHIVE_URL=archive\n", encoding="utf-8")
+    result = run_admin(
+        "install-units", "--dry-run", "--env-file", str(env_file), cwd=tmp_path, home=tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ARCHIVE_URL='archive' is a relative path")
+    assert result.stderr.count("\n") == 1
 
 
 def test_missing_env_file_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -545,6 +860,70 @@ def test_hook_keeps_the_jobs_secrets_from_the_command(tmp_path: Path) -> None:
     seen_env = seen.read_text(encoding="utf-8")
     assert "pw-3f9a" not in seen_env
     assert "key-7c1e" not in seen_env
+
+
+# What NOTIFY_COMMAND may see: what mail(1) or curl(1) needs, NOTIFY_*, and the report's names.
+HOOK_KEPT = {
+    "PATH",
+    "HOME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "USER",
+    "LOGNAME",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "all_proxy",
+    "FAILED_UNIT",
+    "NOTIFY_SUBJECT",
+}
+HOOK_SECRETS = {
+    "DATABASE_URL": "postgresql://u:pw-3f9a@db/x",
+    "POLYGON_API_KEY": "key-7c1e",
+    "MASSIVE_API_KEY": "key-7c1e",
+    "PGPASSWORD": "pgpw-51d0",
+    "AWS_ACCESS_KEY_ID": "AKID-90aa",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-e41b",
+    "AWS_SESSION_TOKEN": "aws-token-77c2",
+    "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20otlp-tok-19f3",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-api-key=otlp-tok-2b8d",
+    "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "x-api-key=otlp-tok-6c4e",
+    "SOME_FUTURE_TOKEN": "future-tok-0d5a",
+}
+
+
+def test_hook_hands_the_command_only_a_kept_list_of_variables(tmp_path: Path) -> None:
+    """NOTIFY_COMMAND runs with a clean environment: PATH, HOME, locale, TZ, user, proxies,
+    NOTIFY_* and the report's names are kept; every other variable (the job's keys, the S3
+    keys, OTLP headers, a secret nobody has listed yet) never reaches it."""
+    seen = tmp_path / "env.txt"
+    result = run_hook(
+        "ingest_snapshots.service",
+        NOTIFY_COMMAND=f"env > {seen}",
+        NOTIFY_WEBHOOK_URL="https://hooks.example.com/x",
+        LANG="C.UTF-8",
+        LC_TIME="en_GB.UTF-8",
+        TZ="America/New_York",
+        https_proxy="http://proxy.example.com:3128",
+        NO_PROXY="localhost",
+        **HOOK_SECRETS,
+    )
+    assert result.returncode == 0, result.stderr
+    text = seen.read_text(encoding="utf-8")
+    for name, value in HOOK_SECRETS.items():
+        assert value not in text, name
+    names = {line.split("=", 1)[0] for line in text.splitlines() if "=" in line}
+    # sh itself adds PWD (and may add SHLVL, OLDPWD, _)
+    extra = names - HOOK_KEPT - {"PWD", "SHLVL", "OLDPWD", "_"}
+    assert {n for n in extra if not n.startswith(("LC_", "NOTIFY_"))} == set()
+    assert {"PATH", "LANG", "LC_TIME", "TZ", "https_proxy", "NO_PROXY"} <= names
+    assert {"NOTIFY_WEBHOOK_URL", "FAILED_UNIT", "NOTIFY_SUBJECT"} <= names
+    assert "FAILED_UNIT=ingest_snapshots.service" in text.splitlines()
 
 
 def test_hook_without_a_command_logs_and_succeeds() -> None:

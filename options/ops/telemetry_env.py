@@ -14,8 +14,9 @@ here) for :func:`~options.ops.telemetry_setup.configure_telemetry`:
 ``ENDPOINT``
 ``OTEL_EXPORTER_OTLP[_{TRACES,METRICS}]_``  ``http/protobuf`` only (no gRPC exporter here)
 ``PROTOCOL``
-``OTEL_EXPORTER_OTLP[_{TRACES,METRICS}]_``  ``name=value,...``; tokens, so never logged
-``HEADERS``
+``OTEL_EXPORTER_OTLP[_{TRACES,METRICS}]_``  ``name=value,...``; tokens, so never logged, and
+``HEADERS``                                 never sent over ``http://`` to a host other than
+                                            loopback unless ``ALLOW_INSECURE_ENDPOINTS=true``
 ``OTEL_SERVICE_NAME``                       ``service.name``; default: the job's name
 ``OTEL_RESOURCE_ATTRIBUTES``                ``key=value,...`` (a ``service.name`` here wins
                                             over the job's name, as in any OTel program)
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
+from options.config import INSECURE_HINT, is_loopback_host, redact_url
 from options.errors import ConfigError
 
 __all__ = ["TelemetryEnv", "read_telemetry_env"]
@@ -80,11 +82,17 @@ class TelemetryEnv:
     interval_ms: float
 
 
-def read_telemetry_env(environ: Mapping[str, str]) -> TelemetryEnv:
+def read_telemetry_env(environ: Mapping[str, str], *, allow_insecure: bool = False) -> TelemetryEnv:
     """Read and check every ``OTEL_*`` variable in ``environ`` (blank ones count as unset).
 
+    Args:
+        environ: the variables (only ``OTEL_*`` ones are read).
+        allow_insecure: ``ALLOW_INSECURE_ENDPOINTS`` (from the settings): a signal with headers
+            may go over ``http://`` to a host other than loopback.
+
     Raises:
-        ConfigError: a variable is invalid; one line naming it and the accepted form.
+        ConfigError: a variable is invalid, or an endpoint would carry the headers' tokens in
+            cleartext; one line naming it and the accepted form.
     """
     env = {k: v.strip() for k, v in environ.items() if k.startswith("OTEL_") and v.strip()}
     disabled = _parse_bool(env, "OTEL_SDK_DISABLED")
@@ -98,6 +106,9 @@ def read_telemetry_env(environ: Mapping[str, str]) -> TelemetryEnv:
             )
     endpoints = {signal: _signal_endpoint(env, signal) for signal in _SIGNAL_PATHS}
     headers = {signal: _signal_headers(env, signal) for signal in _SIGNAL_PATHS}
+    if not allow_insecure:
+        for signal in _SIGNAL_PATHS:
+            _refuse_cleartext_headers(env, signal, endpoints[signal], headers[signal])
     traces = _parse_exporters(env, "OTEL_TRACES_EXPORTER", endpoints["TRACES"] is not None)
     metrics = _parse_exporters(env, "OTEL_METRICS_EXPORTER", endpoints["METRICS"] is not None)
     attributes = _parse_resource_attributes(env)
@@ -171,6 +182,31 @@ def _signal_endpoint(env: Mapping[str, str], signal: str) -> str | None:
         return None
     _check_endpoint("OTEL_EXPORTER_OTLP_ENDPOINT", base)
     return f"{base.rstrip('/')}/{_SIGNAL_PATHS[signal]}"
+
+
+def _refuse_cleartext_headers(
+    env: Mapping[str, str], signal: str, endpoint: str | None, headers: dict[str, str]
+) -> None:
+    """Headers hold tokens: refuse to send them over ``http://`` to a host other than loopback.
+
+    Without headers a plain ``http://`` collector (a sidecar, a node agent) is fine: what
+    travels is the run's figures, no credential. The exporter's default is loopback.
+    """
+    if endpoint is None or not headers:
+        return
+    parts = urlsplit(endpoint)
+    if parts.scheme != "http" or is_loopback_host(parts.hostname or ""):
+        return
+    specific = f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"
+    name = specific if specific in env else "OTEL_EXPORTER_OTLP_ENDPOINT"
+    header_name = f"OTEL_EXPORTER_OTLP_{signal}_HEADERS"
+    if header_name not in env:
+        header_name = "OTEL_EXPORTER_OTLP_HEADERS"
+    raise ConfigError(
+        f"{name}={redact_url(env[name])!r} would send {header_name} in cleartext: expected "
+        f"https://HOST[:PORT][/PATH] ({INSECURE_HINT})",
+        variable=name,
+    )
 
 
 def _default_endpoint(signal: str) -> str:

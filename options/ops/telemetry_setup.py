@@ -134,7 +134,9 @@ def _quietly(what: str, job: Callable[[], object]) -> None:
         logger.warning("Telemetry: flushing the %s failed", what, exc_info=True)
 
 
-def configure_telemetry(job: str, environ: Mapping[str, str]) -> Telemetry:
+def configure_telemetry(
+    job: str, environ: Mapping[str, str], *, allow_insecure: bool = False
+) -> Telemetry:
     """Export traces and metrics as the standard ``OTEL_*`` variables in ``environ`` say.
 
     Every variable is checked before anything is installed. With no exporter configured (the
@@ -145,11 +147,13 @@ def configure_telemetry(job: str, environ: Mapping[str, str]) -> Telemetry:
     Args:
         job: the job's name (``ingest_snapshots``), the default ``service.name``.
         environ: the environment (``os.environ`` from the CLI, or the settings' merged view).
+        allow_insecure: ``Settings.allow_insecure_endpoints``: headers may go over
+            ``http://`` to a host other than loopback.
 
     Raises:
         ConfigError: a variable is invalid; one line naming it and the accepted form.
     """
-    env = read_telemetry_env(environ)
+    env = read_telemetry_env(environ, allow_insecure=allow_insecure)
     if env.disabled or not (env.traces or env.metrics):
         return Telemetry()
 

@@ -7,9 +7,15 @@ The templates use two kinds of markers:
 - a leading ``@SYSTEM@`` on lines that only the system manager can apply (users, file-system
   namespaces, capabilities, credentials): kept in system units, dropped in user units.
 
+System units run as the jobs' system user with the group that reads what they write, and may
+write only the directories the settings name (:mod:`options.ops.service_access` says why):
+``StateDirectory=`` under ``/var/lib/options-history``, ``ReadWritePaths=`` (or ``BindPaths=``
+past ``ProtectHome=``/``PrivateTmp=``) elsewhere.
+
 :func:`render_units` is pure (paths in, text out), so it is tested without systemd;
-:func:`install_units` and :func:`uninstall_units` write the files and call ``systemctl``, which
-tests replace with a recording script; :func:`plan_uninstall` says what uninstalling would do.
+:func:`install_units` and :func:`uninstall_units` write the files and call ``systemctl`` and
+``systemd-sysusers``, which tests replace with recording scripts; :func:`plan_uninstall` says
+what uninstalling would do.
 """
 
 from __future__ import annotations
@@ -25,6 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from options.errors import ConfigError, OptionsError
+from options.ops.service_access import (
+    DIRECTORY_MODE,
+    SYSTEM_UMASK,
+    SYSUSERS_FILE,
+    USER_UMASK,
+    Outputs,
+    ServiceAccount,
+    make_directory,
+    render_sysusers,
+    service_account,
+)
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "scripts"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
@@ -47,12 +64,13 @@ DEFAULT_SNAPSHOT_EVERY = 10
 # ProtectHome= hides these; PrivateTmp= replaces these: what the job reads there must be bound in.
 HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
 TMP_ROOTS = (Path("/tmp"), Path("/var/tmp"))
+# The job services, whose ExecStart= may take --metrics-textfile DIR/<job>.prom.
+_JOB_SERVICES = ("ingest_options.service", "ingest_snapshots.service", "ingest_daily.service")
 
 _PLACEHOLDER = re.compile(r"@([A-Z][A-Z_]*)@")
 _SYSTEM_ONLY = "@SYSTEM@"
 # Characters a unit file would need escaped or would expand (specifiers, variables, quoting).
 _UNSAFE_PATH = re.compile(r"[\s%$\"'\\;]")
-_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 
 class Scope(enum.Enum):
@@ -141,15 +159,18 @@ def render_units(
     scope: Scope = Scope.SYSTEM,
     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
     user_name: str | None = None,
+    outputs: Outputs | None = None,
     template_dir: Path = TEMPLATE_DIR,
 ) -> dict[str, str]:
     """Render every unit file for ``installation``.
 
     Args:
         installation: the paths the units refer to.
-        scope: system units (hardened, run as a dynamic or named user) or user units.
+        scope: system units (hardened, run as the jobs' system user) or user units.
         snapshot_every: the snapshot cadence in minutes, one of :data:`SNAPSHOT_PERIODS`.
-        user_name: run the system units as this existing user instead of a dynamic one.
+        user_name: run the system units as this existing user instead of ``options-history``.
+        outputs: the directories the jobs write (a local archive, the metrics directory);
+            ``None``: none.
         template_dir: where the templates are.
 
     Returns:
@@ -166,8 +187,8 @@ def render_units(
         )
     if user_name is not None and scope is Scope.USER:
         raise ConfigError("--user-name applies to system units only: user units run as you")
-    if user_name is not None and not _USER_NAME.fullmatch(user_name):
-        raise ConfigError(f"user name {user_name!r} is invalid: expected a system user name")
+    account = service_account(user_name)
+    outputs = outputs or Outputs()
     paths = [installation.exec_dir, installation.env_file, installation.working_dir]
     paths += [installation.scripts_dir, *installation.read_paths]
     for path in paths:
@@ -176,6 +197,7 @@ def render_units(
                 f"path {str(path)!r} cannot go into a unit file: expected an absolute path "
                 "without spaces, quotes, %, $, ; or backslashes"
             )
+    _check_output_paths(outputs)
 
     system = scope is Scope.SYSTEM
     values = {
@@ -187,8 +209,11 @@ def render_units(
         "WORKING_DIR": str(installation.working_dir),
         "SCRIPTS_DIR": str(installation.scripts_dir),
         "NOTIFY_SCOPE": f"--{scope.value}",
-        "USER_DIRECTIVES": _user_directives(scope, user_name),
-        "PATH_DIRECTIVES": _path_directives(installation) if system else "",
+        "USER_DIRECTIVES": _user_directives(account) if system else "",
+        "PATH_DIRECTIVES": _path_directives(installation, outputs) if system else "",
+        "WRITE_DIRECTIVES": _write_directives(outputs) if system else "",
+        "UMASK": SYSTEM_UMASK if system else USER_UMASK,
+        "METRICS_OPTION": "",
         "NOTIFY_PATH_DIRECTIVES": _notify_path_directives(installation) if system else "",
         "SNAPSHOT_EVERY": str(snapshot_every),
         "SNAPSHOT_DEADLINE": f"{snapshot_every - 1}m",
@@ -206,7 +231,11 @@ def render_units(
                 f"unit template {template_dir / name} cannot be read ({type(exc).__name__}): "
                 "install-units needs the project's scripts/ directory (install from a checkout)"
             ) from None
-        rendered[name] = _render(name, template, values, system=system)
+        own = dict(values)
+        if name in _JOB_SERVICES and outputs.metrics_dir is not None:
+            textfile = outputs.metrics_dir / f"{name.removesuffix('.service')}.prom"
+            own["METRICS_OPTION"] = f" --metrics-textfile {textfile}"
+        rendered[name] = _render(name, template, own, system=system)
     return rendered
 
 
@@ -228,9 +257,18 @@ def default_unit_dir(scope: Scope) -> Path:
     return SYSTEM_UNIT_DIR if scope is Scope.SYSTEM else Path.home() / USER_UNIT_SUBDIR
 
 
-def format_units(units: Mapping[str, str], unit_dir: Path) -> str:
-    """Return the rendered files as one text, each after a ``==> PATH <==`` header line."""
-    return "\n".join(f"==> {unit_dir / name} <==\n{text}" for name, text in units.items())
+def format_units(
+    units: Mapping[str, str],
+    unit_dir: Path,
+    *,
+    sysusers: str | None = None,
+    sysusers_file: Path = SYSUSERS_FILE,
+) -> str:
+    """Return the rendered files as one text, each after a ``==> PATH <==`` header line: the
+    sysusers.d snippet first (system units), then the units."""
+    files = [(sysusers_file, sysusers)] if sysusers is not None else []
+    files += [(unit_dir / name, text) for name, text in units.items()]
+    return "\n".join(f"==> {path} <==\n{text}" for path, text in files)
 
 
 def install_units(
@@ -238,39 +276,46 @@ def install_units(
     *,
     scope: Scope,
     unit_dir: Path,
+    account: ServiceAccount | None = None,
+    directories: Sequence[Path] = (),
+    sysusers_file: Path = SYSUSERS_FILE,
+    sysusers_command: Sequence[str] = ("systemd-sysusers",),
     systemctl: Sequence[str] = ("systemctl",),
     euid: int | None = None,
 ) -> list[Path]:
-    """Write the rendered units, reload systemd and enable and start the timers.
+    """Make the jobs' account and directories, write the units, reload systemd and enable and
+    start the timers.
 
     Args:
         units: file name to content, as :func:`render_units` returns.
         scope: which manager to reload (``systemctl --user`` for user units).
         unit_dir: where to write the files.
+        account: the system units' account: its sysusers.d snippet is written to
+            ``sysusers_file`` and applied first (``None``: user units, no account).
+        directories: :meth:`Outputs.made_by_install`; a missing one is made (``account``'s
+            user and group, mode 0750), an existing one left as it is.
+        sysusers_file: where the snippet goes.
+        sysusers_command: the command to run instead of ``systemd-sysusers`` (tests).
         systemctl: the command to run instead of ``systemctl`` (tests).
         euid: the effective user id to check against root; the process's when ``None``.
 
     Returns:
-        The files written.
+        The files written (the snippet first).
 
     Raises:
         ConfigError: system units requested without root.
-        OptionsError: a file cannot be written, or ``systemctl`` failed.
+        OptionsError: a file or directory cannot be written, or a command failed.
     """
     _require_root(scope, euid, "install")
     written: list[Path] = []
-    try:
-        unit_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in units.items():
-            path = unit_dir / name
-            # written whole then renamed: systemd never reads a half-written unit
-            partial = path.with_name(f".{name}.tmp")
-            partial.write_text(text, encoding="utf-8")
-            partial.chmod(0o644)
-            partial.replace(path)
-            written.append(path)
-    except OSError as exc:
-        raise OptionsError(f"cannot write units to {unit_dir}: {exc.strerror or exc}") from None
+    if account is not None:
+        _write_file(sysusers_file, render_sysusers(account), what="the sysusers.d snippet")
+        written.append(sysusers_file)
+        _run([*sysusers_command, str(sysusers_file)])
+    for directory in directories:
+        make_directory(directory, account)
+    for name, text in units.items():
+        written.append(_write_file(unit_dir / name, text, what="units"))
     command = _systemctl_command(systemctl, scope)
     _run([*command, "daemon-reload"])
     _run([*command, "enable", "--now", *TIMERS])
@@ -280,27 +325,48 @@ def install_units(
 @dataclass(frozen=True)
 class UninstallPlan:
     """What :func:`uninstall_units` does, in order: stop and disable ``timers``, remove
-    ``files``, reload the manager (``commands`` holds both ``systemctl`` calls)."""
+    ``files``, reload the manager (``commands`` holds both ``systemctl`` calls).
+
+    ``kept`` names what stays on purpose: the user and group that own the jobs' data.
+    """
 
     unit_dir: Path
     timers: tuple[str, ...]
     files: tuple[Path, ...]
     commands: tuple[tuple[str, ...], ...]
+    kept: str | None = None
 
 
 def plan_uninstall(
-    *, scope: Scope, unit_dir: Path, systemctl: Sequence[str] = ("systemctl",)
+    *,
+    scope: Scope,
+    unit_dir: Path,
+    sysusers_file: Path = SYSUSERS_FILE,
+    systemctl: Sequence[str] = ("systemctl",),
 ) -> UninstallPlan:
-    """Look at what is installed in ``unit_dir`` and say what uninstalling would do; change
-    nothing (``uninstall-units --dry-run``). Nothing installed: an empty plan."""
+    """Look at what is installed in ``unit_dir`` (and the sysusers.d snippet, for system
+    units) and say what uninstalling would do; change nothing (``uninstall-units --dry-run``).
+    Nothing installed: an empty plan."""
     command = _systemctl_command(systemctl, scope)
-    files = tuple(unit_dir / name for name in UNIT_FILES if (unit_dir / name).exists())
+    files = [unit_dir / name for name in UNIT_FILES if (unit_dir / name).exists()]
+    snippet = scope is Scope.SYSTEM and sysusers_file.exists()
+    if snippet:
+        files.append(sysusers_file)
     if not files:
         return UninstallPlan(unit_dir=unit_dir, timers=(), files=(), commands=())
     timers = tuple(t for t in TIMERS if (unit_dir / t).exists())
     commands = [(*command, "disable", "--now", *timers)] if timers else []
     commands.append((*command, "daemon-reload"))
-    return UninstallPlan(unit_dir=unit_dir, timers=timers, files=files, commands=tuple(commands))
+    # A removed user's UID is handed to the next user created, who would then own the archive.
+    kept = (
+        "kept: the user and group of the jobs (they own the archive and the metrics files; "
+        "`userdel` them once those are gone) and every data directory"
+        if snippet
+        else None
+    )
+    return UninstallPlan(
+        unit_dir=unit_dir, timers=timers, files=tuple(files), commands=tuple(commands), kept=kept
+    )
 
 
 def format_uninstall_plan(plan: UninstallPlan) -> str:
@@ -314,6 +380,8 @@ def format_uninstall_plan(plan: UninstallPlan) -> str:
         )
     lines += [f"would remove {path}" for path in plan.files]
     lines.append(f"would reload systemd: `{' '.join(plan.commands[-1])}`")
+    if plan.kept:
+        lines.append(plan.kept)
     return "\n".join(lines)
 
 
@@ -321,12 +389,15 @@ def uninstall_units(
     *,
     scope: Scope,
     unit_dir: Path,
+    sysusers_file: Path = SYSUSERS_FILE,
     systemctl: Sequence[str] = ("systemctl",),
     euid: int | None = None,
 ) -> list[Path]:
-    """Disable and stop the timers, remove the unit files, reload systemd.
+    """Disable and stop the timers, remove the unit files and the sysusers.d snippet, reload
+    systemd.
 
     Drop-ins made with ``systemctl edit`` (``*.d/`` directories) are the operator's and stay.
+    So do the jobs' user and group, and every directory they wrote (the archive is data).
 
     Returns:
         The files removed (empty when nothing was installed).
@@ -336,7 +407,9 @@ def uninstall_units(
         OptionsError: ``systemctl`` failed or a file cannot be removed.
     """
     _require_root(scope, euid, "uninstall")
-    plan = plan_uninstall(scope=scope, unit_dir=unit_dir, systemctl=systemctl)
+    plan = plan_uninstall(
+        scope=scope, unit_dir=unit_dir, sysusers_file=sysusers_file, systemctl=systemctl
+    )
     if not plan.files:
         return []
     if plan.timers:
@@ -373,22 +446,57 @@ def _render(name: str, template: str, values: Mapping[str, str], *, system: bool
     return "\n".join(lines) + "\n"
 
 
-def _user_directives(scope: Scope, user_name: str | None) -> str:
-    if scope is Scope.USER:
-        return ""
-    if user_name is None:
-        return "DynamicUser=yes"
-    return f"User={user_name}"
+def _user_directives(account: ServiceAccount) -> str:
+    return f"User={account.user}\nGroup={account.group}"
 
 
-def _path_directives(installation: Installation) -> str:
+def _check_output_paths(outputs: Outputs) -> None:
+    named = (("ARCHIVE_URL", outputs.archive_dir), ("--metrics-dir", outputs.metrics_dir))
+    for name, path in named:
+        if path is not None and (not path.is_absolute() or _UNSAFE_PATH.search(str(path))):
+            raise ConfigError(
+                f"{name} {str(path)!r} cannot go into a unit file: expected an absolute path "
+                "without spaces, quotes, %, $, ; or backslashes"
+            )
+
+
+def _write_directives(outputs: Outputs) -> str:
+    """Write access to exactly the directories the jobs write, nothing else."""
+    lines = []
+    state = outputs.state_directories()
+    if state:
+        # relative to /var/lib; systemd makes each (parents root-owned, 0755) for User=/Group=
+        lines.append("StateDirectory=" + " ".join(str(p.relative_to("/var/lib")) for p in state))
+        lines.append(f"StateDirectoryMode={DIRECTORY_MODE:04o}")
+    for path in outputs.made_by_install():
+        # past ProtectHome= or PrivateTmp=, a directory must be bound in to be seen at all
+        key = "BindPaths" if _under(path, HOME_ROOTS + TMP_ROOTS) else "ReadWritePaths"
+        lines.append(f"{key}={path}")
+    return "\n".join(lines)
+
+
+def _path_directives(installation: Installation, outputs: Outputs) -> str:
     hidden = installation.hidden_paths()
-    under_home = any(_under(p, HOME_ROOTS) for p in hidden)
+    written = outputs.made_by_install()
+    under_home = any(_under(p, HOME_ROOTS) for p in (*hidden, *written))
     # tmpfs, not yes: a bind mount needs a path to land on, and an empty tmpfs /root or /home
     # (mode 0755) lets the service user reach the bound directories, which 0700 /root would not.
     lines = [f"ProtectHome={'tmpfs' if under_home else 'yes'}"]
     lines += [f"BindReadOnlyPaths={p}" for p in hidden]
     return "\n".join(lines)
+
+
+def _write_file(path: Path, text: str, *, what: str) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # written whole then renamed: systemd never reads a half-written file
+        partial = path.with_name(f".{path.name}.tmp")
+        partial.write_text(text, encoding="utf-8")
+        partial.chmod(0o644)
+        partial.replace(path)
+    except OSError as exc:
+        raise OptionsError(f"cannot write {what} to {path.parent}: {exc.strerror or exc}") from None
+    return path
 
 
 def _notify_path_directives(installation: Installation) -> str:
