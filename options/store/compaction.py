@@ -125,7 +125,7 @@ def last_finished_day(now: dt.datetime) -> dt.date:
     return today - dt.timedelta(days=1)
 
 
-@bounded_db_connection
+@bounded_db_connection("moving the finished days to the compact tier")
 async def compact_days(
     conn: asyncpg.Connection,
     *,

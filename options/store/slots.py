@@ -106,7 +106,7 @@ class ChainCommit:
         return "; ".join(parts) or "not read to the end"
 
 
-@bounded_db_connection
+@bounded_db_connection("recording the slot of {captured_at} and its planned chains")
 async def plan_slot(
     conn: asyncpg.Connection, run: Run, captured_at: dt.datetime, chains: Sequence[PlannedChain]
 ) -> None:
@@ -129,7 +129,7 @@ async def plan_slot(
         )
 
 
-@bounded_db_connection
+@bounded_db_connection("looking for a snapshot slot left unfinished")
 async def find_resumable_slot(
     conn: asyncpg.Connection, *, max_age: float | None, only_latest: bool
 ) -> Slot | None:
@@ -164,7 +164,7 @@ async def find_resumable_slot(
     return Slot(captured_at, [PlannedChain(r["requested"], r["underlying_ticker"]) for r in rows])
 
 
-@bounded_db_connection
+@bounded_db_connection("taking over the unfinished slot")
 async def adopt_slot(conn: asyncpg.Connection, run: Run, slot: Slot) -> None:
     """Make ``run`` the run that resumes ``slot``."""
     await conn.execute(
@@ -175,7 +175,7 @@ async def adopt_slot(conn: asyncpg.Connection, run: Run, slot: Slot) -> None:
     )
 
 
-@bounded_db_connection
+@bounded_db_connection("noting the chains of the slot of {captured_at} left unstored")
 async def close_slot(conn: asyncpg.Connection, run: Run, captured_at: dt.datetime) -> int:
     """Say why the chains the run did not store are missing; returns how many there are."""
     status = await conn.execute(
