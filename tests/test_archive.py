@@ -8,11 +8,9 @@ import asyncio
 import datetime as dt
 import logging
 import os
-import socket
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from options.config import S3Access, Secret, Settings
+from options.config import Settings
 from options.errors import DatabaseError, ExitCode
 from options.jobs.wiring import run_options_job, run_snapshots_job
 from options.simulator import RunningSimulator
@@ -59,6 +57,7 @@ from options.store.partitions import (
     partition_name,
     partition_states,
 )
+from tests.conftest import S3_KEY, S3_SECRET
 
 BIN = Path(sys.executable).parent
 UNDERLYINGS = ("AAA", "BBB")
@@ -66,7 +65,6 @@ CONTRACTS = 120
 WEEK = tuple(dt.date(2026, 11, 16) + dt.timedelta(days=n) for n in range(5))  # Mon to Fri
 SLOT_TIMES = (dt.time(15, 0), dt.time(19, 30))  # UTC: 10:00 and 14:30 in New York
 AFTER_WEEK = dt.date(2026, 11, 23)
-S3_KEY, S3_SECRET = "test-key-id", "test-secret-key"
 
 
 @dataclass(frozen=True)
@@ -160,49 +158,6 @@ def ingest_admin(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Compl
         capture_output=True,
         text=True,
         check=False,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A local S3-compatible server (moto), for the whole session."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def s3_settings(s3_endpoint: str) -> Settings:
-    """Settings naming a fresh bucket on the local S3 server, with dummy keys."""
-    bucket = f"archive-{uuid.uuid4().hex[:12]}"
-    fs = pafs.S3FileSystem(
-        access_key=S3_KEY,
-        secret_key=S3_SECRET,
-        endpoint_override=s3_endpoint.removeprefix("http://"),
-        scheme="http",
-        region="us-east-1",
-        allow_bucket_creation=True,
-    )
-    fs.create_dir(bucket)
-    return Settings(
-        archive_url=f"s3://{bucket}/history",
-        s3=S3Access(
-            access_key_id=Secret(S3_KEY),
-            secret_access_key=Secret(S3_SECRET),
-            endpoint_url=s3_endpoint,
-        ),
     )
 
 
