@@ -21,6 +21,7 @@ import pytest
 
 from options.errors import ExitCode
 from options.jobs.wiring import run_snapshots_job
+from options.store import archive_writer
 from options.store.archive import (
     ARCHIVED,
     ARCHIVED_BEFORE,
@@ -216,7 +217,7 @@ async def test_a_value_altered_in_the_written_file_is_refused(pool, history, loc
 
 @pytest.mark.parametrize("fault", ["exception", "stop"])
 async def test_an_abandoned_s3_upload_never_appears_at_the_final_key(
-    pool, history, s3_settings, s3_endpoint, fault
+    pool, history, s3_settings, s3_endpoint, fault, monkeypatch
 ) -> None:
     """A write that fails in the middle (the storage refuses a write) or is stopped (a signal,
     the deadline) never completes an object at the day's key, not even for a moment (the
@@ -230,7 +231,8 @@ async def test_an_abandoned_s3_upload_never_appears_at_the_final_key(
     stop = asyncio.Event()
     if fault == "exception":
         storage.fail_at = 2  # the magic bytes pass, the first row group fails
-    else:
+    else:  # a signal while the day's rows are still coming
+        monkeypatch.setattr(archive_writer, "FETCH_ROWS", 100)
         loop = asyncio.get_running_loop()
         storage.on_write = lambda path: loop.call_soon_threadsafe(stop.set)
 
