@@ -92,8 +92,9 @@ def archive(
 ) -> None:
     """Move old days of snapshots to Parquet at ARCHIVE_URL, then drop them from PostgreSQL.
 
-    Each day is written, read back and verified (its row count and a checksum of its keys
-    against PostgreSQL's), and recorded in archived_days before its partition is dropped.
+    Each day is written under ARCHIVE_URL/.staging, read back and verified (a digest of every
+    value of every row against PostgreSQL's), moved into place, and recorded in archived_days
+    before its partition is dropped; a file in place is replaced only by a verified one.
     Run it again at will: archived days are skipped, an interrupted day is finished. Today's
     and future days are never archived. Prints each day's rows, Parquet bytes and bytes per
     snapshot, then the total. Exit 4 when another archive or retention is running.

@@ -166,6 +166,20 @@ def alter_one_price(filesystem: pafs.FileSystem, path: str) -> None:
         pq.write_table(table, sink, compression="zstd")
 
 
+def flip_a_bid_byte(location: ArchiveLocation, day: dt.date) -> None:
+    """Damage ``day``'s file as a disk or a bucket may: one byte of its bids' compressed
+    values flipped, its size unchanged."""
+    path = location.day_file(day)
+    with location.filesystem.open_input_file(path) as source:
+        whole = bytearray(source.read())
+    meta = pq.ParquetFile(pa.BufferReader(bytes(whole))).metadata
+    chunk = meta.row_group(0).column(meta.schema.to_arrow_schema().get_field_index("bid"))
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    whole[start + chunk.total_compressed_size - 2] ^= 0xFF
+    with location.filesystem.open_output_stream(path) as sink:
+        sink.write(bytes(whole))
+
+
 def s3_client(location: ArchiveLocation, endpoint: str) -> Any:
     """A boto3 client of the S3 test server, and the bucket of ``location``."""
     return boto3.client(
@@ -316,16 +330,7 @@ async def test_a_file_damaged_since_it_was_recorded_is_written_again_before_the_
     day = WEEK[2]
     await archive_days(pool, location, before=AFTER_WEEK, now=now(), keep_in_postgres=True)
     expected = await rows_of_day(pool, day)
-    path = location.day_file(day)
-    with location.filesystem.open_input_file(path) as source:
-        whole = bytearray(source.read())
-        meta = pq.ParquetFile(pa.BufferReader(bytes(whole))).metadata
-    chunk = meta.row_group(0).column(meta.schema.to_arrow_schema().get_field_index("bid"))
-    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
-    at = start + chunk.total_compressed_size - 2  # in the last data page's compressed values
-    whole[at] ^= 0xFF
-    with location.filesystem.open_output_stream(path) as sink:
-        sink.write(bytes(whole))
+    flip_a_bid_byte(location, day)
 
     run = await archive_days(pool, location, before=AFTER_WEEK, now=now())
 
@@ -422,3 +427,50 @@ def test_the_test_storage_passes_through(tmp_path: Path) -> None:
     assert pq.read_table(path).column("a").to_pylist() == [1, 2]
     assert storage.written == [path]
     assert os.path.getsize(path) > 0
+
+
+@pytest.mark.parametrize("file", ["intact", "damaged"])
+async def test_a_drop_interrupted_after_the_detach_reads_the_file_first(
+    pool, history, tmp_path, file
+) -> None:
+    """A run killed after detaching a recorded day's partition, before dropping it: the next
+    run reads the file back against the record; intact, it drops the detached table; damaged,
+    it attaches the table again, writes the day again, and drops it only then."""
+    location = open_archive(str(tmp_path / "archive"))
+    day = WEEK[0]
+    await archive_days(pool, location, before=AFTER_WEEK, now=now(), keep_in_postgres=True)
+    expected = await rows_of_day(pool, day)
+    await pool.execute(f"ALTER TABLE snapshot_rows DETACH PARTITION {partition_name(day, COMPACT)}")
+    if file == "damaged":
+        await asyncio.to_thread(flip_a_bid_byte, location, day)
+
+    run = await archive_days(pool, location, before=AFTER_WEEK, now=now())
+
+    report = next(d for d in run.days if d.day == day)
+    action = ARCHIVED_BEFORE if file == "intact" else ARCHIVED
+    assert (report.action, report.postgres) == (action, "dropped")
+    assert rows_of_file(location, day) == expected
+    assert day not in await our_days(pool)
+
+
+async def test_a_day_recorded_with_the_key_checksum_is_verified_with_every_value(
+    pool, history, tmp_path
+) -> None:
+    """A day recorded by an earlier version (a ``k1:`` checksum of its keys) and kept in
+    PostgreSQL is read back and digested again, recorded with the full digest, and dropped,
+    without its file being written again."""
+    location = open_archive(str(tmp_path / "archive"))
+    day = WEEK[4]
+    await archive_days(pool, location, before=AFTER_WEEK, now=now(), keep_in_postgres=True)
+    await pool.execute(
+        "UPDATE archived_days SET checksum = 'k1:0123456789abcdef' WHERE day = $1", day
+    )
+    written = location.filesystem.get_file_info(location.day_file(day)).mtime
+
+    run = await archive_days(pool, location, before=AFTER_WEEK, now=now())
+
+    report = next(d for d in run.days if d.day == day)
+    assert (report.action, report.postgres) == (ARCHIVED_BEFORE, "dropped")
+    assert location.filesystem.get_file_info(location.day_file(day)).mtime == written
+    record = {r.day: r for r in await list_archived_days(pool)}[day]
+    assert record.checksum.startswith("v2:") and record.dropped_at is not None

@@ -38,10 +38,9 @@ import pyarrow.compute as pc
 from options.errors import ArchiveError
 
 DIGEST_VERSION: Final = "v2"
-"""Names the digest's definition in ``archived_days.checksum``: ``v2:<32 hex digits>``."""
-KEY_CHECKSUM_VERSION: Final = "k1"
-"""The checksum of the keys alone that earlier versions recorded (``k1:<16 hex digits>``):
-read, never written; a day recorded so is verified again with :data:`DIGEST_VERSION`."""
+"""Names the digest's definition in ``archived_days.checksum``: ``v2:<32 hex digits>``. Earlier
+versions recorded a checksum of the keys alone, ``k1:<16 hex digits>``: such a record is read,
+never written, and its day verified again with this digest."""
 _DIGEST_HEX = 32  # 128 bits of the SHA-256
 
 
@@ -51,11 +50,6 @@ class Digest:
 
     rows: int
     checksum: str
-
-    @property
-    def version(self) -> str:
-        """The definition the checksum follows (:data:`DIGEST_VERSION`, or an older one)."""
-        return checksum_version(self.checksum)
 
 
 def checksum_version(checksum: str) -> str:
