@@ -57,7 +57,9 @@ STAGING_DIR = ".staging"
 """Where files are written and verified, under ``ARCHIVE_URL``: outside every dataset."""
 LEGACY_TEMPORARY_FILE = f".{DAY_FILE}.tmp"  # earlier versions wrote here, in the day's dir
 ROW_GROUP_ROWS = 131_072  # ~40 MB of Arrow columns held before each row group is written
-READ_BATCH_ROWS = 131_072
+# Reading a file back holds a batch and a buffered part of each column chunk, not row groups
+READ_BATCH_ROWS = 16_384
+READ_BUFFER_BYTES = 1 << 20
 S3_CONNECT_TIMEOUT = 10.0
 S3_REQUEST_TIMEOUT = 120.0  # one part of a multipart upload on a slow link
 
@@ -330,7 +332,7 @@ def read_digest(
             return None
         digest = TableDigest(dataset.schema)
         with fs.open_input_file(path) as source:
-            parquet = pq.ParquetFile(source)
+            parquet = pq.ParquetFile(source, buffer_size=READ_BUFFER_BYTES)
             for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS):
                 digest.add(batch)
             if digest.rows != parquet.metadata.num_rows:
