@@ -166,18 +166,27 @@ def alter_one_price(filesystem: pafs.FileSystem, path: str) -> None:
         pq.write_table(table, sink, compression="zstd")
 
 
-def flip_a_bid_byte(location: ArchiveLocation, day: dt.date) -> None:
-    """Damage ``day``'s file as a disk or a bucket may: one byte of its bids' compressed
-    values flipped, its size unchanged."""
+def change_a_price_in_place(location: ArchiveLocation, day: dt.date) -> None:
+    """Change ``day``'s file as a disk, a bucket or a person may, unseen by its size: its first
+    bid one cent higher, the file rewritten to exactly its former size (without the Arrow
+    schema in its footer, zeros before the footer making up the difference)."""
     path = location.day_file(day)
     with location.filesystem.open_input_file(path) as source:
-        whole = bytearray(source.read())
-    meta = pq.ParquetFile(pa.BufferReader(bytes(whole))).metadata
-    chunk = meta.row_group(0).column(meta.schema.to_arrow_schema().get_field_index("bid"))
-    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
-    whole[start + chunk.total_compressed_size - 2] ^= 0xFF
-    with location.filesystem.open_output_stream(path) as sink:
-        sink.write(bytes(whole))
+        size = source.size()
+        table = pq.read_table(source)
+    bids = table.column("bid").to_pylist()
+    bids[0] = (bids[0] or 0.0) + 0.01
+    table = table.set_column(
+        table.schema.get_field_index("bid"), "bid", pa.array(bids, pa.float64())
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, store_schema=False, compression="zstd")
+    changed = sink.getvalue().to_pybytes()
+    assert len(changed) <= size
+    footer = len(changed) - 8 - int.from_bytes(changed[-8:-4], "little")
+    changed = changed[:footer] + bytes(size - len(changed)) + changed[footer:]
+    with location.filesystem.open_output_stream(path) as out:
+        out.write(changed)
 
 
 def s3_client(location: ArchiveLocation, endpoint: str) -> Any:
@@ -321,16 +330,16 @@ async def test_rearchiving_with_a_failing_write_keeps_the_old_file(pool, history
     assert day in await our_days(pool)
 
 
-async def test_a_file_damaged_since_it_was_recorded_is_written_again_before_the_drop(
+async def test_a_file_changed_since_it_was_recorded_is_written_again_before_the_drop(
     pool, history, location
 ) -> None:
-    """A day recorded and kept in PostgreSQL whose file was damaged since (one byte of its
-    bids flipped, the size unchanged) is not dropped on the strength of its record: the
-    file is read back, found wrong, written again and verified, and only then dropped."""
+    """A day recorded and kept in PostgreSQL whose file changed since (one price, the size
+    unchanged) is not dropped on the strength of its record: the file is read back, found
+    wrong, written again and verified, and only then dropped."""
     day = WEEK[2]
     await archive_days(pool, location, before=AFTER_WEEK, now=now(), keep_in_postgres=True)
     expected = await rows_of_day(pool, day)
-    flip_a_bid_byte(location, day)
+    change_a_price_in_place(location, day)
 
     run = await archive_days(pool, location, before=AFTER_WEEK, now=now())
 
@@ -429,20 +438,21 @@ def test_the_test_storage_passes_through(tmp_path: Path) -> None:
     assert os.path.getsize(path) > 0
 
 
-@pytest.mark.parametrize("file", ["intact", "damaged"])
+@pytest.mark.parametrize("file", ["intact", "changed"])
 async def test_a_drop_interrupted_after_the_detach_reads_the_file_first(
     pool, history, tmp_path, file
 ) -> None:
     """A run killed after detaching a recorded day's partition, before dropping it: the next
-    run reads the file back against the record; intact, it drops the detached table; damaged,
-    it attaches the table again, writes the day again, and drops it only then."""
+    run reads the file back against the record; intact, it drops the detached table; changed
+    since (one price, the size unchanged), it attaches the table again, writes the day again,
+    and drops it only then."""
     location = open_archive(str(tmp_path / "archive"))
     day = WEEK[0]
     await archive_days(pool, location, before=AFTER_WEEK, now=now(), keep_in_postgres=True)
     expected = await rows_of_day(pool, day)
     await pool.execute(f"ALTER TABLE snapshot_rows DETACH PARTITION {partition_name(day, COMPACT)}")
-    if file == "damaged":
-        await asyncio.to_thread(flip_a_bid_byte, location, day)
+    if file == "changed":
+        await asyncio.to_thread(change_a_price_in_place, location, day)
 
     run = await archive_days(pool, location, before=AFTER_WEEK, now=now())
 
