@@ -18,8 +18,9 @@ type, the row count and its streams' hashes; the table's is the SHA-256 of the r
 the columns' digests, of which the text keeps 128 bits. The streams are hashed as the rows
 come, so the digest depends neither on how the rows are cut into batches nor on how a file
 encodes them (a dictionary, run lengths, plain), only on the values and their order. The
-hashing runs in C over whole Arrow buffers (``hashlib`` on numpy views): about 100 bytes a
-value are never touched one by one in Python.
+hashing runs in C over whole Arrow buffers (``hashlib`` on numpy views of them), never value by
+value in Python: about 0.15 s for the 312,000 rows of the benchmark day (0.5 s with the file's
+reading and decompression).
 
 A row missing, added, duplicated or moved, a null for a value, one bit of one value: each
 changes the digest.
