@@ -10,7 +10,9 @@ compact`` and archived to a temporary directory by the real ``ingest_admin archi
 each as a child process (wall time and peak RSS measured). Prints the bytes per snapshot of the
 day's ``option_snapshots`` partition as the job wrote it, of its ``snapshot_rows`` partition
 after compaction (``pg_total_relation_size``: table, TOAST and every index), and of the Parquet
-file (and per column), and both commands' speed.
+file (and per column), both commands' speed, and the time of the archive's digest of every
+value (the file read back and digested, as the archive verifies it: once staged, and on S3
+once more in place).
 
 Uses BENCH_DATABASE_URL when set (a database whose public schema it may drop), else a
 throwaway local PostgreSQL.
@@ -25,6 +27,7 @@ import asyncio
 import datetime as dt
 import os
 import tempfile
+import time
 
 import asyncpg
 import pyarrow.parquet as pq
@@ -35,7 +38,7 @@ from options.config import Secret, Settings
 from options.errors import ExitCode
 from options.jobs.wiring import run_options_job, run_snapshots_job
 from options.simulator import SimulatorConfig, create_app, make_universe_names, start_server
-from options.store.archive_files import open_archive
+from options.store.archive_files import open_archive, read_digest
 from options.store.partitions import COMPACT, WIDE, ensure_partitions, partition_name
 
 DAY = dt.date(2026, 11, 20)  # a Friday, before the clock's today
@@ -131,7 +134,12 @@ def main() -> None:
         assert code == 0, code
         gone, parquet = asyncio.run(day_sizes(dsn))
         assert gone is None and parquet is not None
-        path = open_archive(directory).day_file(DAY)
+        location = open_archive(directory)
+        path = location.day_file(DAY)
+        started = time.perf_counter()
+        found = read_digest(location, path)
+        digest_seconds = time.perf_counter() - started
+        assert found is not None and found[0].rows == rows
         print(
             f"{args.underlyings} underlyings x {args.contracts:,} contracts x {args.slots} "
             f"slots = {rows:,} snapshots of {DAY} (simulator)"
@@ -156,6 +164,10 @@ def main() -> None:
         print(
             f"ingest_admin archive of the day (export, write, read back, verify, record, drop): "
             f"{seconds:.2f} s, {rows / seconds:,.0f} rows/s, peak RSS {rss} MB"
+        )
+        print(
+            f"digest of every value, the file read back: {digest_seconds:.2f} s, "
+            f"{rows / digest_seconds:,.0f} rows/s ({found[0].checksum})"
         )
         print("bytes per snapshot by column:")
         for name, size in column_bytes(path):

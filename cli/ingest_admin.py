@@ -92,8 +92,9 @@ def archive(
 ) -> None:
     """Move old days of snapshots to Parquet at ARCHIVE_URL, then drop them from PostgreSQL.
 
-    Each day is written, read back and verified (its row count and a checksum of its keys
-    against PostgreSQL's), and recorded in archived_days before its partition is dropped.
+    Each day is written under ARCHIVE_URL/.staging, read back and verified (a digest of every
+    value of every row against PostgreSQL's), moved into place, and recorded in archived_days
+    before its partition is dropped; a file in place is replaced only by a verified one.
     Run it again at will: archived days are skipped, an interrupted day is finished. Today's
     and future days are never archived. Prints each day's rows, Parquet bytes and bytes per
     snapshot, then the total. Exit 4 when another archive or retention is running.
@@ -147,9 +148,11 @@ def compact(env_file: Path | None, before: dt.datetime | None, dry_run: bool) ->
     ingest_options does this after each sync; this command does it now, for instance after
     an upgrade. Interrupt it at will: a first signal stops after the day in progress, a
     second rolls that day back; a rerun goes on from there. Today's and future days are
-    never compacted. Exit 4 when another compaction, archive or retention is running.
+    never compacted. Exit 3 when a day was left because another session kept it in use (a
+    line names it; the other days are compacted, a rerun does it), 4 when another
+    compaction, archive or retention is running.
     """
-    from options.jobs.retention import format_compaction
+    from options.jobs.retention import busy_days, format_compaction
     from options.jobs.wiring import compact_snapshots
 
     settings = load_settings(env_file)
@@ -163,7 +166,9 @@ def compact(env_file: Path | None, before: dt.datetime | None, dry_run: bool) ->
         )
         for line in format_compaction(reports):
             click.echo(line)
-        return ExitCode.ALREADY_RUNNING if reports is None else ExitCode.OK
+        if reports is None:
+            return ExitCode.ALREADY_RUNNING
+        return ExitCode.PARTIAL if busy_days(reports) else ExitCode.OK
 
     run(compact_days)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -13,13 +14,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from options.config import Secret, Settings
+from options.config import S3Access, Secret, Settings
 from options.dev.localdb import start_local_postgres
 from options.simulator import RunningSimulator, SimulatorConfig, create_app, start_server
 from options.store.db import apply_migrations
 
 FIXTURES_DIR = Path(__file__).resolve().parents[2] / "shared" / "polygon-fixtures"
 SIM_KEY = "test-key"
+S3_KEY, S3_SECRET = "test-key-id", "test-secret-key"  # the local S3 server's dummy keys
 
 
 def with_database(url: str, name: str) -> str:
@@ -247,3 +249,49 @@ async def db_proxy(database_url: str) -> AsyncIterator[DatabaseProxy]:
         yield proxy
     finally:
         await proxy.cut()
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3-compatible server (moto), for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_settings(s3_endpoint: str) -> Settings:
+    """Settings naming a fresh bucket on the local S3 server, with dummy keys."""
+    import pyarrow.fs as pafs
+
+    bucket = f"archive-{uuid.uuid4().hex[:12]}"
+    fs = pafs.S3FileSystem(
+        access_key=S3_KEY,
+        secret_key=S3_SECRET,
+        endpoint_override=s3_endpoint.removeprefix("http://"),
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    fs.create_dir(bucket)
+    return Settings(
+        archive_url=f"s3://{bucket}/history",
+        s3=S3Access(
+            access_key_id=Secret(S3_KEY),
+            secret_access_key=Secret(S3_SECRET),
+            endpoint_url=s3_endpoint,
+        ),
+    )

@@ -8,11 +8,9 @@ import asyncio
 import datetime as dt
 import logging
 import os
-import socket
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from options.config import S3Access, Secret, Settings
+from options.config import Settings
 from options.errors import DatabaseError, ExitCode
 from options.jobs.wiring import run_options_job, run_snapshots_job
 from options.simulator import RunningSimulator
@@ -39,14 +37,12 @@ from options.store.archive import (
     last_archivable_day,
     list_archived_days,
 )
+from options.store.archive_digest import Digest, TableDigest
 from options.store.archive_files import (
     ARCHIVE_SCHEMA,
-    KEY_DIGEST_SQL,
-    TEMPORARY_FILE,
+    LEGACY_TEMPORARY_FILE,
     ArchiveLocation,
-    KeyChecksum,
     archive_location,
-    checksum_text,
     open_archive,
 )
 from options.store.compaction import compact_days
@@ -59,6 +55,7 @@ from options.store.partitions import (
     partition_name,
     partition_states,
 )
+from tests.conftest import S3_KEY, S3_SECRET
 
 BIN = Path(sys.executable).parent
 UNDERLYINGS = ("AAA", "BBB")
@@ -66,7 +63,6 @@ CONTRACTS = 120
 WEEK = tuple(dt.date(2026, 11, 16) + dt.timedelta(days=n) for n in range(5))  # Mon to Fri
 SLOT_TIMES = (dt.time(15, 0), dt.time(19, 30))  # UTC: 10:00 and 14:30 in New York
 AFTER_WEEK = dt.date(2026, 11, 23)
-S3_KEY, S3_SECRET = "test-key-id", "test-secret-key"
 
 
 @dataclass(frozen=True)
@@ -144,11 +140,13 @@ async def our_days(pool: asyncpg.Pool) -> dict[dt.date, PartitionState]:
 
 
 def truncate(location: ArchiveLocation, day: dt.date) -> None:
-    """Leave what a killed run may: half of the day's file in its place, and the start of a
-    temporary file."""
+    """Leave what a killed run may: half of the day's file in its place, the start of a staged
+    file, and the start of the temporary file earlier versions wrote beside the day's."""
     whole = Path(location.day_file(day)).read_bytes()
     Path(location.day_file(day)).write_bytes(whole[: len(whole) // 2])
-    Path(location.day_dir(day), TEMPORARY_FILE).write_bytes(whole[:100])
+    Path(location.day_dir(day), LEGACY_TEMPORARY_FILE).write_bytes(whole[:100])
+    Path(location.staging_dir(day)).mkdir(parents=True, exist_ok=True)
+    Path(location.staging_dir(day), "killed.parquet").write_bytes(whole[:100])
 
 
 def ingest_admin(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -160,49 +158,6 @@ def ingest_admin(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Compl
         capture_output=True,
         text=True,
         check=False,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A local S3-compatible server (moto), for the whole session."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def s3_settings(s3_endpoint: str) -> Settings:
-    """Settings naming a fresh bucket on the local S3 server, with dummy keys."""
-    bucket = f"archive-{uuid.uuid4().hex[:12]}"
-    fs = pafs.S3FileSystem(
-        access_key=S3_KEY,
-        secret_key=S3_SECRET,
-        endpoint_override=s3_endpoint.removeprefix("http://"),
-        scheme="http",
-        region="us-east-1",
-        allow_bucket_creation=True,
-    )
-    fs.create_dir(bucket)
-    return Settings(
-        archive_url=f"s3://{bucket}/history",
-        s3=S3Access(
-            access_key_id=Secret(S3_KEY),
-            secret_access_key=Secret(S3_SECRET),
-            endpoint_url=s3_endpoint,
-        ),
     )
 
 
@@ -307,10 +262,10 @@ async def test_a_half_written_file_is_written_again(pool, history, tmp_path) -> 
     report = next(d for d in run.days if d.day == day)
     assert (report.action, report.postgres) == (ARCHIVED, "dropped")
     assert rows_of_file(location, day) == expected
-    assert (
-        location.filesystem.get_file_info(f"{location.day_dir(day)}/{TEMPORARY_FILE}").type
-        == pafs.FileType.NotFound
+    left = location.filesystem.get_file_info(
+        [f"{location.day_dir(day)}/{LEGACY_TEMPORARY_FILE}", location.staging_dir(day)]
     )
+    assert [info.type for info in left] == [pafs.FileType.NotFound] * 2
     assert partition_name(day) not in {partition_name(d) for d in await our_days(pool)}
 
 
@@ -422,39 +377,73 @@ async def test_duckdb_reads_the_local_dataset(pool, history, tmp_path) -> None:
     assert location.dataset().count_rows() == history.rows_per_day * len(WEEK)
 
 
-async def test_the_checksum_is_the_same_in_sql_and_from_arrow(pool) -> None:
-    """The key checksum of rows in PostgreSQL equals the one computed from Arrow arrays, in
-    any order and batching, and changes when one key does."""
-    day = dt.date(2026, 11, 16)
-    await ensure_partitions(pool, day, days_ahead=0)
-    moments = [dt.datetime(2026, 11, 16, h, 30, 0, 123_456, tzinfo=dt.UTC) for h in (14, 15)]
-    keys = [(f"O:AAA261218C{n:08d}", at) for n in range(0, 300_000, 7_000) for at in moments]
-    await pool.executemany(
-        "INSERT INTO option_snapshots (ticker, underlying_ticker, captured_at) "
-        "VALUES ($1, 'AAA', $2)",
-        keys,
-    )
-    row = await pool.fetchrow(
-        KEY_DIGEST_SQL,
-        dt.datetime(2026, 11, 16, tzinfo=dt.UTC),
-        dt.datetime(2026, 11, 17, tzinfo=dt.UTC),
-    )
-    sql = (row["rows"], checksum_text(int(row["total"])))
+def digest_of(table: pa.Table, batch_rows: int) -> Digest:
+    """The digest of ``table`` added ``batch_rows`` rows at a time."""
+    digest = TableDigest(table.schema)
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        digest.add(batch)
+    return digest.digest
 
-    def checksum(pairs: list[tuple[str, dt.datetime]], batch: int) -> tuple[int, str]:
-        total = KeyChecksum()
-        for start in range(0, len(pairs), batch):
-            part = pairs[start : start + batch]
-            total.add(
-                pa.array([t for t, _ in part]),
-                pa.array([at for _, at in part], pa.timestamp("us", tz="UTC")),
-            )
-        return total.digest.rows, total.digest.checksum
 
-    assert checksum(keys, 1000) == sql
-    assert checksum(list(reversed(keys)), 7) == sql
-    altered = [*keys[:-1], (keys[-1][0], keys[-1][1] + dt.timedelta(microseconds=1))]
-    assert checksum(altered, 1000)[1] != sql[1]
+DIGEST_TABLE = pa.table(
+    {
+        "at": pa.array([0, 1, 2, 3], pa.timestamp("us", tz="UTC")),
+        "name": pa.array(["O:AAA", "O:AAB", None, ""]),
+        "price": pa.array([1.5, -0.0, float("nan"), None]),
+        "size": pa.array([1, None, 0, 2**40], pa.int64()),
+        "day": pa.array([dt.date(2026, 11, 16), None, dt.date(1970, 1, 1), dt.date(2100, 1, 1)]),
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("column", "row", "value"),
+    [
+        ("price", 0, 1.5000000000000002),  # the last bit of a double
+        ("price", 1, 0.0),  # -0.0 and 0.0 are different bits
+        ("price", 2, None),  # NaN is not null
+        ("price", 3, 0.0),  # null is not 0
+        ("size", 1, 0),
+        ("size", 3, 2**40 + 1),
+        ("at", 0, dt.datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=dt.UTC)),  # a microsecond
+        ("name", 2, ""),  # null is not empty
+        ("name", 0, "O:AAa"),
+        ("day", 1, dt.date(1970, 1, 1)),
+    ],
+    ids=[
+        "last-bit", "sign-of-zero", "nan-to-null", "null-to-zero", "int-null", "int-big",
+        "microsecond", "text-null", "text-byte", "date-null",
+    ],
+)  # fmt: skip
+def test_the_digest_changes_with_any_one_value(column: str, row: int, value: Any) -> None:
+    """One value changed anywhere (a bit of a double, the sign of zero, a null for a value,
+    a microsecond) changes the digest."""
+    values = DIGEST_TABLE.column(column).to_pylist()
+    values[row] = value
+    index = DIGEST_TABLE.schema.get_field_index(column)
+    altered = DIGEST_TABLE.set_column(
+        index, DIGEST_TABLE.schema.field(index), pa.array(values, DIGEST_TABLE[column].type)
+    )
+    assert digest_of(altered, 4) != digest_of(DIGEST_TABLE, 4)
+
+
+def test_the_digest_depends_on_the_values_and_their_order_only(tmp_path: Path) -> None:
+    """The digest is the same however the rows are batched, and of the file written from
+    them, read back with or without dictionaries; rows swapped, dropped or added change it."""
+    whole = digest_of(DIGEST_TABLE, 4)
+    assert whole.rows == 4 and whole.checksum.startswith("v2:")
+    assert digest_of(DIGEST_TABLE, 1) == digest_of(DIGEST_TABLE, 3) == whole
+    path = tmp_path / "day.parquet"
+    pq.write_table(DIGEST_TABLE, path, use_dictionary=True, compression="zstd")
+    for dictionary in ([], ["name"]):
+        read = TableDigest(DIGEST_TABLE.schema)
+        for batch in pq.ParquetFile(path, read_dictionary=dictionary).iter_batches(2):
+            read.add(batch)
+        assert read.digest == whole
+    swapped = DIGEST_TABLE.take([1, 0, 2, 3])
+    assert digest_of(swapped, 4) != whole
+    assert digest_of(DIGEST_TABLE.slice(0, 3), 4).rows == 3
+    assert digest_of(pa.concat_tables([DIGEST_TABLE, DIGEST_TABLE.slice(3)]), 4) != whole
 
 
 async def test_the_archive_has_the_columns_of_snapshot_read(pool) -> None:

@@ -4,11 +4,16 @@ existed, by the real jobs, and with values no encoding can hold."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import math
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -424,3 +429,42 @@ async def test_moves_that_roll_back_consume_no_ids(pool: asyncpg.Pool) -> None:
     for table in ("snapshot_underlyings", "snapshot_tickers"):
         ids = await pool.fetchrow(f"SELECT count(*) AS n, max(id) AS top FROM {table}")
         assert ids["top"] == ids["n"], table
+
+
+async def test_cli_compact_exits_partial_when_a_day_is_left_busy(
+    pool: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """`ingest_admin compact` that leaves a day because a session kept it in use (a chain
+    being stored into it) exits 3 (partial: the other days are compacted, a rerun does this
+    one) with a line naming the day and why; once the session is gone a rerun compacts it and
+    exits 0."""
+    busy, free = DAYS[0], DAYS[1]
+    for day in (busy, free):
+        await ensure_partitions(pool, day, days_ahead=0)
+        async with pool.acquire() as conn:
+            await insert_odd_rows(conn, dt.datetime.combine(day, SLOT_TIMES[0], dt.UTC))
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DATABASE_URL": database_url,
+        "LOG_LEVEL": "ERROR",
+    }
+    command = [
+        str(Path(sys.executable).parent / "ingest_admin"),
+        "compact",
+        "--before",
+        "2026-11-21",
+    ]
+    async with pool.acquire() as writer, writer.transaction():
+        await lock_for_write(writer, busy)  # a late chain being stored into the day
+        done = await asyncio.to_thread(
+            subprocess.run, command, env=env, cwd=tmp_path, capture_output=True, text=True
+        )
+    assert done.returncode == ExitCode.PARTIAL, (done.stdout, done.stderr)
+    lines = (done.stdout + done.stderr).splitlines()
+    assert any(line.startswith(f"{busy}: ") and "in use" in line for line in lines), lines
+    async with pool.acquire() as conn:
+        assert set(await partition_states(conn, COMPACT)) == {free}
+    again = await asyncio.to_thread(
+        subprocess.run, command, env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert again.returncode == ExitCode.OK, (again.stdout, again.stderr)

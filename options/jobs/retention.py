@@ -8,11 +8,15 @@ for deletion explicitly. After each snapshot run (:func:`retire_old_days`):
 - ``ARCHIVE_URL`` set: the days older than ``ARCHIVE_AFTER_DAYS`` (or than ``--retain-days`` /
   ``SNAPSHOT_RETAIN_DAYS`` when that is fewer) are archived, verified, recorded and dropped
   (:mod:`options.store.archive`). A day that cannot be archived stays, with an error in the
-  log; the snapshot run's own status is not changed by it.
+  log.
 - no archive, a retention (``--retain-days`` / ``SNAPSHOT_RETAIN_DAYS``) and
   ``SNAPSHOT_DELETE_UNARCHIVED=true``: the days older than the retention are deleted.
 - no archive, a retention, no deletion asked: nothing is dropped, and a warning names the
   days past the retention and the two ways to let them go.
+
+Retention and compaction are maintenance after a run whose rows are stored: whatever fails in
+them (PostgreSQL, the archive, a bug) is logged as an error and leaves the days where they are
+for a later run; it never changes the run's status or exit code.
 
 ``ingest_admin archive`` (:func:`archive_before`, then :func:`options.store.archive.archive_days`)
 archives on demand, with ``--before``, ``--older-than``, ``--dry-run`` and
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from options.config import Settings
-from options.errors import ArchiveError, CompactionError, ConfigError, DatabaseError
+from options.errors import ConfigError, OptionsError
 from options.store.partitions import drop_old_partitions
 
 # The archive modules load pyarrow (half a second and about 90 MB): imported where used, so a
@@ -52,16 +56,29 @@ async def retire_old_days(
     stop: asyncio.Event | None = None,
 ) -> None:
     """After a snapshot run: archive (or, when asked, delete) the days past their time in
-    PostgreSQL, as the module docstring says.
+    PostgreSQL, as the module docstring says. Never raises (but for a cancellation): a failure
+    is logged as an error, and the run keeps its status.
 
     Args:
         retain_days: ``--retain-days``, else ``SNAPSHOT_RETAIN_DAYS`` (``None``: neither).
         now: the run's moment, which "today" is taken from.
-        stop: a signal or the deadline: the day being archived is given up, the rest left.
-
-    Raises:
-        DatabaseError: PostgreSQL failed.
+        stop: a signal or the deadline: no day is started, the one being archived is given
+            up, the rest left.
     """
+    try:
+        await _retire_old_days(settings, pool, retain_days=retain_days, now=now, stop=stop)
+    except Exception as exc:  # maintenance never fails the run whose rows it follows
+        _log_failure("Retention", exc, "old days stay in PostgreSQL; a later run tries again")
+
+
+async def _retire_old_days(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    *,
+    retain_days: int | None,
+    now: dt.datetime,
+    stop: asyncio.Event | None,
+) -> None:
     if settings.archive_url is None and retain_days is None:
         return
     from options.store.archive import archive_days, first_kept_day, unarchived_days
@@ -70,16 +87,11 @@ async def retire_old_days(
         keep = settings.archive_after_days
         if retain_days is not None:
             keep = min(keep, retain_days)
-        try:
-            # finding an S3 bucket's region is a request: off the loop, as the writing is
-            location = await asyncio.to_thread(require_archive, settings)
-            run = await archive_days(
-                pool, location, before=first_kept_day(now, keep), now=now, stop=stop
-            )
-        except ArchiveError as exc:
-            logger.error("Archive: %s; old days stay in PostgreSQL, a later run retries", exc)
-            return
-        _log_run(run)
+        # finding an S3 bucket's region is a request: off the loop, as the writing is
+        location = await asyncio.to_thread(require_archive, settings)
+        _log_run(
+            await archive_days(pool, location, before=first_kept_day(now, keep), now=now, stop=stop)
+        )
         return
     if retain_days is None:
         return
@@ -103,19 +115,28 @@ async def compact_finished_days(
     pool: asyncpg.Pool, *, now: dt.datetime, stop: asyncio.Event | None = None
 ) -> None:
     """After a contract sync (the daily job): move the finished days from ``option_snapshots``
-    to the compact tier (:mod:`options.store.compaction`). A day that fails stays where it
-    is, with an error in the log; the run's own status is not changed by it."""
+    to the compact tier (:mod:`options.store.compaction`). Never raises (but for a
+    cancellation): a day that fails stays where it is, with an error in the log; the run keeps
+    its status and exit code."""
     from options.store.compaction import compact_days
 
     try:
         await compact_days(pool, now=now, stop=stop)
-    except (CompactionError, DatabaseError) as exc:
-        logger.error("Compaction: %s; a later run tries again", exc)
+    except Exception as exc:  # maintenance never fails the run whose rows it follows
+        _log_failure("Compaction", exc, "a later run tries again")
+
+
+def _log_failure(stage: str, exc: Exception, then: str) -> None:
+    """One error line for a failed maintenance stage; the traceback too when the error is
+    not one of ours (a bug to report)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    logger.error("%s: %s; %s", stage, text, then, exc_info=not isinstance(exc, OptionsError))
 
 
 def format_compaction(reports: Sequence[DayCompaction] | None) -> list[str]:
     """``ingest_admin compact``'s table: a line per day (rows, bytes per snapshot before and
-    after, rows with extra values, what was done), then the total."""
+    after, rows with extra values, what was done), then the total, then a line per day left
+    busy saying why."""
     if reports is None:
         return ["another session is compacting, archiving or dropping old days: nothing done"]
     if not reports:
@@ -152,7 +173,14 @@ def format_compaction(reports: Sequence[DayCompaction] | None) -> list[str]:
             for i, (cell, width) in enumerate(zip(line, widths, strict=True))
         ).rstrip()
         for line in table
-    ]
+    ] + [f"{day.day}: left in option_snapshots: {day.note}" for day in busy_days(reports)]
+
+
+def busy_days(reports: Sequence[DayCompaction]) -> list[DayCompaction]:
+    """The days a compaction left because their tables were in use."""
+    from options.store.compaction import BUSY
+
+    return [day for day in reports if day.action == BUSY]
 
 
 def require_archive(settings: Settings) -> ArchiveLocation:

@@ -1,5 +1,5 @@
-"""The archive tier: old days of snapshots written to Parquet, verified, recorded, and only then
-dropped from PostgreSQL; idempotent and resumable.
+"""The archive tier: old days of snapshots written to Parquet, verified value by value,
+recorded, and only then dropped from PostgreSQL; idempotent and resumable.
 
 A day still in ``option_snapshots`` is first moved to the compact tier
 (:mod:`options.store.compaction`); the archive then works on the day's ``snapshot_rows``
@@ -7,28 +7,42 @@ partition. One day at a time, oldest first, under the retention lock (one compac
 retention at a time per database):
 
 1. **Write.** The day's rows are read through the ``snapshot_reads`` view (each snapshot with its
-   contract's type, expiration and strike) by a server-side cursor, sorted by underlying, ticker
-   and time, and written a row group at a time (:mod:`options.store.archive_files`): memory
-   holds one row group, never the day. The same repeatable-read transaction counts the rows and
-   sums their key checksum in SQL.
-2. **Verify.** The file is read back: its row count and key checksum must equal PostgreSQL's. A
-   local file is then renamed from its temporary name into place.
-3. **Record.** ``archived_days`` gets the day's row: URL, rows, bytes, checksum.
+   contract's type, expiration and strike) by a server-side cursor in one repeatable-read
+   transaction, sorted by underlying, ticker and time, digested (every value of every row,
+   :mod:`options.store.archive_digest`) and written a row group at a time under a staging name
+   outside the dataset (:mod:`options.store.archive_writer`): memory holds one row group, never
+   the day.
+2. **Verify and publish.** The staged file is read back from its storage and its digest must
+   equal the rows'; only then is it moved into place (a rename on disk, a server-side copy on
+   S3, read back again there). A file already in place stays until then.
+3. **Record.** ``archived_days`` gets the day's row: URL, rows, bytes, digest (``v2:...``).
 4. **Drop.** The partition is detached (``CONCURRENTLY``) and dropped in the transaction that
    sets ``dropped_at``, provided it still holds exactly the rows archived
    (:func:`~options.store.partitions.drop_day_partition`); the day's coverage rows stay.
 
 Killed at any moment, nothing is lost: a partition is dropped only after its day was verified
-and recorded. A rerun takes each day where it stands: recorded and dropped, it is skipped;
-recorded but not dropped, PostgreSQL's count and checksum are compared with the record and the
-file checked present, then the partition is dropped; not recorded but with its file in place
-(killed between writing and recording), the file is read back and recorded if it matches, not
-written again; a half-written or stale file is written again. A day whose rows changed after it
-was recorded (a late ``--resume`` of one of its slots) is archived again.
+and recorded, and a file in place is replaced only by a verified one. A rerun takes each day
+where it stands, and trusts no record without reading both copies again:
+
+- recorded and dropped: skipped;
+- killed between writing and recording (a file in place, no record): the file is read back and
+  PostgreSQL's rows digested again; equal, the day is recorded without writing it again;
+- killed between recording and dropping, or kept in PostgreSQL when asked (a record, the
+  partition attached): the file is read back and PostgreSQL's rows digested again, and both
+  must equal the record before the partition is dropped; a record of an earlier version's key
+  checksum (``k1:...``) is verified the same way against the file and recorded again with the
+  full digest;
+- killed during the drop (a record, the partition detached): the file is read back against the
+  record; the detached table, which nothing writes to, is counted under its lock;
+- a file missing, unreadable or changed since it was recorded, or PostgreSQL's rows changed
+  since (a late ``--resume`` of one of its slots, a value corrected): the day is written
+  again, the new file verified before it replaces the old one, and recorded again; a detached
+  partition is attached again first.
 
 Only whole past days are archived: a day is over once it is over both in UTC (its partition)
 and in New York (the market's day). An empty partition (a weekend's, made ahead) is dropped
-without a file.
+without a file. ``stop`` (a signal, the deadline) is obeyed between days, the compaction
+before them included, and within a day's write (the file is given up).
 """
 
 from __future__ import annotations
@@ -44,22 +58,17 @@ from typing import Final
 import asyncpg
 
 from options.errors import ArchiveError, CompactionError
+from options.store.archive_digest import DIGEST_VERSION, Digest, checksum_version
 from options.store.archive_files import (
     ARCHIVE_SCHEMA,
-    KEY_DIGEST_SQL,
+    SNAPSHOTS,
     ArchiveLocation,
-    DayFileWriter,
-    Digest,
-    checksum_text,
-    file_size,
-    publish,
     read_digest,
-    remove_file,
-    written_path,
 )
+from options.store.archive_writer import clean_staging, export_day, postgres_digest
 from options.store.compaction import BUSY, compact_day, last_finished_day
 from options.store.compaction import EMPTY as COMPACTION_EMPTY
-from options.store.db import bounded_db_connection, epoch_microsecond_timestamps
+from options.store.db import bounded_db_connection
 from options.store.lifecycle import ARCHIVED as ARCHIVED_TIER
 from options.store.lifecycle import lock_for_move, set_tier
 from options.store.partitions import (
@@ -78,8 +87,7 @@ from options.store.partitions import (
 logger = logging.getLogger(__name__)
 
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-FETCH_ROWS = 5_000  # rows per cursor fetch: ~10 MB of Python objects at a time
-# The day's sort and its checksum scan the whole partition: minutes for the whole market
+# A count of a day's partition scans it whole: minutes for the whole market
 ARCHIVE_STATEMENT_TIMEOUT = 3600.0
 
 _EXPORT_SQL = f"""
@@ -166,7 +174,7 @@ class ArchivedDay:
 
 
 class _Stopped(Exception):
-    """``stop`` was set while a day was being written."""
+    """``stop`` was set while a day was being written: its file was given up."""
 
 
 def first_kept_day(now: dt.datetime, days: int) -> dt.date:
@@ -203,7 +211,7 @@ async def archive_days(
         keep_in_postgres: write, verify and record, but drop nothing.
         dry_run: report what would be done; write and drop nothing.
         stop: when set, the day being written is given up (a rerun writes it again) and the
-            rest left.
+            rest left; no day is compacted or archived after it is set.
         lock_timeout: how long a detach or drop waits for sessions using the table.
 
     Returns:
@@ -225,9 +233,11 @@ async def archive_days(
         logger.info("Archive: another session is archiving or dropping old partitions; skipped")
         return ArchiveRun((), busy=True)
     try:
-        reports, failed = await _compact_first(conn, before, now, lock_timeout)
+        reports, failed = await _compact_first(conn, before, now, lock_timeout, stop)
         if failed is not None:
             return ArchiveRun((*reports, failed))
+        if stop is not None and stop.is_set():
+            return ArchiveRun(tuple(reports), interrupted=True)
         for day, state, record in await _days_to_archive(conn, before, now):
             if stop is not None and stop.is_set():
                 return ArchiveRun(tuple(reports), interrupted=True)
@@ -277,15 +287,22 @@ async def unarchived_days(
 
 
 async def _compact_first(
-    conn: asyncpg.Connection, before: dt.date, now: dt.datetime, lock_timeout: float
+    conn: asyncpg.Connection,
+    before: dt.date,
+    now: dt.datetime,
+    lock_timeout: float,
+    stop: asyncio.Event | None,
 ) -> tuple[list[DayReport], DayReport | None]:
     """Move the days to archive that are still in ``option_snapshots`` to the compact tier,
     which the archive reads and drops from: the reports of the empty days dropped, and of a
-    day that could not be moved."""
+    day that could not be moved. No day is started once ``stop`` is set (a day's move, one
+    transaction, runs to its end)."""
     emptied: list[DayReport] = []
     last = min(before - dt.timedelta(days=1), last_archivable_day(now))
     wide = await partition_states(conn, WIDE)
     for day in sorted(d for d in wide if d <= last):
+        if stop is not None and stop.is_set():
+            break
         try:
             if wide[day] is not PartitionState.ATTACHED:
                 # a retention's leftover, detached before archives existed: attached again
@@ -378,8 +395,11 @@ async def _archive_day(
         await conn.execute("UPDATE archived_days SET dropped_at = now() WHERE day = $1", day)
         return DayReport(day, ARCHIVED_BEFORE, record["rows"], record["bytes"], None, "dropped")
     size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", name)
-    if record is None and state is not PartitionState.ATTACHED:
-        # a retention's leftover, detached before archives existed: readers see it again first
+    if state is not PartitionState.ATTACHED and (
+        record is None or not await _file_as_recorded(location, day, record)
+    ):
+        # a retention's leftover, detached before archives existed, or a drop interrupted
+        # whose file is no longer the one recorded: readers see it again, then it is archived
         try:
             await reattach_partition(conn, day, lock_timeout=lock_timeout, table=COMPACT)
         except asyncpg.LockNotAvailableError:
@@ -389,7 +409,8 @@ async def _archive_day(
     if state is PartitionState.ATTACHED:
         action, digest, parquet_bytes = await _archived_file(conn, location, day, record, stop)
     else:
-        # recorded, and detached before being dropped: the drop was interrupted
+        # recorded, its file as recorded, and detached before being dropped: the drop was
+        # interrupted; the detached table, which nothing writes to, is counted when dropped
         assert record is not None
         action = ARCHIVED_BEFORE
         digest, parquet_bytes = Digest(record["rows"], record["checksum"]), record["bytes"]
@@ -417,95 +438,77 @@ async def _archived_file(
     record: asyncpg.Record | None,
     stop: asyncio.Event | None,
 ) -> tuple[str, Digest, int | None]:
-    """Make sure ``day``'s file is in place, verified and recorded: (action, digest, bytes)."""
+    """Make sure ``day``'s file is in place, holds exactly PostgreSQL's rows, and is recorded
+    so: (action, digest, bytes). A file in place is trusted only once read back whole and
+    equal to both the record (when it has a digest) and PostgreSQL's rows digested again."""
+    await asyncio.to_thread(clean_staging, location, SNAPSHOTS, day)
+    try:
+        found = await asyncio.to_thread(read_digest, location, location.day_file(day))
+    except ArchiveError as exc:
+        logger.warning("Archive: %s; writing it again", exc)
+        found = None
+    known = _recorded_digest(location, day, record)
+    if found is not None and (known is None or found[0] == known):
+        expected = await postgres_digest(conn, SNAPSHOTS, _EXPORT_SQL, *_micro_bounds(day))
+        if found[0] == expected:
+            if known is not None:
+                return ARCHIVED_BEFORE, expected, found[1]
+            await _record(conn, location, day, expected, found[1])
+            if record is not None:
+                logger.info("Archive: %s's file verified with every value; recorded again", day)
+                return ARCHIVED_BEFORE, expected, found[1]
+            logger.info("Archive: %s's file was written by an interrupted run; verified", day)
+            return RECORDED, expected, found[1]
     if record is not None:
-        expected = await _sql_digest(conn, day)
-        size = await asyncio.to_thread(file_size, location, location.day_file(day))
-        in_place = record["url"] == location.day_url(day) and size == record["bytes"]
-        if in_place and expected == Digest(record["rows"], record["checksum"]):
-            return ARCHIVED_BEFORE, expected, record["bytes"]
         logger.warning(
             "Archive: %s changed since it was archived (or its file did): archiving it again", day
         )
-    else:
-        try:
-            found = await asyncio.to_thread(read_digest, location, location.day_file(day))
-        except ArchiveError as exc:
-            logger.warning("Archive: %s; writing it again", exc)
-            found = None
-        if found is not None:
-            expected = await _sql_digest(conn, day)
-            if found[0] == expected:
-                logger.info("Archive: %s's file was written by an interrupted run; verified", day)
-                await _record(conn, location, day, expected, found[1])
-                return RECORDED, expected, found[1]
-    expected, written = await _write_day(conn, location, day, stop)
-    if not expected.rows:
+    written = await export_day(
+        conn, location, SNAPSHOTS, day, _EXPORT_SQL, *_micro_bounds(day), stop=stop
+    )
+    if written is None:
+        raise _Stopped
+    expected, size = written
+    if size is None:
         return EMPTY, expected, None
-    await _record(conn, location, day, expected, written)
+    await _record(conn, location, day, expected, size)
     logger.info(
         "Archived %s: %d rows, %d bytes (%.1f B per snapshot) to %s",
         day,
         expected.rows,
-        written,
-        written / expected.rows,
+        size,
+        size / expected.rows,
         location.day_url(day),
     )
-    return ARCHIVED, expected, written
+    return ARCHIVED, expected, size
 
 
-async def _write_day(
-    conn: asyncpg.Connection, location: ArchiveLocation, day: dt.date, stop: asyncio.Event | None
-) -> tuple[Digest, int]:
-    """Write ``day``'s rows, read the file back and move it into place: PostgreSQL's digest
-    and the file's size (0 and no file for an empty day).
-
-    Raises:
-        ArchiveError: the file cannot be written, or does not read back as PostgreSQL's rows.
-        _Stopped: ``stop`` was set; the file was given up.
-    """
-    start, end = _bounds(day)
-    path = written_path(location, day)
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        # the cursor's transaction sits idle while a row group is written
-        for setting in ("statement_timeout", "idle_in_transaction_session_timeout"):
-            await conn.execute(
-                "SELECT set_config($1, $2, true)", setting, f"{ARCHIVE_STATEMENT_TIMEOUT:.0f}s"
-            )
-        expected = await _sql_digest(conn, day)
-        if not expected.rows:
-            return expected, 0
-        writer = await asyncio.to_thread(DayFileWriter, location, path)
-        try:
-            async with epoch_microsecond_timestamps(conn):
-                # the codec makes timestamps ints, arguments too
-                cursor = await conn.cursor(_EXPORT_SQL, _micros(start), _micros(end))
-                while records := await cursor.fetch(FETCH_ROWS, timeout=ARCHIVE_STATEMENT_TIMEOUT):
-                    if stop is not None and stop.is_set():
-                        raise _Stopped
-                    await asyncio.to_thread(writer.add, records)
-            await asyncio.to_thread(writer.close)
-        except BaseException:
-            writer.abandon()
-            raise
-    found = await asyncio.to_thread(read_digest, location, path)
-    if found is None or found[0] != expected:
-        await asyncio.to_thread(remove_file, location, path)
-        seen = f"{found[0].rows} rows, checksum {found[0].checksum}" if found else "no file"
-        raise ArchiveError(
-            f"{day}: the file read back ({seen}) is not what PostgreSQL holds ({expected.rows} "
-            f"rows, checksum {expected.checksum})",
-            url=location.url,
-            day=day,
-        )
-    await asyncio.to_thread(publish, location, path, day)
-    return expected, found[1]
+def _recorded_digest(
+    location: ArchiveLocation, day: dt.date, record: asyncpg.Record | None
+) -> Digest | None:
+    """What ``record`` says the file in place holds, when it says it with the full digest
+    (not an earlier version's key checksum) and of the file at this location."""
+    if record is None or record["url"] != location.day_url(day):
+        return None
+    if checksum_version(record["checksum"]) != DIGEST_VERSION:
+        return None
+    return Digest(record["rows"], record["checksum"])
 
 
-async def _sql_digest(conn: asyncpg.Connection, day: dt.date) -> Digest:
-    """PostgreSQL's row count and key checksum of ``day``, through ``snapshot_reads``."""
-    row = await conn.fetchrow(KEY_DIGEST_SQL, *_bounds(day), timeout=ARCHIVE_STATEMENT_TIMEOUT)
-    return Digest(row["rows"], checksum_text(int(row["total"])))
+async def _file_as_recorded(
+    location: ArchiveLocation, day: dt.date, record: asyncpg.Record
+) -> bool:
+    """``day``'s file reads back whole as ``record`` says (never for an earlier version's
+    key checksum)."""
+    known = _recorded_digest(location, day, record)
+    if known is None:
+        return False
+    try:
+        found = await asyncio.to_thread(read_digest, location, location.day_file(day))
+    except ArchiveError as exc:
+        logger.warning("Archive: %s", exc)
+        return False
+    return found is not None and found[0] == known
 
 
 async def _record(
@@ -540,6 +543,12 @@ def _marking_dropped(day: dt.date) -> Callable[[asyncpg.Connection], Awaitable[N
 
 def _micros(moment: dt.datetime) -> int:
     return (moment - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def _micro_bounds(day: dt.date) -> tuple[int, int]:
+    """``day``'s bounds as the export's arguments: microseconds since the epoch."""
+    start, end = _bounds(day)
+    return _micros(start), _micros(end)
 
 
 def _bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:

@@ -100,6 +100,7 @@ class DayCompaction:
         wide_bytes: the ``option_snapshots`` partition's size with its indexes, before.
         compact_bytes: the ``snapshot_rows`` partition's size with its indexes, after.
         extra_rows: rows that needed ``extra`` for a value the encodings could not hold.
+        note: why a :data:`BUSY` day was left.
     """
 
     day: dt.date
@@ -108,6 +109,7 @@ class DayCompaction:
     wide_bytes: int = 0
     compact_bytes: int | None = None
     extra_rows: int = 0
+    note: str = ""
 
     @property
     def bytes_per_snapshot(self) -> float | None:
@@ -223,8 +225,12 @@ async def compact_day(
             else:
                 report = await _move_rows(conn, day, wide, target, start, end, rows, size)
     except asyncpg.LockNotAvailableError:
-        logger.warning("Compaction: %s is in use by another session; a later run does it", day)
-        return DayCompaction(day, BUSY)
+        note = (
+            f"{wide} was in use by another session for more than {lock_timeout:g} s; a later "
+            "run compacts it"
+        )
+        logger.warning("Compaction: %s left: %s", day, note)
+        return DayCompaction(day, BUSY, note=note)
     if report.action == LEFT:
         logger.error(
             "Compaction: %s is %s, yet %s holds %d rows (written by a version before the "
