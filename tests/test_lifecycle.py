@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import asyncpg
+import pyarrow.parquet as pq
 import pytest
 
 from options.config import Settings
@@ -246,3 +247,77 @@ async def test_a_resume_into_an_archived_day_is_refused(
     reader = Reader(pool, archive=Archive.at(str(tmp_path / "archive")))
     day = await reader.slots("AAA", [SLOT])
     assert day.table.num_rows == 250
+
+
+def archived_rows(root: Path, dataset: str, day: dt.date) -> list[dict[str, object]]:
+    """The rows of ``dataset``'s file of ``day`` in the archive at ``root``."""
+    path = root / dataset / f"date={day.isoformat()}" / "part-0.parquet"
+    return pq.read_table(path).to_pylist()
+
+
+async def test_an_archived_day_takes_its_companions_and_the_archive_alone_holds_them(
+    pool: asyncpg.Pool,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """Archiving a day writes, beside its snapshots, its computed greeks (moved: gone from
+    PostgreSQL), its coverage, greeks bookkeeping and daily rows (copied), each verified; a
+    copied table changed later (a backfill of an underlying added since) is written again by
+    the next archive run."""
+    root = tmp_path / "archive"
+    next_slot = SLOT + dt.timedelta(days=1)
+    settings = await take_complete_slots(
+        pool, simulator, make_settings, (SLOT, next_slot), archive_url=str(root)
+    )
+    await compute_greeks(settings, pool, since=SLOT - dt.timedelta(hours=1))
+    assert await run_daily_job(settings, now=LATER) == ExitCode.OK
+    day_rows = {
+        "computed_greeks": "SELECT * FROM computed_greeks WHERE captured_at = $1 "
+        'ORDER BY ticker COLLATE "C"',
+        "greeks_slots": "SELECT * FROM greeks_slots WHERE captured_at = $1",
+        "snapshot_coverage": "SELECT * FROM snapshot_coverage WHERE captured_at = $1 "
+        'ORDER BY underlying_ticker COLLATE "C"',
+    }
+    session_rows = {
+        "contract_days": "SELECT * FROM contract_days WHERE session = $1 "
+        'ORDER BY ticker COLLATE "C"',
+        "daily_coverage": "SELECT * FROM daily_coverage WHERE session = $1 "
+        'ORDER BY underlying_ticker COLLATE "C"',
+    }
+    before = {name: [dict(r) for r in await pool.fetch(q, SLOT)] for name, q in day_rows.items()}
+    before |= {
+        name: [dict(r) for r in await pool.fetch(q, DAY)] for name, q in session_rows.items()
+    }
+    assert all(before.values()), {name: len(rows) for name, rows in before.items()}
+
+    run = await archive_snapshots(settings, before=next_slot.date())
+    assert [(d.day, d.postgres) for d in run.days if d.rows] == [(DAY, "dropped")]
+    for name, rows in before.items():
+        assert archived_rows(root, name, DAY) == rows, name
+    recorded = {
+        r["dataset"]: r["rows"]
+        for r in await pool.fetch("SELECT * FROM archived_files WHERE day = $1", DAY)
+    }
+    assert {name: recorded[name] for name in before} == {n: len(r) for n, r in before.items()}
+    # moved: computed greeks leave PostgreSQL with the day; copies stay
+    assert (
+        await pool.fetchval("SELECT count(*) FROM computed_greeks WHERE captured_at = $1", SLOT)
+        == 0
+    )
+    assert [dict(r) for r in await pool.fetch(session_rows["contract_days"], DAY)] == before[
+        "contract_days"
+    ]
+
+    # a backfill of another underlying's listing of that session, after the archive
+    await pool.execute(
+        "INSERT INTO listed_contracts (underlying_ticker, session, ticker) "
+        "VALUES ('CCC', $1, 'O:CCC261218C00010000')",
+        DAY,
+    )
+    assert await pool.fetchval("SELECT count(*) FROM archive_pending") == 1
+    await archive_snapshots(settings, before=next_slot.date())
+    assert archived_rows(root, "listed_contracts", DAY) == [
+        {"underlying_ticker": "CCC", "session": DAY, "ticker": "O:CCC261218C00010000"}
+    ]
+    assert await pool.fetchval("SELECT count(*) FROM archive_pending") == 0

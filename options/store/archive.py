@@ -48,6 +48,7 @@ before them included, and within a day's write (the file is given up).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -58,6 +59,12 @@ from typing import Final
 import asyncpg
 
 from options.errors import ArchiveError, CompactionError
+from options.store.archive_companions import (
+    CompanionsStopped,
+    archive_companions,
+    archive_pending_copies,
+    delete_moved,
+)
 from options.store.archive_digest import DIGEST_VERSION, Digest, checksum_version
 from options.store.archive_files import (
     ARCHIVE_SCHEMA,
@@ -70,7 +77,8 @@ from options.store.compaction import BUSY, compact_day, last_finished_day
 from options.store.compaction import EMPTY as COMPACTION_EMPTY
 from options.store.db import bounded_db_connection
 from options.store.lifecycle import ARCHIVED as ARCHIVED_TIER
-from options.store.lifecycle import lock_for_move, set_tier
+from options.store.lifecycle import ARCHIVING, Tier, lock_for_move, older_snapshots_left, set_tier
+from options.store.lifecycle import COMPACT as COMPACT_TIER
 from options.store.partitions import (
     COMPACT,
     RETENTION_LOCK_KEY,
@@ -83,6 +91,7 @@ from options.store.partitions import (
     partition_states,
     reattach_partition,
 )
+from options.store.reconnect import DB_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +263,11 @@ async def archive_days(
                 logger.error("Archive: %s stays in PostgreSQL: %s", day, exc)
                 reports.append(DayReport(day, FAILED, 0, note=str(exc).splitlines()[0]))
                 break
+        else:
+            if not keep_in_postgres:
+                copies = await archive_pending_copies(conn, location, stop=stop)
+                if copies:
+                    logger.info("Archive: %d copies of archived days written again", copies)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK_KEY)
     return ArchiveRun(tuple(reports))
@@ -339,7 +353,23 @@ async def _days_to_archive(
         for row in await conn.fetch("SELECT * FROM archived_days WHERE day <= $1", last)
     }
     pending = {day for day, row in records.items() if row["dropped_at"] is None}
-    days = sorted(day for day in set(states) | pending if day <= last)
+    # an archive interrupted between its first step and its last; days of daily rows alone (a
+    # backfill's, or sessions whose every slot failed): their companions go to the archive
+    others = {
+        row["day"]
+        for row in await conn.fetch(
+            """
+            SELECT day FROM stored_days WHERE tier = 'archiving' AND day <= $1
+            UNION
+            SELECT DISTINCT c.session FROM daily_coverage c
+            WHERE c.session <= $1
+              AND NOT EXISTS (SELECT 1 FROM stored_days d
+                              WHERE d.day = c.session AND d.tier IN ('archived', 'deleted'))
+            """,
+            last,
+        )
+    }
+    days = sorted(day for day in set(states) | pending | others if day <= last)
     return [(day, states.get(day, PartitionState.ABSENT), records.get(day)) for day in days]
 
 
@@ -350,8 +380,10 @@ async def _preview_day(
     record: asyncpg.Record | None,
 ) -> DayReport:
     """What archiving ``day`` would do, from its partition's size and rows."""
+    if state is PartitionState.ABSENT and record is None:
+        return DayReport(day, WOULD_ARCHIVE, 0, note="daily rows and coverage only")
     if state is PartitionState.ABSENT:
-        return DayReport(day, ARCHIVED_BEFORE, record["rows"] if record else 0, postgres="dropped")
+        return DayReport(day, ARCHIVED_BEFORE, record["rows"], postgres="dropped")
     size = rows = 0
     for table in (WIDE, COMPACT):  # a day not compacted yet is compacted first
         name = partition_name(day, table)
@@ -377,58 +409,207 @@ async def _archive_day(
     stop: asyncio.Event | None,
     lock_timeout: float,
 ) -> DayReport:
-    """Take one day of the compact tier from where it stands to archived and dropped (or
-    kept, if asked)."""
+    """Take one day from where it stands to archived and dropped (or written and kept, if
+    asked): its snapshots, then its companions (:mod:`options.store.archive_companions`)."""
     name = partition_name(day, COMPACT)
     if record is not None and record["dropped_at"] is not None:
         logger.warning(
-            "Archive: %s was archived and dropped on %s, yet table %s exists again (a slot of "
-            "that day resumed since?): it is left in PostgreSQL",
+            "Archive: %s was archived and dropped on %s, yet table %s exists again (written by "
+            "a version before the day's state was kept?): it is left in PostgreSQL",
             day,
             record["dropped_at"].date(),
             name,
         )
         return DayReport(day, LEFT, 0, postgres="kept")
+    if record is None and state is PartitionState.ABSENT:
+        return await _archive_companions_only(conn, location, day, keep_in_postgres, stop)
     if state is PartitionState.ABSENT:
         # recorded, and the partition dropped by other means since: the record says so now
         assert record is not None
-        await conn.execute("UPDATE archived_days SET dropped_at = now() WHERE day = $1", day)
+        async with conn.transaction():
+            await lock_for_move(conn, day)
+            await conn.execute("UPDATE archived_days SET dropped_at = now() WHERE day = $1", day)
+            await set_tier(conn, day, ARCHIVED_TIER)
         return DayReport(day, ARCHIVED_BEFORE, record["rows"], record["bytes"], None, "dropped")
     size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", name)
-    if state is not PartitionState.ATTACHED and (
-        record is None or not await _file_as_recorded(location, day, record)
-    ):
-        # a retention's leftover, detached before archives existed, or a drop interrupted
-        # whose file is no longer the one recorded: readers see it again, then it is archived
-        try:
-            await reattach_partition(conn, day, lock_timeout=lock_timeout, table=COMPACT)
-        except asyncpg.LockNotAvailableError:
-            logger.warning("Archive: cannot attach %s again now; a later run will", name)
-            return DayReport(day, FAILED, 0, postgres_bytes=size, note=f"{name} is in use")
-        state = PartitionState.ATTACHED
-    if state is PartitionState.ATTACHED:
-        action, digest, parquet_bytes = await _archived_file(conn, location, day, record, stop)
-    else:
-        # recorded, its file as recorded, and detached before being dropped: the drop was
-        # interrupted; the detached table, which nothing writes to, is counted when dropped
-        assert record is not None
-        action = ARCHIVED_BEFORE
-        digest, parquet_bytes = Digest(record["rows"], record["checksum"]), record["bytes"]
+    tier = None if keep_in_postgres else await _begin_archiving(conn, day, lock_timeout)
+    if tier is None and not keep_in_postgres:
+        return DayReport(day, FAILED, 0, postgres_bytes=size, note=f"{day} is in use")
+    try:
+        if state is not PartitionState.ATTACHED and (
+            record is None or not await _file_as_recorded(location, day, record)
+        ):
+            # a retention's leftover, detached before archives existed, or a drop interrupted
+            # whose file is no longer the one recorded: readers see it again, then it is
+            # archived
+            try:
+                await reattach_partition(conn, day, lock_timeout=lock_timeout, table=COMPACT)
+            except asyncpg.LockNotAvailableError:
+                logger.warning("Archive: cannot attach %s again now; a later run will", name)
+                raise ArchiveError(f"{name} is in use", day=day) from None
+            state = PartitionState.ATTACHED
+        if state is PartitionState.ATTACHED:
+            action, digest, parquet_bytes = await _archived_file(conn, location, day, record, stop)
+            await archive_companions(conn, location, day, stop=stop)
+        else:
+            # recorded, its file as recorded, and detached before being dropped: the drop was
+            # interrupted; the detached table, which nothing writes to, is counted when
+            # dropped, and the companions were archived before the drop began
+            assert record is not None
+            action = ARCHIVED_BEFORE
+            digest, parquet_bytes = Digest(record["rows"], record["checksum"]), record["bytes"]
+    except CompanionsStopped:
+        await _give_up_archiving(conn, day, tier)
+        raise _Stopped from None
+    except (ArchiveError, _Stopped):
+        await _give_up_archiving(conn, day, tier)
+        raise
     report = DayReport(day, action, digest.rows, parquet_bytes, size)
     if keep_in_postgres:
         return dataclasses.replace(report, postgres="kept")
+    if state is PartitionState.ATTACHED and not await _finish_archiving(
+        conn, day, digest.rows, lock_timeout
+    ):
+        return dataclasses.replace(report, postgres=DropOutcome.CHANGED.value)
+    if await _older_snapshots_left(conn, day, lock_timeout):
+        return dataclasses.replace(report, postgres=DropOutcome.BUSY.value)
     outcome = await drop_day_partition(
         conn,
         day,
         expected_rows=digest.rows,
-        also=_marking_dropped(day) if digest.rows else None,
+        also=_marking_dropped(day),
         lock_timeout=lock_timeout,
         table=COMPACT,
     )
     if outcome is DropOutcome.CHANGED:
-        # the record no longer describes the partition: the next run archives the day again
-        await conn.execute("DELETE FROM archived_days WHERE day = $1 AND dropped_at IS NULL", day)
+        # rows written by other means than the jobs since the day was archived: they are not
+        # in the archive, which readers now read; the table is left attached for a look
+        logger.error(
+            "Archive: %s was written to after it was archived (not by this project's jobs): "
+            "%s is left in PostgreSQL; the archive holds the day as archived",
+            day,
+            name,
+        )
     return dataclasses.replace(report, postgres=outcome.value)
+
+
+async def _archive_companions_only(
+    conn: asyncpg.Connection,
+    location: ArchiveLocation,
+    day: dt.date,
+    keep_in_postgres: bool,
+    stop: asyncio.Event | None,
+) -> DayReport:
+    """A day without snapshots in PostgreSQL (daily rows alone): its companions are archived
+    and it is recorded archived (PostgreSQL keeps the copies)."""
+    tier = None
+    if not keep_in_postgres:
+        tier = await _begin_archiving(conn, day, RETENTION_LOCK_TIMEOUT)
+        if tier is None:
+            return DayReport(day, FAILED, 0, note=f"{day} is in use")
+    try:
+        written = await archive_companions(conn, location, day, stop=stop)
+    except CompanionsStopped:
+        await _give_up_archiving(conn, day, tier)
+        raise _Stopped from None
+    except ArchiveError:
+        await _give_up_archiving(conn, day, tier)
+        raise
+    if not keep_in_postgres:
+        async with conn.transaction():
+            await lock_for_move(conn, day)
+            await set_tier(conn, day, ARCHIVED_TIER)
+    return DayReport(day, ARCHIVED, 0, written or None, None, "kept")
+
+
+async def _begin_archiving(
+    conn: asyncpg.Connection, day: dt.date, lock_timeout: float
+) -> Tier | None:
+    """Record that ``day`` is being archived, so that no write reaches it while its files are
+    written: its tier before (``ARCHIVED`` when an earlier run got that far), or ``None`` when a
+    writer kept it in use for ``lock_timeout`` seconds."""
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT set_config('lock_timeout', $1, true)",
+                f"{max(1, round(lock_timeout * 1000))}ms",
+            )
+            tier = await lock_for_move(conn, day)
+            if tier is not ARCHIVED_TIER:
+                await set_tier(conn, day, ARCHIVING)
+    except asyncpg.LockNotAvailableError:
+        logger.warning("Archive: %s is being written to; a later run archives it", day)
+        return None
+    return tier
+
+
+async def _give_up_archiving(conn: asyncpg.Connection, day: dt.date, before: Tier | None) -> None:
+    """The day's archive failed or was stopped: writes reach it again (best effort: a day left
+    being archived is taken up by the next run)."""
+    if before is None or before is ARCHIVED_TIER:
+        return
+    with contextlib.suppress(*DB_ERRORS):
+        await conn.execute(
+            "UPDATE stored_days SET tier = $2, changed_at = now() "
+            "WHERE day = $1 AND tier = 'archiving'",
+            day,
+            (COMPACT_TIER if before is ARCHIVING else before).value,
+        )
+
+
+async def _finish_archiving(
+    conn: asyncpg.Connection, day: dt.date, rows: int, lock_timeout: float
+) -> bool:
+    """Record ``day`` archived (readers read it from the archive from now on), if its compact
+    partition still holds exactly the ``rows`` archived and nothing of it is left in the hot
+    tier; otherwise the day goes back to compact and its record is removed, so the next run
+    archives it again (returns ``False``)."""
+    start, end = _bounds(day)
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT set_config('lock_timeout', $1, true)", f"{max(1, round(lock_timeout * 1000))}ms"
+        )
+        await lock_for_move(conn, day)
+        held = await conn.fetchval(
+            f"SELECT count(*) FROM {partition_name(day, COMPACT)}",
+            timeout=ARCHIVE_STATEMENT_TIMEOUT,
+        )
+        hot = await conn.fetchval(
+            "SELECT count(*) FROM option_snapshots WHERE captured_at >= $1 AND captured_at < $2",
+            start,
+            end,
+        )
+        if held == rows and not hot:
+            await set_tier(conn, day, ARCHIVED_TIER)
+            return True
+        await set_tier(conn, day, COMPACT_TIER)
+        await conn.execute("DELETE FROM archived_days WHERE day = $1 AND dropped_at IS NULL", day)
+    logger.warning(
+        "Archive: %s holds %d rows (%d in option_snapshots), not the %d archived: archived "
+        "again by the next run",
+        day,
+        held + hot,
+        hot,
+        rows,
+    )
+    return False
+
+
+async def _older_snapshots_left(conn: asyncpg.Connection, day: dt.date, wait: float) -> bool:
+    """Whether a reader whose snapshot predates the day's archiving still runs after ``wait``
+    seconds: it may read the day from PostgreSQL, so its partition is not dropped yet."""
+    waited = 0.0
+    while await older_snapshots_left(conn, day):
+        if waited >= wait:
+            logger.info(
+                "Archive: a transaction older than the archiving of %s still runs; its "
+                "partition is dropped by a later run",
+                day,
+            )
+            return True
+        await asyncio.sleep(0.1)
+        waited += 0.1
+    return False
 
 
 async def _archived_file(
@@ -531,10 +712,12 @@ async def _record(
 
 
 def _marking_dropped(day: dt.date) -> Callable[[asyncpg.Connection], Awaitable[None]]:
-    """What the drop's transaction records: the day's ``dropped_at``."""
+    """What the drop's transaction does besides: the moved companions' rows of the day deleted
+    (counted against their files' records first), its ``dropped_at``, its tier."""
 
     async def mark(conn: asyncpg.Connection) -> None:
         await lock_for_move(conn, day)
+        await delete_moved(conn, day)
         await conn.execute("UPDATE archived_days SET dropped_at = now() WHERE day = $1", day)
         await set_tier(conn, day, ARCHIVED_TIER)
 
