@@ -33,7 +33,8 @@ async def sessions_to_backfill(
     """Those of ``sessions`` whose daily coverage is not complete and that have no complete
     snapshot slot of ``underlying`` (a session with one is built from its snapshots, open
     interest included; a session whose every slot failed is backfilled like one before
-    collection), and whose day is still in PostgreSQL (an archived day is not written again)."""
+    collection). An archived session is backfilled too: its daily tables are copies in the
+    archive, written again by the next archive run (``archive_pending``)."""
     done = {
         row["session"]
         for row in await conn.fetch(
@@ -41,8 +42,6 @@ async def sessions_to_backfill(
             SELECT s AS session FROM unnest($2::date[]) AS s
             WHERE EXISTS (SELECT 1 FROM daily_coverage c
                           WHERE c.underlying_ticker = $1 AND c.session = s AND c.complete)
-               OR EXISTS (SELECT 1 FROM stored_days d
-                          WHERE d.day = s AND d.tier IN ('archived', 'deleted'))
                OR EXISTS (SELECT 1 FROM snapshot_coverage c
                           WHERE c.underlying_ticker = $1 AND c.complete
                             AND c.captured_at >= (s::timestamp AT TIME ZONE 'America/New_York')
