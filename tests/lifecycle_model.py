@@ -220,6 +220,7 @@ def _same(name: str, want: Any, have: Any, *, exact: bool) -> bool:
 
 # --- the killed run's process ----------------------------------------------------------------
 
+
 class Forks:
     """Processes forked from a server that imported this module (the project, asyncpg,
     aiohttp): a child starts in milliseconds, not seconds."""
@@ -454,9 +455,23 @@ class World:
             waited += 0.01
             assert waited < 60, "the snapshot child did not end"
         child.join()
+        await self._sessions_ended("ingest_snapshots")
         killed = child.exitcode == -9
         code = None if killed else ExitCode(child.exitcode)
         return Taken(code, killed=killed, served=self.recorder.served)
+
+    async def _sessions_ended(self, application: str) -> None:
+        """Wait until the database sessions of a dead child are gone: until then a commit it
+        sent may still land, after the slot was moved."""
+        waited = 0.0
+        while await self.db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = $1",
+            application,
+        ):
+            await asyncio.sleep(0.01)
+            waited += 0.01
+            assert waited < 30, f"the sessions of a dead {application} stayed"
 
     async def move_new_slot(self, to: dt.datetime, *, after: dt.datetime) -> bool:
         """Give the slot the last run planned now (later than ``after``, the model's past) the
