@@ -367,11 +367,12 @@ class LifecycleMachine(RuleBasedStateMachine):
             settings_ = self.world.archive_settings(self.base_url())
         else:
             settings_ = self.world.settings(self.base_url(), delete_unarchived=mode == "delete")
-        idle = not self.pending(HOT, COMPACT, last=self.finished())
+        cutoff = self.clock.astimezone(dt.UTC).date() - dt.timedelta(days=retain)
+        last = cutoff - dt.timedelta(days=1) if mode == "delete" else self.finished()
+        idle = not self.pending(HOT, COMPACT, last=last)
         self.world.run(
             retire_old_days(settings_, self.world.db, retain_days=retain, now=self.clock)
         )
-        cutoff = self.clock.astimezone(dt.UTC).date() - dt.timedelta(days=retain)
         if mode == "archive":
             kept = first_kept_day(self.clock, min(settings_.archive_after_days, retain))
             self.archived(min(kept - dt.timedelta(days=1), last_finished_day(self.clock)), False)
@@ -562,6 +563,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.known("deleted days keep their computed greeks")
             orphans = [k for k in orphans if utc_day(k[0]) not in self.deleted]
         assert not orphans, f"{len(orphans)} computed greeks without their snapshot: {orphans[:3]}"
+        slots = {slot for slot, _ in seen.coverage}
+        done = sorted(slot for slot in seen.greeks_slots if slot not in slots)
+        if any(utc_day(slot) in self.deleted for slot in done):
+            # KNOWN FAILURE: (as above) and their greeks_slots rows
+            self.known("deleted days keep their greeks_slots rows")
+            done = [slot for slot in done if utc_day(slot) not in self.deleted]
+        assert not done, f"greeks_slots rows of slots never taken: {done[:3]}"
         needless = sorted(
             k for k in seen.computed if k in self.rows and not lacking_greeks(self.rows[k])
         )
@@ -598,9 +606,17 @@ class LifecycleMachine(RuleBasedStateMachine):
                     assert row[name] == source[name], (ticker, session, name)
             if oi is not None:
                 assert row["open_interest"] == self.rows[(oi, ticker)]["open_interest"]
+        slots = {slot for slot, _ in seen.coverage}
+        for (key, session), row in seen.daily_coverage.items():
+            gone = [row[c] for c in ("close_captured_at", "oi_captured_at") if row[c]]
+            gone = [slot for slot in gone if slot not in slots]
+            if gone and all(utc_day(slot) in self.deleted for slot in gone):
+                orphaned += 1
+                continue
+            assert not gone, f"daily coverage {key} {session}: its slots {gone} were never taken"
         if orphaned:
             # KNOWN FAILURE: retention's deletion (SNAPSHOT_DELETE_UNARCHIVED) leaves the
-            # deleted days' daily rows (contract_days) behind
+            # deleted days' daily rows (contract_days, daily_coverage) behind
             self.known("deleted days keep their daily rows")
 
     def check_daily_built(self) -> None:
@@ -631,23 +647,39 @@ class LifecycleMachine(RuleBasedStateMachine):
                     (s for s in complete if following.open <= s < following.close + CLOSE_GRACE),
                     default=None,
                 )
+                rows = {
+                    t: r
+                    for (t, d), r in seen.contract_days.items()
+                    if d == session.day and r["underlying_ticker"] == key
+                }
+                what = f"{key} {session.day}"
+                assert built["contracts"] == len(rows), (what, dict(built), len(rows))
                 days = {session.day, *(utc_day(s) for s in (closing, oi) if s is not None)}
                 if any(not self.tier(d).in_postgres for d in days):
-                    continue  # not built, or built before its day left: the sources check
-                assert built["close_captured_at"] == closing, (
-                    f"{key} {session.day}: closing slot {built['close_captured_at']}, the last "
-                    f"complete one is {closing}"
+                    # built complete before its day left, or recorded as not built
+                    assert built["complete"] or built["reason"].startswith("not built"), (
+                        what,
+                        dict(built),
+                    )
+                    continue
+                if built["complete"] and (
+                    (built["close_captured_at"] or closing)
+                    < (closing or built["close_captured_at"])
+                    or (built["oi_captured_at"] or oi) > (oi or built["oi_captured_at"])
+                ):
+                    # KNOWN FAILURE: a session built complete is never built again, so when a
+                    # resume completes a later slot of it (or an earlier slot of the next
+                    # session), its daily rows keep the old closing (or open interest) slot
+                    self.known("a complete session is not rebuilt after a late write")
+                    continue
+                assert (built["close_captured_at"], built["oi_captured_at"]) == (closing, oi), (
+                    f"{what}: built from {built['close_captured_at']} and "
+                    f"{built['oi_captured_at']}, the slots are {closing} and {oi}"
                 )
                 if closing is not None:
                     chain = {t for s, t in self.rows if s == closing and t in self.chain_of(key)}
-                    rows = {
-                        t
-                        for (t, d), r in seen.contract_days.items()
-                        if d == session.day
-                        and r["underlying_ticker"] == key
-                        and r["close_captured_at"] == closing
-                    }
-                    assert chain == rows, f"{key} {session.day}: {len(rows)} of {len(chain)} rows"
+                    closed = {t for t, r in rows.items() if r["close_captured_at"] == closing}
+                    assert chain == closed, f"{what}: {len(closed)} of {len(chain)} rows"
 
     def check_archive_files(self, seen: Seen) -> None:
         """An archived day is recorded dropped, with as many rows as it holds; a file a
@@ -748,8 +780,16 @@ def test_the_lifecycle_holds_through_random_sequences_of_stages(
         )
     finally:
         elapsed = time.monotonic() - started
-        counted = {k: v for k, v in machine.steps.items() if k != "snapshots stored"}
-        print(f"\n{kind}: {sum(counted.values())} steps in {elapsed:.1f} s")
+        counted = {
+            k: v
+            for k, v in machine.steps.items()
+            if k != "snapshots stored" and not k.startswith("KNOWN")
+        }
+        idle = sum(v for k, v in counted.items() if "(no" in k)
+        print(
+            f"\n{kind}: {sum(counted.values())} steps ({idle} found nothing to do) in "
+            f"{elapsed:.1f} s"
+        )
         for name, count in sorted(machine.steps.items()):
             print(f"  {name:32} {count:6}  {machine.spent[name]:7.1f} s")
         print(f"  {'invariants':32} {'':6}  {machine.spent['invariants']:7.1f} s")
