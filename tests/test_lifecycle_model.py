@@ -91,7 +91,7 @@ from tests.lifecycle_model import (
 )
 from tests.test_archive import S3_KEY, S3_SECRET, free_port
 
-DEFAULT_STEPS = 120
+DEFAULT_STEPS = 300
 DEFAULT_SEED = 20261208
 STEPS_PER_RUN = 20
 """Steps of one machine run (one database): long enough to carry a day through every tier."""
