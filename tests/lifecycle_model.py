@@ -25,7 +25,6 @@ from collections import Counter
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -292,13 +291,11 @@ class World:
         *,
         server_url: str,
         template: str,
-        root: Path,
         archive_url: str,
         s3: S3Access | None,
     ) -> None:
         self.server_url = server_url
         self.template = template
-        self.root = root
         self.archive_url = archive_url
         self.s3 = s3 or S3Access()
         self.location: ArchiveLocation = open_archive(archive_url, s3=s3)

@@ -5,7 +5,8 @@ The machine (:class:`LifecycleMachine`) takes snapshots with the real jobs (comp
 chain answering 500 from one of its pages, or leaving contracts out; stopped by the job's stop
 event at the n-th page; SIGKILLed at the n-th page), each slot moved to its moment on a few
 sessions that ended days ago; resumes the latest unfinished slot (a late write, into whichever
-tier its day is in by then); computes greeks; builds daily rows; compacts; archives (a local
+tier its day is in by then; a rule of its own first lets that day be compacted or archived);
+computes greeks; builds daily rows; compacts; archives (a local
 directory, or the S3 test server: the test runs once for each); retires old days (keeping them,
 deleting them as SNAPSHOT_DELETE_UNARCHIVED asks, or archiving them); and reads chains,
 histories and days of chains through ``options_read``'s Reader. Time only moves forward (the
@@ -26,6 +27,10 @@ archive's files):
 - no derived row without its source (computed greeks, daily rows), and no source without its
   derived row once its stage ran (a slot of an archived day is computed, or recorded as not
   computed with its reason).
+
+A defect found and reported, not yet fixed, is passed over where the check meets it (a
+``# KNOWN FAILURE:`` comment says which) and counted: the summary printed at the end lists the
+known failures met with the steps taken and their time.
 
 Every async stage runs on one event loop per machine run (:class:`tests.lifecycle_model.World`
 keeps it, with the run's database, pool, simulators and archive), driven by
@@ -101,7 +106,6 @@ ENDS = ("complete", "killed", "broken", "stopped", "hidden")
 # and its resume a late write into a day compacted or archived since
 NEW_SLOTS = st.sampled_from(ENDS[:1] * 4 + ENDS[1:])
 RESUME_ENDS = ("complete", "stopped", "killed")
-DAILY_COUNTED = ("succeeded", "partial")
 
 
 def env_int(name: str, default: int) -> int:
@@ -761,7 +765,6 @@ def test_the_lifecycle_holds_through_random_sequences_of_stages(
         return World(
             server_url=server_url,
             template=template_database,
-            root=tmp_path,
             archive_url=archive_url,
             s3=s3,
         )
