@@ -31,6 +31,7 @@ import asyncpg
 import orjson
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from aiohttp import web
 
 from options.config import NO_ENV_FILE, S3Access, Secret, Settings
@@ -582,8 +583,17 @@ async def observe(world: World, cache: dict[Any, Any]) -> Seen:
             for r in await pool.fetch("SELECT * FROM snapshot_coverage")
         },
         computed={
-            (r["captured_at"], r["ticker"]): r
-            for r in await pool.fetch("SELECT * FROM computed_greeks")
+            **{
+                (r["captured_at"], r["ticker"]): r
+                for r in await pool.fetch("SELECT * FROM computed_greeks")
+            },
+            # an archived day's computed greeks moved to the archive with it
+            **{
+                (r["captured_at"], r["ticker"]): r
+                for day, t in tiers.items()
+                if t is Tier.ARCHIVED
+                for r in await asyncio.to_thread(_archived_computed, world, day)
+            },
         },
         greeks_slots={r["captured_at"]: r for r in await pool.fetch("SELECT * FROM greeks_slots")},
         contract_days={
@@ -615,6 +625,19 @@ def _archived_rows(
     rows = [plain(row) for row in table.to_pylist()]
     cache[("archive", day)] = (identity, rows)
     return rows, True
+
+
+def _archived_computed(world: World, day: dt.date) -> list[dict[str, Any]]:
+    """The computed greeks of an archived day, from its file in the archive (none: [])."""
+    from options.store.archive_companions import BY_NAME
+
+    location = world.location
+    dataset = BY_NAME["computed_greeks"].dataset
+    path = location.day_file(day, dataset)
+    if location.filesystem.get_file_info(path).type != pafs.FileType.File:
+        return []
+    with location.filesystem.open_input_file(path) as source:
+        return pq.read_table(source).to_pylist()
 
 
 def _visible_files(location: ArchiveLocation) -> dict[dt.date, list[str]]:

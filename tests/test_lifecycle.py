@@ -321,3 +321,87 @@ async def test_an_archived_day_takes_its_companions_and_the_archive_alone_holds_
         {"underlying_ticker": "CCC", "session": DAY, "ticker": "O:CCC261218C00010000"}
     ]
     assert await pool.fetchval("SELECT count(*) FROM archive_pending") == 0
+
+
+async def test_a_resume_completing_a_later_slot_rebuilds_the_session(
+    pool: asyncpg.Pool,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A session built complete from its last complete slot is built again when a resume
+    completes a later slot of it: its daily rows take the new closing slot."""
+    later = SLOT + dt.timedelta(hours=3)  # 13:00 in New York, same session
+    following = SLOT + dt.timedelta(days=1)
+    await take_complete_slots(pool, simulator, make_settings, (SLOT,))
+    async with simulator(
+        underlyings=UNDERLYINGS, contracts_per_underlying=CONTRACTS, broken_pages={"AAA": 2}
+    ) as api:
+        broken = make_settings(api.base_url, UNDERLYINGS)
+        assert await run_snapshots_job(broken, force=True, now=later) == ExitCode.PARTIAL
+        await move_last_slot(pool, later)
+    async with simulator(underlyings=UNDERLYINGS, contracts_per_underlying=CONTRACTS) as api:
+        settings = make_settings(api.base_url, UNDERLYINGS)
+        assert await run_options_job(settings) == ExitCode.OK
+        assert await run_snapshots_job(settings, force=True, now=following) == ExitCode.OK
+        await move_last_slot(pool, following)
+        assert await run_daily_job(settings, now=LATER) == ExitCode.OK
+        built = (
+            "SELECT close_captured_at FROM daily_coverage "
+            "WHERE underlying_ticker = $1 AND session = $2"
+        )
+        assert await pool.fetchval(built, "AAA", DAY) == SLOT
+        assert await run_snapshots_job(settings, resume=True, force=True) == ExitCode.OK
+        assert await run_daily_job(settings, now=LATER) == ExitCode.OK
+    assert await pool.fetchval(built, "AAA", DAY) == later
+    closing = await pool.fetch(
+        "SELECT DISTINCT close_captured_at FROM contract_days "
+        "WHERE underlying_ticker = 'AAA' AND session = $1",
+        DAY,
+    )
+    assert [r[0] for r in closing] == [later]
+
+
+async def test_a_session_waiting_for_its_open_interest_gets_it_after_its_day_is_archived(
+    pool: asyncpg.Pool,
+    simulator: Callable[..., AbstractAsyncContextManager[RunningSimulator]],
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """A session built before the next session's first slot (its open interest missing) whose
+    own day is then archived still gets its open interest from that slot, which is in
+    PostgreSQL: its closing values stay as built."""
+    following = SLOT + dt.timedelta(days=1)
+    settings = await take_complete_slots(
+        pool, simulator, make_settings, (SLOT,), archive_url=str(tmp_path / "archive")
+    )
+    assert await run_daily_job(settings, now=SLOT + dt.timedelta(hours=12)) == ExitCode.OK
+    row = (
+        "SELECT complete, reason, oi_captured_at FROM daily_coverage "
+        "WHERE session = $1 AND underlying_ticker = 'AAA'"
+    )
+    assert (await pool.fetchrow(row, DAY))["complete"] is False
+    closing_values = await pool.fetch(
+        "SELECT ticker, bid, ask, close_captured_at FROM contract_days WHERE session = $1 "
+        "ORDER BY ticker",
+        DAY,
+    )
+    await take_complete_slots(pool, simulator, make_settings, (following,))
+    run = await archive_snapshots(settings, before=following.date())
+    assert [(d.day, d.postgres) for d in run.days if d.rows] == [(DAY, "dropped")]
+    assert await run_daily_job(settings, now=LATER) == ExitCode.OK
+    done = await pool.fetchrow(row, DAY)
+    assert (done["complete"], done["reason"], done["oi_captured_at"]) == (True, None, following)
+    assert (
+        await pool.fetch(
+            "SELECT ticker, bid, ask, close_captured_at FROM contract_days WHERE session = $1 "
+            "ORDER BY ticker",
+            DAY,
+        )
+        == closing_values
+    )
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM contract_days WHERE session = $1 AND open_interest IS NULL", DAY
+        )
+        == 0
+    )

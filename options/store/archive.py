@@ -380,9 +380,9 @@ async def _preview_day(
     record: asyncpg.Record | None,
 ) -> DayReport:
     """What archiving ``day`` would do, from its partition's size and rows."""
-    if state is PartitionState.ABSENT and record is None:
-        return DayReport(day, WOULD_ARCHIVE, 0, note="daily rows and coverage only")
     if state is PartitionState.ABSENT:
+        if record is None:
+            return DayReport(day, WOULD_ARCHIVE, 0, note="daily rows and coverage only")
         return DayReport(day, ARCHIVED_BEFORE, record["rows"], postgres="dropped")
     size = rows = 0
     for table in (WIDE, COMPACT):  # a day not compacted yet is compacted first

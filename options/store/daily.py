@@ -13,10 +13,16 @@ The session's coverage row is complete when both slots were found; otherwise it 
 missing, and a later build (after the next session's first slot, say) completes it. A row is
 written only where a value changed, so building a session again changes nothing.
 
-The rows are built from whichever tier holds the slots while they are in PostgreSQL (hot or
-compact). A session whose day, or one of whose slots' days, has left PostgreSQL (archived, or
-deleted by retention: :mod:`options.store.lifecycle`) is not built: its coverage row says so,
-and it is not tried again. Its daily rows, if any, went to the archive with its day.
+The rows are built from whichever tier holds the slots while they are in PostgreSQL (hot,
+compact, or being archived). A slot already used is not read again, so a session whose closing
+slot has been archived since still gets its open interest from the next session's first slot.
+A session that needs a slot whose day has left PostgreSQL (archived, or deleted by retention:
+:mod:`options.store.lifecycle`) is not built: its coverage row says so, and it is not tried
+again. A session's daily rows are copied into the archive with its day; a change to them
+afterwards is written there again by the next archive run (``archive_pending``).
+
+A chain completed into an older slot (a resume) reopens the sessions built around it
+(:func:`reopen_sessions`): the next build takes their new closing or open-interest slot.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import asyncpg
 
 from options.ops.calendar import Session, sessions_between
 from options.ops.market import NEW_YORK
-from options.store.lifecycle import tiers, utc_day, why_not_writable
+from options.store.lifecycle import REFUSED_REASONS, tiers, utc_day
 from options.store.runs import Run, count_committed
 
 # A slot of the close starts a moment after it (the 16:00 timer): it still closes the session
@@ -39,6 +45,7 @@ CLOSE_GRACE: Final = dt.timedelta(minutes=15)
 NO_CLOSING_SLOT: Final = "no complete snapshot slot in the session"
 NO_OI_SLOT: Final = "no complete snapshot slot in the next session yet (open interest)"
 NOT_BUILT: Final = "not built: the day {day} is {why}"
+REOPENED: Final = "a slot of the session was completed after it was built: built again next run"
 
 
 @dataclass(frozen=True)
@@ -89,16 +96,26 @@ async def _build_session(
     following: Session,
 ) -> SessionBuild:
     """Build ``underlying``'s rows of ``session`` (``following`` is the next session) and its
-    coverage row."""
+    coverage row, from the slots the rows were not built from yet, each read from whichever
+    tier holds it; a slot whose day has left PostgreSQL is not read (the rows keep what an
+    earlier build took from it)."""
     closing = await _slot(conn, underlying, session, last=True)
     oi = await _slot(conn, underlying, following, last=False)
-    days = [session.day, *(utc_day(slot) for slot in (closing, oi) if slot is not None)]
-    gone = {
-        day: why for day, t in (await tiers(conn, days)).items() if (why := why_not_writable(t))
-    }
+    built = await conn.fetchrow(
+        "SELECT close_captured_at, oi_captured_at FROM daily_coverage "
+        "WHERE underlying_ticker = $1 AND session = $2",
+        underlying,
+        session.day,
+    )
+    # the slots whose values the rows lack (one built from before is there already)
+    new_closing = closing if built is None or closing != built["close_captured_at"] else None
+    new_oi = oi if built is None or oi != built["oi_captured_at"] else None
+    wanted = [slot for slot in (new_closing, new_oi) if slot is not None]
+    found = await tiers(conn, [utc_day(slot) for slot in wanted])
+    gone = {utc_day(s): found[utc_day(s)] for s in wanted if not found[utc_day(s)].in_postgres}
     changed = 0
-    if (closing is not None or oi is not None) and not gone:
-        status = await conn.execute(BUILD, underlying, session.day, closing, oi)
+    if wanted and not gone:
+        status = await conn.execute(BUILD, underlying, session.day, new_closing, new_oi)
         changed = int(status.split()[-1])
     contracts = await conn.fetchval(
         "SELECT count(*) FROM contract_days WHERE underlying_ticker = $1 AND session = $2",
@@ -107,13 +124,44 @@ async def _build_session(
     )
     if gone:
         day = min(gone)
-        reason: str | None = NOT_BUILT.format(day=day, why=gone[day])
+        reason: str | None = NOT_BUILT.format(day=day, why=REFUSED_REASONS[gone[day]])
+        # the coverage keeps the slots the rows were built from
+        closing = built["close_captured_at"] if built is not None else None
+        oi = built["oi_captured_at"] if built is not None else None
     else:
         reason = NO_CLOSING_SLOT if closing is None else NO_OI_SLOT if oi is None else None
     await conn.execute(
         STORE_COVERAGE, underlying, session.day, run_id, closing, oi, contracts, reason
     )
     return SessionBuild(underlying, session.day, contracts, changed, closing, oi, reason)
+
+
+async def reopen_sessions(
+    conn: asyncpg.Connection, underlying: str, slot: dt.datetime | int
+) -> int:
+    """A chain of ``underlying`` stored complete into an older slot (a resume): the sessions
+    built around it may have another closing slot (its own session) or open-interest slot (the
+    session before) now, so their complete coverage rows are reopened and the next
+    ``ingest_daily`` builds them again; in the caller's transaction. Returns how many.
+
+    ``slot`` is in the connection's timestamp form (epoch microseconds on a writer's)."""
+    status = await conn.execute(
+        """
+        UPDATE daily_coverage c SET complete = false, reason = $3
+        WHERE c.underlying_ticker = $1 AND c.complete
+          AND c.session IN (
+              SELECT session FROM daily_coverage
+              WHERE underlying_ticker = $1
+                AND session <= ($2::timestamptz AT TIME ZONE 'America/New_York')::date
+              ORDER BY session DESC LIMIT 2)
+          AND NOT EXISTS (SELECT 1 FROM stored_days d
+                          WHERE d.day = c.session AND d.tier IN ('archived', 'deleted'))
+        """,
+        underlying,
+        slot,
+        REOPENED,
+    )
+    return int(status.split()[-1])
 
 
 async def _slot(
@@ -145,16 +193,14 @@ async def sessions_to_build(
     start = first.astimezone(NEW_YORK).date()
     sessions = sessions_between(start, now.astimezone(NEW_YORK).date() + dt.timedelta(days=10))
     closed = [s for s in sessions if s.close + CLOSE_GRACE <= now]
-    # complete, or refused for good: its day left PostgreSQL
+    # complete, or not built for good: a slot it needs left PostgreSQL
     done = {
         row["session"]
         for row in await conn.fetch(
             """
             SELECT c.session FROM daily_coverage c
             WHERE c.underlying_ticker = $1 AND c.session >= $2
-              AND (c.complete OR EXISTS (
-                  SELECT 1 FROM stored_days d
-                  WHERE d.day = c.session AND d.tier IN ('archived', 'deleted')))
+              AND (c.complete OR starts_with(c.reason, 'not built:'))
             """,
             underlying,
             start,

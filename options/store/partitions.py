@@ -213,12 +213,13 @@ async def drop_old_partitions(
 ) -> list[str]:
     """Drop whole partitions whose day ended more than ``retain_days`` days before ``now``.
 
-    Their ``snapshot_coverage`` rows go with them, in the transaction that drops the table and
-    records the day as deleted (:mod:`options.store.lifecycle`: nothing is written to it again). A
-    partition left "detach pending", or left detached but not dropped, by an interrupted
-    earlier call is finished first. While a transaction that used ``option_snapshots`` stays
-    open for ``lock_timeout`` seconds, the rest is left for a later run with a warning; only
-    one call at a time works on a database, others return at once.
+    Their ``snapshot_coverage``, ``computed_greeks`` and ``greeks_slots`` rows go with them (the
+    daily rows stay), in the transaction that drops the table and records the day as deleted
+    (:mod:`options.store.lifecycle`: nothing is written to it again). A partition left "detach
+    pending", or left detached but not dropped, by an interrupted earlier call is finished
+    first. While a transaction that used ``option_snapshots`` stays open for ``lock_timeout``
+    seconds, the rest is left for a later run with a warning; only one call at a time works on a
+    database, others return at once.
 
     Returns:
         The names dropped, in order.
@@ -276,11 +277,14 @@ async def _drop_partitions_before(
                 await lock_for_move(conn, day)
                 await conn.execute(f"DROP TABLE {name}")
                 await set_tier(conn, day, DELETED)
-                await conn.execute(
-                    "DELETE FROM snapshot_coverage WHERE captured_at >= $1 AND captured_at < $2",
-                    dt.datetime.combine(day, dt.time(), dt.UTC),
-                    dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC),
-                )
+                # the rows of its slots go with it; the daily rows (a session's) stay: the
+                # daily table is the history kept once the snapshots are deleted
+                for slot_table in ("snapshot_coverage", "computed_greeks", "greeks_slots"):
+                    await conn.execute(
+                        f"DELETE FROM {slot_table} WHERE captured_at >= $1 AND captured_at < $2",
+                        dt.datetime.combine(day, dt.time(), dt.UTC),
+                        dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC),
+                    )
         except asyncpg.LockNotAvailableError:
             # a session reading the detached table by name: the next call drops it
             logger.warning(

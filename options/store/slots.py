@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 
 from options.store.compaction import merge_into_compact
+from options.store.daily import reopen_sessions
 from options.store.db import bounded_db_connection
 from options.store.lifecycle import COMPACT, HOT, Tier, lock_for_write, utc_day
 from options.store.rejects import Reject, keep_rejects
@@ -294,6 +295,9 @@ async def _commit(
             chain.active = len(chain.expected)
             chain.missing = len(chain.expected - tickers)
             chain.complete = chain.read_to_end and not chain.missing and not chain.rejected
+            if chain.resumed and chain.complete and chain.stored_now:
+                # an older slot completed: the daily rows built around it are built again
+                await reopen_sessions(conn, chain.key, captured_at)
         await conn.execute(
             STORE_COVERAGE,
             captured_at,

@@ -13,10 +13,10 @@ CREATE TABLE archived_files (
     PRIMARY KEY (day, dataset)
 );
 
--- A copied table's rows of an archived day that changed in PostgreSQL since the copy was made (a
--- backfill of a new underlying, a coverage row's reason): the next archive run writes the copy
--- again, verified, and clears the row if nothing changed meanwhile (since is bumped by every
--- change). The triggers below keep it, whatever writes the rows.
+-- A copied table's rows of an archived day (or one being archived) that changed in PostgreSQL
+-- since the copy was made (a backfill of a new underlying, a coverage row's reason): the next
+-- archive run writes the copy again, verified, and clears the row if nothing changed meanwhile
+-- (since is bumped by every change). The triggers below keep it, whatever writes the rows.
 CREATE TABLE archive_pending (
     day      date NOT NULL,
     dataset  text NOT NULL,
@@ -30,9 +30,9 @@ BEGIN
     -- TG_ARGV[0]: the expression of a row's day over the transition table "changed"
     EXECUTE format(
         'INSERT INTO archive_pending (day, dataset, since)
-         SELECT DISTINCT c.day, %L, clock_timestamp()
-         FROM (SELECT %s AS day FROM changed) c
-         JOIN stored_days d ON d.day = c.day AND d.tier = ''archived''
+         SELECT c.day, %L, clock_timestamp()
+         FROM (SELECT DISTINCT %s AS day FROM changed) c
+         JOIN stored_days d ON d.day = c.day AND d.tier IN (''archiving'', ''archived'')
          ON CONFLICT (day, dataset) DO UPDATE SET since = EXCLUDED.since',
         TG_TABLE_NAME, TG_ARGV[0]);
     RETURN NULL;
