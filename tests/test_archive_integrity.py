@@ -29,7 +29,14 @@ from options.store.archive import (
     archive_days,
     list_archived_days,
 )
-from options.store.archive_files import ArchiveLocation, archive_location, open_archive
+from options.store.archive_files import (
+    ArchiveLocation,
+    Dataset,
+    archive_location,
+    open_archive,
+    read_digest,
+)
+from options.store.archive_writer import StagedDayFile
 from options.store.partitions import (
     COMPACT,
     WIDE,
@@ -484,3 +491,43 @@ async def test_a_day_recorded_with_the_key_checksum_is_verified_with_every_value
     assert location.filesystem.get_file_info(location.day_file(day)).mtime == written
     record = {r.day: r for r in await list_archived_days(pool)}[day]
     assert record.checksum.startswith("v2:") and record.dropped_at is not None
+
+
+DAILY = Dataset(
+    "daily_rows",
+    pa.schema([("ticker", pa.string()), ("day", pa.date32()), ("close", pa.float64())]),
+    ("ticker", "day"),
+    {"compression": "zstd"},
+)
+
+
+def test_another_dataset_is_staged_verified_and_published_the_same_way(location) -> None:
+    """The writer, the digest, the staging and the publishing take any dataset: a day of
+    another schema lands in its own directory, verified, with nothing left in staging."""
+    day = WEEK[0]
+    batch = pa.record_batch(
+        [pa.array(["O:A", "O:B"]), pa.array([day, day]), pa.array([1.25, None])],
+        schema=DAILY.schema,
+    )
+    staged = StagedDayFile(location, DAILY, day)
+    staged.add(batch)
+    staged.close()
+    size = staged.publish()
+
+    path = location.day_file(day, DAILY)
+    assert path.endswith(f"/daily_rows/date={day.isoformat()}/part-0.parquet")
+    found = read_digest(location, path, DAILY)
+    assert found == (staged.digest, size)
+    with location.filesystem.open_input_file(path) as source:
+        assert pq.read_table(source).equals(pa.Table.from_batches([batch]))
+    left = location.filesystem.get_file_info(
+        pafs.FileSelector(location.staging_dir(day, DAILY), allow_not_found=True)
+    )
+    assert [info.path for info in left] == []
+
+
+def test_a_dataset_needs_columns_the_digest_covers() -> None:
+    """A dataset whose column has no defined digest (a decimal) is refused where it is
+    described, not when a day is archived."""
+    with pytest.raises(TypeError, match="cannot be digested"):
+        Dataset("prices", pa.schema([("price", pa.decimal128(12, 4))]), ("price",))
