@@ -4,8 +4,11 @@ recorded, and only then dropped from PostgreSQL; idempotent and resumable.
 A day still in ``option_snapshots`` is first moved to the compact tier
 (:mod:`options.store.compaction`); the archive then works on the day's ``snapshot_rows``
 partition. One day at a time, oldest first, under the retention lock (one compaction, archive or
-retention at a time per database):
+retention at a time per database), the day's state kept by :mod:`options.store.lifecycle`:
 
+0. **Archiving.** The day is recorded ``archiving`` (a writer of the day holds it ``FOR SHARE``:
+   the archive waits for it, or leaves the day for a later run); from then on no write reaches
+   it, and a failure below puts it back to ``compact``.
 1. **Write.** The day's rows are read through the ``snapshot_reads`` view (each snapshot with its
    contract's type, expiration and strike) by a server-side cursor in one repeatable-read
    transaction, sorted by underlying, ticker and time, digested (every value of every row,
@@ -15,10 +18,15 @@ retention at a time per database):
 2. **Verify and publish.** The staged file is read back from its storage and its digest must
    equal the rows'; only then is it moved into place (a rename on disk, a server-side copy on
    S3, read back again there). A file already in place stays until then.
-3. **Record.** ``archived_days`` gets the day's row: URL, rows, bytes, digest (``v2:...``).
-4. **Drop.** The partition is detached (``CONCURRENTLY``) and dropped in the transaction that
-   sets ``dropped_at``, provided it still holds exactly the rows archived
-   (:func:`~options.store.partitions.drop_day_partition`); the day's coverage rows stay.
+3. **Record.** ``archived_days`` gets the day's row: URL, rows, bytes, digest (``v2:...``). The
+   day's companions (computed greeks, coverage, daily rows, listings) are written, verified and
+   recorded the same way (:mod:`options.store.archive_companions`).
+4. **Archived.** In one transaction, with the compact partition counted against the record, the
+   day is recorded ``archived``: readers read it from the archive from then on.
+5. **Drop.** Once no snapshot older than that is left, the partition is detached
+   (``CONCURRENTLY``) and dropped in the transaction that sets ``dropped_at`` and deletes the
+   day's computed greeks (counted against their file's record); the coverage rows and the
+   daily rows stay.
 
 Killed at any moment, nothing is lost: a partition is dropped only after its day was verified
 and recorded, and a file in place is replaced only by a verified one. A rerun takes each day
